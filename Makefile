@@ -1,0 +1,46 @@
+# graft's two commands: `make run` (set up, then run the pipeline) and `make test`
+# (set up, then the whole test suite). Set-up is idempotent: a second call skips it.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.graft-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# dvc.yaml's stages call `python -m ...`: the venv's python must come first on PATH.
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
+
+.PHONY: help setup data run test clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(STAMP) data  ## create .venv, install graft and the default dataset
+
+# pip's find-links on this machine warns once per package: the filter keeps the log readable.
+$(STAMP): pyproject.toml
+	@echo "graft: creating $(VENV) and installing graft (a few minutes the first time)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	touch $@
+
+data: $(FASHION_MNIST)  ## install Fashion-MNIST (Debian package dataset-fashion-mnist)
+
+$(FASHION_MNIST):
+	@echo "graft: installing the Debian package dataset-fashion-mnist"
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+run: setup  ## set up, then run the pipeline (stages DVC finds unchanged are skipped)
+	$(BIN)/dvc repro
+
+test: setup  ## set up, then run the whole test suite (slow integration tests included)
+	$(BIN)/python -m pytest
+
+clean:  ## remove pipeline outputs (not the venv, not the DVC cache)
+	rm -rf data/raw data/prepared data/accepted.json

@@ -1,0 +1,44 @@
+"""What every stage's ``main()`` shares: the error type for bad input and the wrapper
+that turns it into a message for a person and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from stages.config import ParamsError
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class GraftError(Exception):
+    """Bad input or a failed check: the message names the file or key and what to do."""
+
+
+def stage_main(fn: F) -> F:
+    """Run a stage's ``main``; print a ``GraftError``/``ParamsError`` without a traceback
+    and exit 1, so DVC and the flow stop with the stage's own message."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+        try:
+            return fn(*args, **kwargs)
+        except (GraftError, ParamsError) as e:
+            print(f"\nerror: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress(iterable, **kwargs):
+    """tqdm with graft's defaults: to stderr, quiet when not a terminal unless forced."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("mininterval", 1.0)
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)

@@ -1,0 +1,140 @@
+"""``params.yaml`` parsed into typed, frozen sections.
+
+``params.yaml`` is the only source of hyperparameters. Each stage reads its own section
+(named like the stage) through :func:`load_section`; an unknown key, a missing key or a
+value of the wrong type is an error that names the key, so a typo never falls back to a
+default silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A parameter is missing, unknown or of the wrong type."""
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: parameters file not found (run from the project root, where params.yaml lives)")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in args:
+            try:
+                return _check(value, alt, key)
+            except ParamsError as e:
+                errors.append(str(e))
+        raise ParamsError(f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ParamsError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ParamsError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ParamsError(f"{key}: expected true or false, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ParamsError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, key)
+    raise TypeError(f"unsupported parameter type {tp!r} for {key}")
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def parse(cls: type[T], data: Any, section: str) -> T:
+    """Build the frozen dataclass ``cls`` from a mapping; unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{section}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"known keys of '{section}': {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{section}.{name}"
+        if name in data:
+            kwargs[name] = _check(data[name], hints[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ParamsError(f"params.yaml: missing key {key}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def load_section(cls: type[T], section: str, path: str | Path = DEFAULT_PARAMS) -> T:
+    data = read_params(path)
+    if section not in data:
+        raise ParamsError(f"{path}: missing section '{section}'")
+    return parse(cls, data[section], section)
+
+
+def set_override(params: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` (value parsed as YAML) to a params mapping in place."""
+    if "=" not in assignment:
+        raise ParamsError(f"override {assignment!r}: expected section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ParamsError(f"override {assignment!r}: expected section.key=value")
+    node = params
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ParamsError(f"override {assignment!r}: no section '{part}' in params.yaml")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ParamsError(
+            f"override {assignment!r}: unknown key '{dotted}'; known: {', '.join(sorted(node))}"
+        )
+    node[parts[-1]] = yaml.safe_load(raw)

@@ -1,0 +1,79 @@
+"""Image decoding shared by ingest (inspection), preprocess (arrays) and prediction.
+
+One place decides how a file on disk becomes RGB pixels, so training and serving see
+the same pixels (no train/serve skew).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Extensions graft treats as images; anything else in a class folder is ignored (and counted).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int | None
+    height: int | None
+    mode: str | None
+    error: str | None  # None when the image decodes fully
+
+
+def inspect(data: bytes) -> ImageInfo:
+    """Fully decode ``data`` (not just the header) and report its size and mode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # forces the whole decode: a truncated file fails here
+            return ImageInfo(im.width, im.height, im.mode, None)
+    except Exception as e:  # PIL raises many types for bad data; all mean "cannot decode"
+        return ImageInfo(None, None, None, f"{type(e).__name__}: {e}")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: EXIF rotation applied, transparency composited on white,
+    16-bit and float images rescaled rather than clipped."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def resize(im: Image.Image, size: int, interpolation: str, mode: str) -> Image.Image:
+    """``center_crop``: shorter side to ``size``, then the central square (keeps the
+    aspect ratio, as timm's eval transform does); ``squash``: straight to size x size."""
+    resample = INTERPOLATIONS[interpolation]
+    if mode == "squash" or im.width == im.height:
+        return im.resize((size, size), resample=resample)
+    scale = size / min(im.width, im.height)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), resample=resample)
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def load_rgb_array(data: bytes, size: int, interpolation: str, mode: str) -> np.ndarray:
+    """Encoded image bytes to a ``(size, size, 3)`` uint8 array."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return np.asarray(resize(to_rgb(im), size, interpolation, mode), dtype=np.uint8)

@@ -1,0 +1,153 @@
+"""Stage ``preprocess``: decode, convert to RGB, resize, split; store compact uint8 arrays.
+
+Outputs (one directory, swapped in atomically): ``{train,val,test}_x.npy`` (N, S, S, 3)
+uint8, ``{train,val,test}_y.npy`` int64 labels, ``{split}_ids.npy`` sample ids, and
+``meta.json``. Arrays are plain ``.npy`` so training memory-maps them with no decoding.
+Normalisation is not applied here: it happens at load time from the backbone's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from stages import fsio, images
+from stages.backbone import LoadPretrainedParams, preprocessing_config
+from stages.common import GraftError, progress, stage_main
+from stages.config import DEFAULT_PARAMS, load_section
+from stages.ingest import read_manifest
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    image_size: int  # pixels, square; what the model is trained and served at
+    val_fraction: float  # share of the source's train split held out for validation
+    test_fraction: float  # share carved out for test, only when the source has no test split
+    resize: Literal["center_crop", "squash"]  # keep aspect ratio and crop, or stretch
+    seed: int
+
+    def validate(self) -> None:
+        if self.image_size < 8:
+            raise GraftError(f"params.yaml: preprocess.image_size must be >= 8, got {self.image_size}")
+        for key in ("val_fraction", "test_fraction"):
+            v = getattr(self, key)
+            if not 0.0 < v < 1.0:
+                raise GraftError(f"params.yaml: preprocess.{key} must be between 0 and 1, got {v}")
+
+
+def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
+    """Stratified, seeded split. The source's own test split stays test; val (and test,
+    when the source has none) is carved from train. Rows with identical content
+    (sha256) always land in the same split, so duplicates cannot leak across."""
+    rng = np.random.default_rng(seed)
+    out = pd.Series("train", index=manifest.index, dtype=object)
+    out[manifest["split"] == "test"] = "test"
+    has_test = bool((manifest["split"] == "test").any())
+    pool = manifest[manifest["split"] == "train"]
+    for label in sorted(pool["label"].unique()):
+        rows = pool[pool["label"] == label]
+        groups = sorted(rows["sha256"].unique())
+        order = [groups[i] for i in rng.permutation(len(groups))]
+        n = len(order)
+        n_test = 0 if has_test else round(n * test_fraction)
+        n_val = round(n * val_fraction)
+        if n >= 3:  # keep at least one group in train, and one in each carved split
+            n_test = 0 if has_test else min(max(n_test, 1), n - 2)
+            n_val = min(max(n_val, 1), n - n_test - 1)
+        test_groups, val_groups = set(order[:n_test]), set(order[n_test : n_test + n_val])
+        out[rows.index[rows["sha256"].isin(test_groups)]] = "test"
+        out[rows.index[rows["sha256"].isin(val_groups)]] = "val"
+    return out
+
+
+def preprocess(
+    manifest: pd.DataFrame,
+    classes: list[str],
+    tar_path: Path,
+    params: PreprocessParams,
+    interpolation: str,
+    out_dir: Path,
+) -> dict:
+    """Write the arrays into ``out_dir``; return the split metrics."""
+    if manifest["error"].notna().any() or (manifest["label"] < 0).any():
+        raise GraftError("the manifest has undecodable images or unknown labels: run validate first")
+    manifest = manifest.reset_index(drop=True)
+    split = assign_splits(manifest, params.val_fraction, params.test_fraction, params.seed)
+    size = params.image_size
+    arrays, where = {}, {}
+    for s in SPLITS:
+        idx = np.flatnonzero((split == s).to_numpy())
+        if len(idx) == 0:
+            raise GraftError(f"preprocess: the {s} split is empty; add data or change preprocess fractions")
+        arrays[s] = np.lib.format.open_memmap(out_dir / f"{s}_x.npy", mode="w+", dtype=np.uint8, shape=(len(idx), size, size, 3))
+        np.save(out_dir / f"{s}_y.npy", manifest.loc[idx, "label"].to_numpy(dtype=np.int64))
+        np.save(out_dir / f"{s}_ids.npy", manifest.loc[idx, "id"].to_numpy(dtype=str))
+        for pos, i in enumerate(idx):
+            where[manifest.at[i, "member"]] = (s, pos)
+
+    with tarfile.open(tar_path, "r") as tar:
+        for member in progress(tar, total=len(manifest), desc="preprocess", unit="img"):
+            if member.name not in where:
+                continue
+            s, pos = where.pop(member.name)
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            arrays[s][pos] = images.load_rgb_array(data, size, interpolation, params.resize)
+    if where:
+        missing = ", ".join(sorted(where)[:5])
+        raise GraftError(f"{tar_path}: {len(where)} manifest member(s) missing from the archive ({missing})")
+    for a in arrays.values():
+        a.flush()
+
+    per_class = {
+        s: {c: int(n) for c, n in zip(classes, np.bincount(manifest.loc[split == s, "label"], minlength=len(classes)), strict=True)}
+        for s in SPLITS
+    }
+    metrics = {"images": {s: int((split == s).sum()) for s in SPLITS}, "per_class": per_class}
+    meta = {"classes": classes, "image_size": size, "interpolation": interpolation, "resize": params.resize}
+    fsio.write_json(out_dir / "meta.json", meta)
+    return metrics
+
+
+def load_split(prepared: Path, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 images (N, S, S, 3) and int64 labels of one split."""
+    x_path = prepared / f"{split}_x.npy"
+    if not x_path.is_file():
+        raise GraftError(f"{x_path}: not found. Run the preprocess stage first (`dvc repro preprocess`).")
+    x = np.load(x_path, mmap_mode="r" if mmap else None)
+    y = np.load(prepared / f"{split}_y.npy")
+    return x, y
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.preprocess",
+        description="Split the validated snapshot and store resized uint8 arrays for training.",
+    )
+    parser.add_argument("--raw", required=True, type=Path, help="ingest output directory")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
+    parser.add_argument("--metrics", required=True, type=Path, help="split metrics JSON to write")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
+    args = parser.parse_args(argv)
+
+    params = load_section(PreprocessParams, "preprocess", args.params)
+    backbone = load_section(LoadPretrainedParams, "load_pretrained", args.params)
+    interpolation = preprocessing_config(backbone.architecture).interpolation
+    manifest, classes = read_manifest(args.raw)
+    with fsio.atomic_dir(args.out) as tmp:
+        metrics = preprocess(manifest, classes, args.raw / "images.tar", params, interpolation, tmp)
+    fsio.write_json(args.metrics, metrics)
+    sizes = ", ".join(f"{s} {n}" for s, n in metrics["images"].items())
+    print(f"preprocess: {sizes} images at {params.image_size}px ({interpolation}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

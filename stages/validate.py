@@ -1,0 +1,261 @@
+"""Stage ``validate``: the data gate. A Great Expectations suite, defined in code, runs
+on the ingest manifest; any failed check exits non-zero so nothing downstream runs.
+
+Each check carries the risk it guards against, and the report names the offending rows
+(with their file paths), so a person can fix the source and rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from stages import fsio
+from stages.common import GraftError, stage_main
+from stages.config import DEFAULT_PARAMS, load_section
+from stages.ingest import MANIFEST_COLUMNS, read_manifest
+
+MAX_EXAMPLES = 10  # offending rows listed per failed check
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_per_class: int  # samples per class, all splits together
+    max_imbalance: float  # largest class count / smallest class count
+    min_side: int  # pixels; smaller images carry too little to learn from
+    max_side: int  # pixels; larger ones are probably not what was meant (or a bomb)
+    on_class_change: Literal["fail", "warn"]  # classes added/removed since the last accepted run
+
+
+@dataclass
+class Check:
+    name: str
+    expectation: str
+    success: bool
+    severity: Literal["error", "warning"] = "error"
+    unexpected_count: int = 0
+    observed: Any = None
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ValidationResult:
+    success: bool
+    checks: list[Check]
+    n_rows: int
+    class_counts: dict[str, int]
+    class_change: dict[str, list[str]] | None  # {"added": [...], "removed": [...]}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "rows": self.n_rows,
+            "class_counts": self.class_counts,
+            "class_change": self.class_change,
+            "checks": [vars(c) for c in self.checks],
+        }
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+def _gx_context():
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    # GE's "Calculating Metrics" bars ignore TQDM_DISABLE and would flood DVC's log.
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return ctx
+
+
+def _run_suite(ctx, name: str, df: pd.DataFrame, expectations: list[tuple[str, Any]], index_col: str):
+    """Run ``expectations`` (pairs of check name and GE expectation) on ``df``."""
+    import great_expectations as gx
+
+    batch = (
+        ctx.data_sources.add_pandas(f"{name}_source")
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe(f"{name}_batch")
+    )
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"{name}_suite"))
+    for check_name, exp in expectations:
+        exp.meta = {"check": check_name}
+        suite.add_expectation(exp)
+    definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+    return definition.run(
+        batch_parameters={"dataframe": df},
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [index_col]},
+    )
+
+
+def _to_checks(result, lookup: dict[str, dict[str, Any]] | None, index_col: str) -> list[Check]:
+    checks = []
+    for r in result.results:
+        cfg = r.expectation_config
+        info = r.result or {}
+        examples = []
+        for row in (info.get("unexpected_index_list") or [])[:MAX_EXAMPLES]:
+            key = row.get(index_col)
+            example = {k: _jsonable(v) for k, v in row.items()}
+            if lookup is not None and key in lookup:
+                example.update(lookup[key])
+            examples.append(example)
+        exc = r.exception_info or {}
+        observed = info.get("observed_value")
+        if not r.success and exc.get("raised_exception"):
+            observed = f"could not run: {exc.get('exception_message')}"
+        checks.append(
+            Check(
+                name=cfg.meta.get("check", cfg.type),
+                expectation=f"{cfg.type}({', '.join(f'{k}={v!r}' for k, v in cfg.kwargs.items() if k not in ('batch_id', 'value_set'))})",
+                success=bool(r.success),
+                unexpected_count=int(info.get("unexpected_count") or 0),
+                observed=_jsonable(observed) if not isinstance(observed, list) else [_jsonable(x) for x in observed],
+                examples=examples,
+            )
+        )
+    return checks
+
+
+def class_count_table(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    counts = manifest["class_name"].value_counts() if "class_name" in manifest else pd.Series(dtype=int)
+    table = pd.DataFrame({"class_name": classes, "count": [int(counts.get(c, 0)) for c in classes]})
+    smallest = table["count"].min() if len(table) else 0
+    table["ratio_to_smallest"] = table["count"] / smallest if smallest > 0 else float("inf")
+    return table
+
+
+def validate(
+    manifest: pd.DataFrame,
+    classes: list[str],
+    params: ValidateParams,
+    accepted_classes: list[str] | None = None,
+) -> ValidationResult:
+    """Run the suite on a manifest; pure apart from Great Expectations' in-memory context."""
+    import great_expectations.expectations as gxe
+
+    if not classes:
+        raise GraftError("classes.json is empty: no classes were declared or found")
+    df = manifest.copy()
+    if "sha256" in df and "split" in df:
+        train, test = set(df.loc[df.split == "train", "sha256"]), set(df.loc[df.split == "test", "sha256"])
+        df["in_train_and_test"] = df["sha256"].isin(train & test)
+    else:
+        df["in_train_and_test"] = False
+    lookup = (
+        df.set_index("id")[["path"]].to_dict("index") if {"id", "path"} <= set(df.columns) else None
+    )
+
+    required = ["id", "label", "class_name", "split", "sha256", "path", "member"]
+    row_checks: list[tuple[str, Any]] = [
+        # A manifest from another tool or an older graft would make later stages misread it.
+        ("manifest has every column", gxe.ExpectTableColumnsToMatchSet(column_set=MANIFEST_COLUMNS, exact_match=False)),
+        *[(f"{c} is never empty", gxe.ExpectColumnValuesToNotBeNull(column=c)) for c in required],
+        # A label outside the declared set would silently become a new or wrong class.
+        ("every label is a declared class", gxe.ExpectColumnValuesToBeInSet(column="class_name", value_set=list(classes))),
+        ("split is train or test", gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"])),
+        # A corrupt or truncated file would crash training halfway, or be dropped unseen.
+        ("every image decodes", gxe.ExpectColumnValuesToBeNull(column="error")),
+        ("width within bounds", gxe.ExpectColumnValuesToBeBetween(column="width", min_value=params.min_side, max_value=params.max_side)),
+        ("height within bounds", gxe.ExpectColumnValuesToBeBetween(column="height", min_value=params.min_side, max_value=params.max_side)),
+        # Data leaks: the same image in train and test inflates the test score.
+        ("no image in both train and test", gxe.ExpectColumnValuesToBeInSet(column="in_train_and_test", value_set=[False])),
+    ]
+    table = class_count_table(df, classes)
+    class_checks: list[tuple[str, Any]] = [
+        # Too few samples: the class cannot be learnt or evaluated (an empty folder, say).
+        (f"every class has at least {params.min_per_class} samples",
+         gxe.ExpectColumnValuesToBeBetween(column="count", min_value=params.min_per_class)),
+        # Heavy imbalance: accuracy rewards predicting the majority class.
+        (f"largest / smallest class <= {params.max_imbalance:g}",
+         gxe.ExpectColumnValuesToBeBetween(column="ratio_to_smallest", max_value=params.max_imbalance)),
+    ]  # fmt: skip
+    if accepted_classes is not None:
+        # Classes that appear or vanish between runs change what the model means.
+        class_checks.append(
+            ("same classes as the last accepted run",
+             gxe.ExpectColumnDistinctValuesToEqualSet(column="class_name", value_set=list(accepted_classes)))
+        )  # fmt: skip
+
+    ctx = _gx_context()
+    checks = _to_checks(_run_suite(ctx, "manifest", df, row_checks, "id"), lookup, "id")
+    checks += _to_checks(_run_suite(ctx, "class_counts", table, class_checks, "class_name"), None, "class_name")
+
+    change = None
+    if accepted_classes is not None:
+        added = sorted(set(classes) - set(accepted_classes))
+        removed = sorted(set(accepted_classes) - set(classes))
+        change = {"added": added, "removed": removed}
+        if params.on_class_change == "warn":
+            checks[-1].severity = "warning"
+    success = all(c.success or c.severity == "warning" for c in checks)
+    counts = dict(zip(table["class_name"], table["count"].astype(int).tolist(), strict=True))
+    return ValidationResult(success, checks, len(df), counts, change)
+
+
+def format_summary(result: ValidationResult, manifest_path: Path) -> str:
+    failed = [c for c in result.checks if not c.success]
+    head = "passed" if result.success else "FAILED"
+    lines = [
+        f"validate: {head}: {len(result.checks) - len(failed)} of {len(result.checks)} checks "
+        f"passed on {result.n_rows} images ({manifest_path})"
+    ]
+    for c in failed:
+        mark = "warning" if c.severity == "warning" else "failed"
+        detail = f"{c.unexpected_count} row(s)" if c.unexpected_count else f"observed {c.observed}"
+        lines.append(f"  {mark}: {c.name}: {detail}")
+        lines.append(f"      {c.expectation}")
+        if c.name.startswith("same classes") and result.class_change:
+            lines.append(f"      added: {result.class_change['added']}, removed: {result.class_change['removed']}")
+        for ex in c.examples:
+            where = ex.pop("path", None) or ex.get("id") or ex.get("class_name")
+            rest = ", ".join(f"{k}={v}" for k, v in ex.items() if k not in ("id",))
+            lines.append(f"      {where}: {rest}")
+        if c.unexpected_count > len(c.examples):
+            lines.append(f"      ... and {c.unexpected_count - len(c.examples)} more (see the JSON report)")
+    if not result.success:
+        lines.append(
+            "Fix or remove the files listed above in the source (or change the bounds in "
+            "params.yaml, section 'validate'), then run the pipeline again."
+        )
+    return "\n".join(lines)
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.validate",
+        description="Check the ingest manifest with a Great Expectations suite; exit 1 on any failure.",
+    )
+    parser.add_argument("--raw", required=True, type=Path, help="ingest output directory")
+    parser.add_argument("--report", required=True, type=Path, help="JSON report to write")
+    parser.add_argument("--accepted", required=True, type=Path,
+                        help="snapshot of the last accepted data (read, then updated on success)")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
+    args = parser.parse_args(argv)
+
+    params = load_section(ValidateParams, "validate", args.params)
+    manifest, classes = read_manifest(args.raw)
+    accepted = fsio.read_json(args.accepted) if args.accepted.is_file() else None
+    result = validate(manifest, classes, params, accepted["classes"] if accepted else None)
+    fsio.write_json(args.report, result.to_json())
+    print(format_summary(result, args.raw / "manifest.csv"))
+    print(f"validate: report written to {args.report}")
+    if not result.success:
+        sys.exit(1)
+    fsio.write_json(args.accepted, {"classes": list(classes), "class_counts": result.class_counts})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The data stages through real DVC, in a temporary copy of the project."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import dvc, make_image_folder, requires_fashion_mnist, set_params
+
+pytestmark = pytest.mark.slow
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+@requires_fashion_mnist
+def test_fashion_mnist_slice_and_noop_rerun(project):
+    set_params(project, ingest={"max_train_per_class": 12, "max_test_per_class": 4}, preprocess={"image_size": 16})
+    first = dvc(project, "repro", "preprocess")
+    assert ran_stages(first.stdout) == {"ingest", "validate", "preprocess"}
+    x = np.load(project / "data/prepared/train_x.npy")
+    assert x.shape[1:] == (16, 16, 3) and x.dtype == np.uint8
+    metrics = json.loads((project / "reports/preprocess.json").read_text())
+    assert metrics["images"]["test"] == 40
+    assert json.loads((project / "reports/validation.json").read_text())["success"] is True
+
+    second = dvc(project, "repro", "preprocess")
+    assert ran_stages(second.stdout) == set()
+    assert second.stdout.count("didn't change, skipping") == 3
+
+    # One stage's parameter reruns only that stage (and what follows it).
+    set_params(project, preprocess={"image_size": 20})
+    third = dvc(project, "repro", "preprocess")
+    assert ran_stages(third.stdout) == {"preprocess"}
+    assert np.load(project / "data/prepared/val_x.npy").shape[1:] == (20, 20, 3)
+
+
+def test_image_folder_runs_and_broken_one_stops_at_validate(project, tmp_path):
+    src = make_image_folder(tmp_path / "my_images", classes=("ant", "bee"), per_class=15)
+    set_params(project, ingest={"source": "imagefolder", "path": str(src), "max_train_per_class": None},
+               preprocess={"image_size": 16})
+    ok = dvc(project, "repro", "preprocess")
+    assert ran_stages(ok.stdout) == {"ingest", "validate", "preprocess"}
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
+    assert meta["classes"] == ["ant", "bee"]
+
+    (src / "bee" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (src / "ant" / "half.jpg").write_bytes((src / "ant" / "img_000.jpg").read_bytes()[:100])
+    prepared_before = (project / "data/prepared/train_x.npy").read_bytes()
+    bad = dvc(project, "repro", "preprocess", check=False)
+    assert bad.returncode != 0
+    out = bad.stdout + bad.stderr
+    assert ran_stages(out) == {"ingest", "validate"}
+    assert "every image decodes" in out and "bee/corrupt.png" in out and "ant/half.jpg" in out
+    report = json.loads((project / "reports/validation.json").read_text())
+    assert report["success"] is False
+    # The failed run left the previous prepared data untouched.
+    assert (project / "data/prepared/train_x.npy").read_bytes() == prepared_before

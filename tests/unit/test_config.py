@@ -1,0 +1,57 @@
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from stages.config import ParamsError, load_section, parse, read_params, set_override
+from stages.ingest import IngestParams
+
+
+@dataclass(frozen=True)
+class Demo:
+    size: int
+    rate: float
+    mode: Literal["a", "b"]
+    names: tuple[str, ...] | None = None
+
+
+def test_parse_converts_and_freezes():
+    d = parse(Demo, {"size": 3, "rate": 1, "mode": "a", "names": ["x", "y"]}, "demo")
+    assert d == Demo(3, 1.0, "a", ("x", "y"))
+    with pytest.raises(AttributeError):
+        d.size = 4  # type: ignore[misc]
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ParamsError, match=r"demo\.sise"):
+        parse(Demo, {"sise": 3, "size": 3, "rate": 1.0, "mode": "a"}, "demo")
+
+
+def test_missing_and_wrong_type_are_named():
+    with pytest.raises(ParamsError, match=r"missing key demo\.rate"):
+        parse(Demo, {"size": 3, "mode": "a"}, "demo")
+    with pytest.raises(ParamsError, match=r"demo\.size: expected an integer"):
+        parse(Demo, {"size": "3", "rate": 1.0, "mode": "a"}, "demo")
+    with pytest.raises(ParamsError, match=r"demo\.mode: 'c' is not one of"):
+        parse(Demo, {"size": 3, "rate": 1.0, "mode": "c"}, "demo")
+
+
+def test_project_params_parse():
+    """The committed params.yaml parses with the stages' own types."""
+    params = load_section(IngestParams, "ingest")
+    assert params.source in ("fashion-mnist", "imagefolder")
+
+
+def test_override_checks_key_exists():
+    params = read_params()
+    set_override(params, "preprocess.image_size=32")
+    assert params["preprocess"]["image_size"] == 32
+    with pytest.raises(ParamsError, match="unknown key 'preprocess.imagesize'"):
+        set_override(params, "preprocess.imagesize=32")
+    with pytest.raises(ParamsError, match="expected section.key=value"):
+        set_override(params, "preprocess")
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        read_params(tmp_path / "nope.yaml")

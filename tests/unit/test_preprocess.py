@@ -1,0 +1,93 @@
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stages import images
+from stages.common import GraftError
+from stages.ingest import IngestParams, ingest
+from stages.preprocess import PreprocessParams, assign_splits, load_split, preprocess
+from tests.conftest import make_image_folder
+
+PARAMS = PreprocessParams(image_size=12, val_fraction=0.25, test_fraction=0.25, resize="center_crop", seed=3)
+
+
+def toy_manifest(n_per_class=8, classes=2, test=False):
+    rows = []
+    for c in range(classes):
+        for i in range(n_per_class):
+            rows.append({"label": c, "split": "train", "sha256": f"{c}-{i}"})
+        if test:
+            rows.append({"label": c, "split": "test", "sha256": f"{c}-t"})
+    return pd.DataFrame(rows)
+
+
+def test_split_is_stratified_and_seeded():
+    m = toy_manifest()
+    a = assign_splits(m, 0.25, 0.25, seed=1)
+    assert a.tolist() == assign_splits(m, 0.25, 0.25, seed=1).tolist()
+    assert a.tolist() != assign_splits(m, 0.25, 0.25, seed=2).tolist()
+    counts = pd.crosstab(m["label"], a)
+    assert (counts["test"] == 2).all() and (counts["val"] == 2).all() and (counts["train"] == 4).all()
+
+
+def test_source_test_split_is_kept():
+    m = toy_manifest(test=True)
+    a = assign_splits(m, 0.25, 0.25, seed=0)
+    assert (a[m["split"] == "test"] == "test").all()
+    assert (a[m["split"] == "train"] != "test").all()
+
+
+def test_identical_content_stays_in_one_split():
+    m = toy_manifest(n_per_class=20, classes=1)
+    m.loc[5:9, "sha256"] = "dup"
+    a = assign_splits(m, 0.3, 0.3, seed=0)
+    assert a[m["sha256"] == "dup"].nunique() == 1
+
+
+def test_arrays_written(tmp_path):
+    root = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=8)
+    raw, out = tmp_path / "raw", tmp_path / "prep"
+    raw.mkdir(), out.mkdir()
+    manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(root), seed=0), raw)
+    metrics = preprocess(manifest, list(classes), raw / "images.tar", PARAMS, "bicubic", out)
+    assert sum(metrics["images"].values()) == 16
+    x, y = load_split(out, "train")
+    assert x.dtype == np.uint8 and x.shape[1:] == (12, 12, 3) and len(x) == len(y)
+    assert x.std() > 0  # real pixels, not zeros
+    assert metrics["per_class"]["test"] == {"a": 2, "b": 2}
+
+
+def test_refuses_unvalidated_manifest(tmp_path):
+    root = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=4)
+    (root / "a" / "bad.png").write_bytes(b"junk")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(root), seed=0), raw)
+    with pytest.raises(GraftError, match="run validate first"):
+        preprocess(manifest, list(classes), raw / "images.tar", PARAMS, "bicubic", tmp_path)
+
+
+def test_bad_fraction_is_an_error():
+    with pytest.raises(GraftError, match="preprocess.val_fraction"):
+        PreprocessParams(image_size=12, val_fraction=1.5, test_fraction=0.2, resize="squash", seed=0).validate()
+
+
+def _encode(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_modes_convert_to_rgb():
+    transparent = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    assert images.load_rgb_array(_encode(transparent), 4, "bicubic", "squash").min() == 255  # white, not black
+    gray = Image.new("L", (10, 10), 77)
+    arr = images.load_rgb_array(_encode(gray), 4, "bilinear", "squash")
+    assert arr.shape == (4, 4, 3) and (arr == 77).all()
+    wide = Image.new("RGB", (40, 10), (0, 0, 0))
+    wide.paste((0, 255, 0), (15, 0, 25, 10))  # a green band in the middle
+    crop = images.load_rgb_array(_encode(wide), 10, "nearest", "center_crop")
+    assert crop.shape == (10, 10, 3) and (crop[:, :, 1] == 255).mean() == 1.0

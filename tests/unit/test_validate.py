@@ -1,0 +1,95 @@
+"""The data gate passes a good fixture and fails each kind of broken one, naming the
+check and the offending file."""
+
+from pathlib import Path
+
+import pytest
+
+from stages.ingest import IngestParams, ingest
+from stages.validate import ValidateParams, format_summary, validate
+from tests.conftest import make_image_folder
+
+PARAMS = ValidateParams(min_per_class=3, max_imbalance=5.0, min_side=8, max_side=4096, on_class_change="fail")
+
+
+def snapshot(tmp_path: Path, root: Path, **kw):
+    out = tmp_path / "raw"
+    out.mkdir(exist_ok=True)
+    manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(root), seed=0, **kw), out)
+    return manifest, list(classes)
+
+
+def failed(result) -> dict:
+    return {c.name: c for c in result.checks if not c.success}
+
+
+def test_good_fixture_passes(tmp_path, image_folder):
+    manifest, classes = snapshot(tmp_path, image_folder)
+    result = validate(manifest, classes, PARAMS)
+    assert result.success, format_summary(result, Path("m"))
+    assert result.class_counts == {"cat": 12, "dog": 12, "fox": 12}
+
+
+def test_corrupt_png_is_named(tmp_path, image_folder):
+    (image_folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    manifest, classes = snapshot(tmp_path, image_folder)
+    result = validate(manifest, classes, PARAMS)
+    assert not result.success
+    check = failed(result)["every image decodes"]
+    assert [e["path"] for e in check.examples] == ["dog/broken.png"]
+    assert "dog/broken.png" in format_summary(result, Path("m"))
+
+
+def test_unknown_label_is_named(tmp_path, image_folder):
+    manifest, classes = snapshot(tmp_path, image_folder, classes=("cat", "dog", "fox"))
+    manifest.loc[0, "class_name"] = "wolf"
+    result = validate(manifest, classes, PARAMS)
+    check = failed(result)["every label is a declared class"]
+    assert check.unexpected_count == 1
+    assert check.examples[0]["path"] == manifest.loc[0, "path"]
+    assert check.examples[0]["class_name"] == "wolf"
+
+
+def test_empty_class_fails_min_per_class(tmp_path):
+    root = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=5)
+    (root / "empty").mkdir()
+    manifest, classes = snapshot(tmp_path, root)
+    result = validate(manifest, classes, PARAMS)
+    names = failed(result)
+    check = names["every class has at least 3 samples"]
+    assert [e["class_name"] for e in check.examples] == ["empty"]
+    assert "largest / smallest class <= 5" in names  # 5 / 0 is unbounded
+
+
+def test_train_test_duplicate_is_leakage(tmp_path):
+    root = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=6, splits=True)
+    dup = root / "test" / "a" / "copy_of_train.png"
+    dup.write_bytes((root / "train" / "a" / "img_001.png").read_bytes())
+    manifest, classes = snapshot(tmp_path, root)
+    result = validate(manifest, classes, PARAMS)
+    check = failed(result)["no image in both train and test"]
+    assert sorted(e["path"] for e in check.examples) == ["test/a/copy_of_train.png", "train/a/img_001.png"]
+
+
+def test_size_bounds(tmp_path, image_folder):
+    manifest, classes = snapshot(tmp_path, image_folder)
+    strict = ValidateParams(min_per_class=3, max_imbalance=5.0, min_side=17, max_side=4096, on_class_change="fail")
+    result = validate(manifest, classes, strict)
+    assert "width within bounds" in failed(result) and "height within bounds" in failed(result)
+
+
+def test_missing_column_fails_clearly(tmp_path, image_folder):
+    manifest, classes = snapshot(tmp_path, image_folder)
+    result = validate(manifest.drop(columns=["sha256"]), classes, PARAMS)
+    assert "manifest has every column" in failed(result)
+
+
+@pytest.mark.parametrize("policy, success", [("fail", False), ("warn", True)])
+def test_class_change_against_accepted(tmp_path, image_folder, policy, success):
+    manifest, classes = snapshot(tmp_path, image_folder)
+    p = ValidateParams(min_per_class=3, max_imbalance=5.0, min_side=8, max_side=4096, on_class_change=policy)
+    result = validate(manifest, classes, p, accepted_classes=["cat", "dog", "owl"])
+    assert result.success is success
+    assert result.class_change == {"added": ["fox"], "removed": ["owl"]}
+    same = validate(manifest, classes, p, accepted_classes=["cat", "dog", "fox"])
+    assert same.success
