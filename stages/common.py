@@ -35,10 +35,11 @@ def stage_main(fn: F) -> F:
 
 
 def progress(iterable, **kwargs):
-    """tqdm with graft's defaults: to stderr, quiet when not a terminal unless forced."""
+    """tqdm with graft's defaults: to stderr; in a log (not a terminal) it redraws every
+    30 s instead of every second, so logs stay readable."""
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("mininterval", 1.0)
+    kwargs.setdefault("mininterval", 1.0 if sys.stderr.isatty() else 30.0)
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

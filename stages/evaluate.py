@@ -1,0 +1,191 @@
+"""Stage ``evaluate``: the fine-tuned model on the held-out test split.
+
+Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix (PNG and CSV),
+expected calibration error with a reliability diagram, and a grid of the most confident
+mistakes. ``metrics.json`` is a DVC metric; the plots are declared in ``dvc.yaml``; all
+of it goes to the pipeline's MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages import fsio, modeling
+from stages.common import stage_main
+
+ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al., 2017)
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted ones."""
+    return np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error: the sample-weighted mean |accuracy - confidence| over
+    equal-width confidence bins; also the bins, for the reliability diagram."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    ece, bins = 0.0, []
+    for b in range(n_bins):
+        mask = which == b
+        if not mask.any():
+            continue
+        acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
+        ece += mask.mean() * abs(acc - conf)
+        bins.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "accuracy": acc, "confidence": conf, "count": int(mask.sum())})
+    return float(ece), bins
+
+
+def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    pred = probs.argmax(1)
+    cm = confusion_matrix(y, pred, len(classes))
+    tp = np.diag(cm).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(cm.sum(0) > 0, tp / cm.sum(0), 0.0)
+        recall = np.where(cm.sum(1) > 0, tp / cm.sum(1), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    ece, bins = calibration(probs.max(1), pred == y)
+    return {
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": float(f1.mean()),
+        "ece": ece,
+        "n": int(len(y)),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(cm[i].sum())}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": cm.tolist(),
+        "calibration_bins": bins,
+    }
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with fsio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    plt = _plt()
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.55 * n))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test)")
+    _save(fig, path)
+
+
+def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    ax.bar(centers, [b["accuracy"] for b in bins], width=1 / ECE_BINS, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="red", label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def plot_worst_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, k: int = 16) -> None:
+    """The ``k`` wrong predictions made with the highest confidence."""
+    plt = _plt()
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    worst = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:k]
+    cols = 4
+    rows = max(1, int(np.ceil(len(worst) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst, strict=False):
+        ax.imshow(x[i])
+        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} ({probs[i, pred[i]]:.2f})", fontsize=9)
+    if len(worst) == 0:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center")
+    fig.suptitle("most confident mistakes (test)")
+    _save(fig, path)
+
+
+# --- the thin main -------------------------------------------------------------------------
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.evaluate",
+        description="Evaluate the fine-tuned model on the test split; write metrics and plots; log to MLflow.",
+    )
+    parser.add_argument("--prepared", required=True, type=Path, help="preprocess output directory")
+    parser.add_argument("--model", required=True, type=Path, help="fine-tuned model directory")
+    parser.add_argument("--reports", required=True, type=Path, help="directory for metrics and plots")
+    args = parser.parse_args(argv)
+
+    import mlflow
+
+    from stages import tracking
+    from stages.preprocess import load_split
+
+    model, cfg = modeling.load(args.model, modeling.resolve_device())
+    x, y = load_split(args.prepared, "test", mmap=False)
+    ids = np.load(args.prepared / "test_ids.npy")
+    probs = modeling.predict_proba(model, x, cfg, desc="evaluate")
+    m = compute_metrics(y, probs, cfg.classes)
+
+    out = args.reports
+    out.mkdir(parents=True, exist_ok=True)
+    headline = {k: m[k] for k in ("accuracy", "macro_f1", "ece", "n")}
+    headline["per_class_f1"] = {c: v["f1"] for c, v in m["per_class"].items()}
+    fsio.write_json(out / "metrics.json", headline)
+    fsio.write_json(out / "evaluation.json", m)
+    pred = probs.argmax(1)
+    names = np.array(cfg.classes)
+    rows = ["id,actual,predicted,confidence"] + [
+        f'{i},"{names[a]}","{names[p]}",{probs[n, p]:.6f}' for n, (i, a, p) in enumerate(zip(ids, y, pred, strict=True))
+    ]
+    fsio.write_text(out / "predictions.csv", "\n".join(rows) + "\n")
+    cm = np.array(m["confusion_matrix"])
+    fsio.write_text(out / "confusion_matrix.csv", ",".join(["true\\predicted", *cfg.classes]) + "\n"
+                    + "".join(",".join([c, *map(str, r)]) + "\n" for c, r in zip(cfg.classes, cm.tolist(), strict=True)))
+    plot_confusion(cm, cfg.classes, out / "confusion_matrix.png")
+    plot_reliability(m["calibration_bins"], m["ece"], out / "reliability.png")
+    plot_worst_mistakes(x, y, probs, cfg.classes, out / "worst_mistakes.png")
+
+    tracking.configure()
+    run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items() if k != "per_class_f1"})
+        mlflow.log_metrics({f"test_f1_{c.replace('/', '_')}": v for c, v in headline["per_class_f1"].items()})
+        for name in ("metrics.json", "evaluation.json", "confusion_matrix.csv", "confusion_matrix.png",
+                     "reliability.png", "worst_mistakes.png", "predictions.csv"):
+            mlflow.log_artifact(str(out / name), "evaluation")
+    print(
+        f"evaluate: test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
+        f"on {m['n']} images -> {out}/ (MLflow run {run_id})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""Stage ``fine_tune``: train the new head (and, by mode, part or all of the backbone).
+
+Transfer modes:
+
+- ``feature_extraction``: the backbone is frozen, BatchNorm statistics included; its
+  pooled features are computed once and cached, so each epoch trains only the head on
+  cached features (no augmentation: the cache is of un-augmented images);
+- ``partial``: the first ``frozen_groups`` layer groups (stem first, in timm's grouping)
+  stay frozen, the rest and the head train;
+- ``full``: everything trains.
+
+Optionally the head trains alone for ``head_epochs`` first (gradual unfreezing), and
+earlier layer groups get smaller learning rates (``lr_decay``, discriminative LRs).
+Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG state,
+history); a rerun with the same inputs resumes from it and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from stages import fsio, modeling
+from stages.common import GraftError, progress, stage_main
+from stages.config import DEFAULT_PARAMS, load_section
+
+
+@dataclass(frozen=True)
+class FineTuneParams:
+    mode: Literal["feature_extraction", "partial", "full"]
+    epochs: int  # upper bound; early stopping may end sooner
+    batch_size: int
+    lr: float  # peak learning rate of the head (after warm-up)
+    weight_decay: float  # AdamW's decoupled decay
+    warmup_epochs: float  # linear warm-up, then cosine decay to zero
+    label_smoothing: float
+    patience: int  # epochs without a better validation accuracy before stopping
+    seed: int
+    frozen_groups: int = 0  # partial: leading layer groups kept frozen (group 0 is the stem)
+    head_epochs: int = 0  # gradual unfreezing: epochs that train the head alone first
+    lr_decay: float = 1.0  # discriminative LRs: group k below the head gets lr * lr_decay**k
+    hflip: bool = True  # augmentation: random horizontal flip
+    crop_padding: int = 0  # augmentation: random crop after padding by this many pixels
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    channels_last: bool = True  # 1.5 to 2.7 times faster on CPU (stack-notes.md)
+    eval_batch_size: int = 256
+
+    def validate(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "patience": self.patience >= 1, "frozen_groups": self.frozen_groups >= 0,
+            "head_epochs": 0 <= self.head_epochs, "lr_decay": 0 < self.lr_decay <= 1,
+            "warmup_epochs": self.warmup_epochs >= 0, "crop_padding": self.crop_padding >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+        }  # fmt: skip
+        for key, ok in checks.items():
+            if not ok:
+                raise GraftError(f"params.yaml: fine_tune.{key} has an invalid value: {getattr(self, key)!r}")
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # uint8 (N, H, W, 3)
+    y: np.ndarray  # int64 (N,)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_accuracy: float
+    best_state: dict[str, Any]
+    stopped_early: bool
+    resumed_from: int | None = None
+    parameters: dict[str, int] = field(default_factory=dict)
+
+
+# --- freezing and parameter groups ---------------------------------------------------------
+
+
+def layer_groups(model) -> list[list[tuple[str, Any]]]:
+    """The model's parameters in timm's coarse layer groups, input side first; the last
+    group is the classifier head."""
+    from timm.models import group_parameters
+
+    named = dict(model.named_parameters())
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    backbone = [[(n, named[n]) for n in names if id(named[n]) not in head] for _, names in sorted(groups.items())]
+    backbone = [g for g in backbone if g]
+    return [*backbone, [(n, p) for n, p in named.items() if id(p) in head]]
+
+
+def trainable_groups(n_groups: int, mode: str, frozen_groups: int) -> list[int]:
+    """Indices of the groups that train in ``mode`` once unfrozen (the head is last)."""
+    head = n_groups - 1
+    if mode == "feature_extraction":
+        return [head]
+    if mode == "full":
+        return list(range(n_groups))
+    if frozen_groups >= head:
+        raise GraftError(
+            f"params.yaml: fine_tune.frozen_groups={frozen_groups} freezes the whole backbone "
+            f"({head} groups); use mode feature_extraction, or a value below {head}"
+        )
+    return list(range(frozen_groups, n_groups))
+
+
+def set_trainable(groups, active: list[int]) -> None:
+    for i, group in enumerate(groups):
+        for _, p in group:
+            p.requires_grad_(i in active)
+
+
+def freeze_batchnorm_stats(model) -> None:
+    """Put every BatchNorm whose parameters are frozen in eval mode, so its running
+    statistics stay the pretrained ones (call after ``model.train()``)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+def optimizer_groups(groups, active: list[int], p: FineTuneParams) -> list[dict[str, Any]]:
+    """One AdamW group per layer group that trains: head at ``lr``, each group below it
+    at ``lr * lr_decay**depth``. Biases and norm weights get no weight decay."""
+    head = len(groups) - 1
+    out = []
+    for i in active:
+        lr = p.lr * p.lr_decay ** (head - i)
+        decay = [t for n, t in groups[i] if t.ndim > 1]
+        no_decay = [t for n, t in groups[i] if t.ndim <= 1]
+        for params, wd, kind in ((decay, p.weight_decay, "w"), (no_decay, 0.0, "b")):
+            if params:
+                out.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"group{i}_{kind}"})
+    return out
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return f
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator, hflip: bool, pad: int) -> np.ndarray:
+    """Random horizontal flip and padded random crop, on uint8 (N, H, W, 3)."""
+    out = batch.copy()
+    n, h, w, _ = out.shape
+    if hflip:
+        flip = rng.random(n) < 0.5
+        out[flip] = out[flip, :, ::-1]
+    if pad:
+        padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+        for i in range(n):
+            out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+    return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
+    """Shuffle and augmentation randomness of one epoch depend only on (seed, epoch), so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(n), rng
+
+
+# --- the training loop ---------------------------------------------------------------------
+
+
+def _features(model, x: np.ndarray, cfg, device, p: FineTuneParams, desc: str):
+    """Pooled backbone features (N, F) in eval mode: the feature-extraction cache."""
+    import torch
+
+    model.eval()
+    feats = []
+    with torch.inference_mode():
+        for s in progress(range(0, len(x), p.eval_batch_size), desc=desc, unit="batch"):
+            inp = modeling.to_input(x[s : s + p.eval_batch_size], cfg, device, p.channels_last)
+            feats.append(model.forward_head(model.forward_features(inp), pre_logits=True).float())
+    return torch.cat(feats)
+
+
+def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -> tuple[float, float]:
+    import torch
+    import torch.nn.functional as F
+
+    if feats is not None:
+        with torch.inference_mode():
+            model.eval()
+            logits = model.get_classifier()(feats)
+            y = torch.from_numpy(split.y).to(device)
+            return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    probs = modeling.predict_proba(model, split.x, cfg, device, p.eval_batch_size, p.channels_last)
+    eps = 1e-12
+    loss = float(-np.log(probs[np.arange(len(split.y)), split.y] + eps).mean())
+    return loss, float((probs.argmax(1) == split.y).mean())
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def train(
+    model,
+    cfg: modeling.ModelConfig,
+    train_split: Split,
+    val_split: Split,
+    p: FineTuneParams,
+    checkpoint: Path | None = None,
+    run_key: str = "",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` in place; the pure core of the stage (no params file, no MLflow).
+
+    ``checkpoint`` is rewritten atomically after every epoch; if it exists and was made
+    with the same ``run_key``, training resumes from it; ``checkpoint_extra`` is stored in
+    it as is (the MLflow run id, say). ``on_epoch`` receives each epoch's record (for
+    logging); if it raises, training stops after the checkpoint.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(p.seed)
+    device = modeling.resolve_device(p.device)
+    model.to(device)
+    if p.channels_last:
+        model.to(memory_format=torch.channels_last)
+    groups = layer_groups(model)
+    active = trainable_groups(len(groups), p.mode, p.frozen_groups)
+    head_only = [len(groups) - 1]
+    set_trainable(groups, active)
+    optimizer = torch.optim.AdamW(optimizer_groups(groups, active, p))
+    steps_per_epoch = math.ceil(len(train_split.y) / p.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch))
+    )
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    history: list[dict[str, Any]] = []
+    start, best_acc, best_loss, best_epoch, bad_epochs = 0, -1.0, math.inf, -1, 0
+    best_state: dict[str, Any] = {}
+    resumed_from = None
+    if checkpoint is not None and checkpoint.is_file():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if ck.get("run_key") == run_key:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["torch_rng"])
+            history, best_state = ck["history"], ck["best_state"]
+            best_acc, best_loss, best_epoch, bad_epochs = ck["best_acc"], ck["best_loss"], ck["best_epoch"], ck["bad_epochs"]
+            start = resumed_from = ck["epoch"] + 1
+            print(f"fine_tune: resuming after epoch {ck['epoch'] + 1} from {checkpoint}")
+    if history and bad_epochs >= p.patience:
+        start = p.epochs  # the interrupted run had already stopped early
+
+    cached = None
+    if p.mode == "feature_extraction" and start < p.epochs:
+        t0 = time.perf_counter()
+        cached = (
+            _features(model, train_split.x, cfg, device, p, "caching train features"),
+            _features(model, val_split.x, cfg, device, p, "caching val features"),
+        )
+        cache_seconds = time.perf_counter() - t0
+    stopped_early = False
+    for epoch in range(start, p.epochs):
+        t0 = time.perf_counter()
+        unfrozen = active if epoch >= p.head_epochs else head_only
+        set_trainable(groups, unfrozen)
+        model.train()
+        freeze_batchnorm_stats(model)
+        order, rng = epoch_order(len(train_split.y), p.seed, epoch)
+        total_loss, correct = 0.0, 0
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch", leave=False)
+        for b in bar:
+            idx = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
+            y = torch.from_numpy(train_split.y[idx]).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                if cached is not None:
+                    feats = cached[0][torch.from_numpy(idx).to(device)]
+                    drop = getattr(model, "drop_rate", 0.0)
+                    logits = model.get_classifier()(F.dropout(feats, p=drop, training=True))
+                else:
+                    batch = augment(train_split.x[idx], rng, p.hflip, p.crop_padding)
+                    logits = model(modeling.to_input(batch, cfg, device, p.channels_last))
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total_loss += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_acc = _evaluate(model, val_split, cfg, device, p, cached[1] if cached else None)
+        counts = modeling.count_parameters(model)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / len(train_split.y),
+            "train_accuracy": correct / len(train_split.y),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "epoch_seconds": time.perf_counter() - t0,
+            "images_per_second": len(train_split.y) / train_seconds,
+            "trainable_parameters": counts["trainable"],
+            "frozen_parameters": counts["frozen"],
+        }
+        for g in optimizer.param_groups:  # one learning rate per layer group
+            record.setdefault(f"lr_{g['name'].rsplit('_', 1)[0]}", g["lr"])
+        if cached is not None and epoch == start:
+            record["feature_cache_seconds"] = cache_seconds
+        history.append(record)
+        if val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss):
+            best_acc, best_loss, best_epoch, bad_epochs = val_acc, val_loss, epoch + 1, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        print(
+            f"epoch {epoch + 1}/{p.epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {record['images_per_second']:.0f} img/s, "
+            f"{record['epoch_seconds']:.1f}s, {counts['trainable']:,} trainable",
+            flush=True,
+        )
+        if checkpoint is not None:
+            state = {
+                "run_key": run_key, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "history": history, "best_state": best_state,
+                "best_acc": best_acc, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                **(checkpoint_extra or {}),
+            }  # fmt: skip
+            with fsio.atomic_path(checkpoint) as tmp:
+                torch.save(state, tmp)
+        if on_epoch is not None:
+            on_epoch(record)
+        if bad_epochs >= p.patience:
+            stopped_early = True
+            print(f"fine_tune: no better validation accuracy for {p.patience} epochs; stopping early")
+            break
+    if not best_state:
+        raise GraftError("fine_tune: no epoch completed")
+    model.load_state_dict(best_state)
+    set_trainable(groups, active)
+    return TrainResult(history, best_epoch, best_acc, best_state, stopped_early, resumed_from,
+                       modeling.count_parameters(model))
+
+
+# --- outputs and the thin main -------------------------------------------------------------
+
+
+def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("train", "-o"), ("val", "-s")):
+        ax1.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key)
+        ax2.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=key)
+    ax1.set(title="loss", xlabel="epoch")
+    ax2.set(title="accuracy", xlabel="epoch")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with fsio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
+    keys = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "epoch_seconds", "images_per_second"]
+    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k]) for k in keys) for h in history]
+    fsio.write_text(path, "\n".join(lines) + "\n")
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.fine_tune",
+        description="Fine-tune the pretrained model on the prepared data (params.yaml, section "
+        "'fine_tune'); resumes from the last checkpoint after a crash; logs to MLflow.",
+    )
+    parser.add_argument("--prepared", required=True, type=Path, help="preprocess output directory")
+    parser.add_argument("--pretrained", required=True, type=Path, help="load_pretrained output directory")
+    parser.add_argument("--out", required=True, type=Path, help="fine-tuned model directory (replaced atomically)")
+    parser.add_argument("--history", required=True, type=Path, help="per-epoch history CSV (a DVC plot)")
+    parser.add_argument("--plot", required=True, type=Path, help="learning curves PNG")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file for resuming")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
+    args = parser.parse_args(argv)
+
+    import mlflow
+    import torch
+
+    from stages import tracking
+    from stages.config import read_params
+    from stages.preprocess import load_split
+
+    params = load_section(FineTuneParams, "fine_tune", args.params)
+    model, cfg = modeling.load(args.pretrained)
+    train_split, val_split = (Split(*load_split(args.prepared, s, mmap=False)) for s in ("train", "val"))
+    # Same params, same starting weights, same data: the checkpoint belongs to this run.
+    data_hash = fsio.sha256_file(args.prepared / "train_y.npy") + fsio.sha256_file(args.prepared / "train_ids.npy")
+    run_key = fingerprint(asdict(params), fsio.sha256_file(args.pretrained / modeling.WEIGHTS), data_hash)
+    previous = torch.load(args.checkpoint, map_location="cpu", weights_only=False) if args.checkpoint.is_file() else {}
+    resume_run = previous.get("mlflow_run_id") if previous.get("run_key") == run_key else None
+
+    tracking.configure()
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    run_name = f"{cfg.architecture}-{params.mode}"
+    with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name,
+                          nested=bool(parent), parent_run_id=parent) as run:
+        if not resume_run:
+            mlflow.log_params({k: str(v)[:500] for k, v in tracking.flatten(read_params(args.params)).items()})
+            mlflow.set_tags({**tracking.run_tags(), "pretrained_weights_sha256": cfg.weights_sha256 or "none",
+                             "pretrained_source": cfg.source, "graft.stage": "pipeline"})
+            for extra in ("reports/validation.json", "reports/preprocess.json"):
+                if Path(extra).is_file():
+                    mlflow.log_artifact(extra, "data")
+            mlflow.log_artifact(str(args.pretrained / modeling.CONFIG), "pretrained")
+
+        def log_epoch(record: dict[str, Any]) -> None:
+            mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+        # Checkpoints carry the run id, so a resumed training logs into the same run.
+        result = train(model, cfg, train_split, val_split, params, args.checkpoint, run_key,
+                       on_epoch=log_epoch, checkpoint_extra={"mlflow_run_id": run.info.run_id})
+        summary = {
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+            "train_seconds": sum(h["epoch_seconds"] for h in result.history),
+            "images_per_second": float(np.mean([h["images_per_second"] for h in result.history])),
+            **{f"{k}_parameters": v for k, v in result.parameters.items()},
+        }
+        with fsio.atomic_dir(args.out) as tmp:
+            modeling.save(tmp, model, cfg, extra={"mode": params.mode, "training": summary})
+            fsio.write_json(tmp / tracking.RUN_FILE, {"run_id": run.info.run_id})
+        write_history_csv(result.history, args.history)
+        plot_learning_curves(result.history, args.plot)
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        mlflow.log_artifact(str(args.history), "training")
+        mlflow.log_artifact(str(args.plot), "training")
+    args.checkpoint.unlink(missing_ok=True)  # the final model is saved; nothing to resume
+    print(
+        f"fine_tune: {params.mode}, best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
+        f"of {len(result.history)}, {summary['train_seconds']:.0f}s, {summary['images_per_second']:.0f} img/s "
+        f"-> {args.out} (MLflow run {run.info.run_id})"
+    )
+
+
+if __name__ == "__main__":
+    main()
