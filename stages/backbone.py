@@ -8,6 +8,7 @@ from timm's pretrained config for the architecture named in ``params.yaml``
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,20 @@ class Backbone:
     model: Any  # torch.nn.Module (kept Any so importing this module does not import torch)
     source: str
     weights_sha256: str | None  # of the weights file; None for scratch
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None. A quick TCP probe, so offline
+    machines fail in seconds instead of after the hub client's minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{url.hostname}: {e}"
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -133,23 +148,21 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _load_backbone_weights(model: Any, state: dict[str, Any], origin: str) -> None:
-    """Load everything but the classifier strictly: a missing or unexpected backbone key
-    means the weights do not belong to this architecture."""
-    head = {f"{name}" for name, _ in model.named_parameters() if name.startswith(_head_prefix(model))}
-    head |= {k for k in state if k.startswith(_head_prefix(model))}
-    state = {k: v for k, v in state.items() if k not in head}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in head]
-    if missing or unexpected:
+    """Load everything but the classifier strictly: a missing, unexpected or misshapen
+    backbone key means the weights do not belong to this architecture."""
+    prefix = _head_prefix(model)
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in state.keys() & own.keys() if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
         raise GraftError(
-            f"{origin}: weights do not match architecture '{type(model).__name__}'"
-            f" ({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}). "
+            f"{origin}: weights do not match architecture '{type(model).__name__}' "
+            f"({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+            f"e.g. {unexpected[:3]}; {len(wrong)} of another shape, e.g. {sorted(wrong)[:3]}). "
             "Check load_pretrained.architecture."
         )
-    own = model.state_dict()
-    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if wrong:
-        raise GraftError(f"{origin}: tensor shapes differ from the architecture for {wrong[:3]}")
+    model.load_state_dict(state, strict=False)
 
 
 def _head_prefix(model: Any) -> str:
@@ -187,14 +200,21 @@ def build(params: LoadPretrainedParams, num_classes: int, seed: int) -> Backbone
                 f"params.yaml: load_pretrained.source timm:{value} differs from "
                 f"load_pretrained.architecture ({params.architecture}); make them the same."
             )
+        offline_hint = (
+            "Offline, save the weights once where you are online (torch.save(timm.create_model("
+            f"'{value}', pretrained=True).state_dict(), 'weights.pt')) and set "
+            "load_pretrained.source to file:weights.pt; or, if they are in your Hugging Face "
+            "cache already, set HF_HUB_OFFLINE=1."
+        )
+        if not os.environ.get("HF_HUB_OFFLINE"):
+            reason = hub_unreachable()
+            if reason:
+                raise GraftError(f"timm:{value} needs the Hugging Face hub, which is unreachable ({reason}). {offline_hint}")
         try:
             model = create(pretrained=True, num_classes=num_classes)
         except Exception as e:
             raise GraftError(
-                f"could not download timm weights for '{value}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                "This needs internet access to the Hugging Face hub. Offline, save the weights "
-                "once where you are online (torch.save(timm.create_model(name, pretrained=True)"
-                ".state_dict(), 'weights.pt')) and set load_pretrained.source to file:weights.pt."
+                f"could not load timm weights for '{value}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}). {offline_hint}"
             ) from None
         sha = fsio.sha256_bytes(b"".join(t.numpy().tobytes() for t in model.state_dict().values()))
         return Backbone(model, params.source, sha)

@@ -64,7 +64,8 @@ def git_info(root: Path | None = None) -> dict[str, str]:
 
 def data_version(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
     """The ``dvc.lock`` hashes of the data the model saw: the source (ingest's deps) and
-    each data stage's outputs. ``data_version`` is the prepared arrays' hash."""
+    each data stage's output directory. ``data_version`` is the prepared arrays' hash,
+    the one ``dvc checkout`` restores."""
     if not lock_path.is_file():
         return {}
     lock = yaml.safe_load(lock_path.read_text()) or {}
@@ -75,9 +76,10 @@ def data_version(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
             out["data.source"] = f"{dep['path']}@{dep.get('md5', '?')}"
     for stage in ("ingest", "preprocess"):
         for o in stages.get(stage, {}).get("outs", []):
-            out[f"data.{o['path']}"] = o.get("md5", "?")
-            if stage == "preprocess":
-                out["data_version"] = o.get("md5", "?")
+            if str(o.get("md5", "")).endswith(".dir"):  # data directories, not metrics files
+                out[f"data.{o['path']}"] = o["md5"]
+                if stage == "preprocess":
+                    out["data_version"] = o["md5"]
     return out
 
 

@@ -1,0 +1,50 @@
+"""Metrics on a tiny example computed by hand."""
+
+import numpy as np
+import pytest
+
+from stages.evaluate import calibration, compute_metrics, confusion_matrix, plot_confusion, plot_reliability, plot_worst_mistakes
+
+# 5 samples, 2 classes. Predictions: 0, 0, 1, 1, 1 (argmax); truth: 0, 1, 1, 1, 0.
+Y = np.array([0, 1, 1, 1, 0])
+P = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8], [0.45, 0.55]])
+
+
+def test_confusion_matrix():
+    assert confusion_matrix(Y, P.argmax(1), 2).tolist() == [[1, 1], [1, 2]]
+
+
+def test_metrics_by_hand():
+    m = compute_metrics(Y, P, ["a", "b"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # class a: precision 1/2, recall 1/2, F1 1/2; class b: precision 2/3, recall 2/3, F1 2/3
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert m["per_class"]["b"]["f1"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_ece_by_hand():
+    conf = np.array([0.9, 0.6, 0.7, 0.8, 0.55])
+    correct = np.array([True, False, True, True, False])
+    # 5 bins of width 0.2: (0.4,0.6] holds 0.6 and 0.55 (acc 0, conf 0.575);
+    # (0.6,0.8] holds 0.7 and 0.8 (acc 1, conf 0.75); (0.8,1] holds 0.9 (acc 1, conf 0.9).
+    ece, bins = calibration(conf, correct, n_bins=5)
+    expected = 2 / 5 * 0.575 + 2 / 5 * 0.25 + 1 / 5 * 0.1
+    assert ece == pytest.approx(expected)
+    assert [b["count"] for b in bins] == [2, 2, 1]
+
+
+def test_perfect_predictions():
+    y = np.array([0, 1, 2])
+    m = compute_metrics(y, np.eye(3), ["a", "b", "c"])
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["ece"] == 0.0
+
+
+def test_plots_are_written(tmp_path):
+    m = compute_metrics(Y, P, ["a", "b"])
+    x = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+    plot_confusion(np.array(m["confusion_matrix"]), ["a", "b"], tmp_path / "cm.png")
+    plot_reliability(m["calibration_bins"], m["ece"], tmp_path / "rel.png")
+    plot_worst_mistakes(x, Y, P, ["a", "b"], tmp_path / "worst.png")
+    for name in ("cm.png", "rel.png", "worst.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
