@@ -13,6 +13,11 @@ from stages.config import ParamsError
 
 F = TypeVar("F", bound=Callable[..., object])
 
+# A stage exits with this code when its input is bad (a failed data check, a wrong
+# parameter): rerunning cannot help, so the flow does not retry it. Any other non-zero
+# exit (a crash, a tracking server that blipped) may be retried. argparse uses 2 as well.
+BAD_INPUT_EXIT = 2
+
 
 class GraftError(Exception):
     """Bad input or a failed check: the message names the file or key and what to do."""
@@ -20,7 +25,7 @@ class GraftError(Exception):
 
 def stage_main(fn: F) -> F:
     """Run a stage's ``main``; print a ``GraftError``/``ParamsError`` without a traceback
-    and exit 1, so DVC and the flow stop with the stage's own message."""
+    and exit with ``BAD_INPUT_EXIT``, so DVC and the flow stop with the stage's message."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,7 +34,7 @@ def stage_main(fn: F) -> F:
             return fn(*args, **kwargs)
         except (GraftError, ParamsError) as e:
             print(f"\nerror: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+            raise SystemExit(BAD_INPUT_EXIT) from None
 
     return wrapper  # type: ignore[return-value]
 

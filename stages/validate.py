@@ -16,7 +16,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from stages import fsio
-from stages.common import GraftError, stage_main
+from stages.common import BAD_INPUT_EXIT, GraftError, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
 from stages.ingest import MANIFEST_COLUMNS, read_manifest
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_summary(result, args.raw / "manifest.csv"))
     print(f"validate: report written to {args.report}")
     if not result.success:
-        sys.exit(1)
+        sys.exit(BAD_INPUT_EXIT)
     fsio.write_json(args.accepted, {"classes": list(classes), "class_counts": result.class_counts})
 
 

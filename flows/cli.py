@@ -1,0 +1,279 @@
+"""``graft``: run the pipeline, inspect and move the registry's aliases, predict.
+
+Every command works on the project in the current directory (``--project`` to change
+it) and on the MLflow store that ``MLFLOW_TRACKING_URI`` names, or the project's own
+SQLite store under ``mlruns/`` when it is unset.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="graft: reproducible transfer learning. `graft run` trains, evaluates and registers a "
+    "model through the DVC pipeline; `graft status` shows the registry; `graft predict` uses it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PROJECT = typer.Option(Path("."), "--project", "-C", help="project directory (where dvc.yaml and params.yaml are)")
+
+
+def _quiet_defaults() -> None:
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _registry(project: Path):
+    """(client, model name) for the project's registry."""
+    import mlflow
+
+    from stages import tracking
+    from stages.config import load_section
+    from stages.register import RegisterParams
+
+    root = project.resolve()
+    if not (root / "params.yaml").is_file():
+        _fail(f"{root}: no params.yaml here; run graft from the project directory or pass --project")
+    tracking.configure(root)
+    name = load_section(RegisterParams, "register", root / "params.yaml").model_name
+    return mlflow.MlflowClient(), name
+
+
+@app.command()
+def run(
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="SECTION.KEY=VALUE",
+                                   help="override a parameter in params.yaml for this and later runs (repeatable)"),
+    project: Path = PROJECT,
+) -> None:
+    """Run the whole pipeline through the Prefect flow: stages DVC finds unchanged are skipped; a new model is registered and promoted only if it beats the champion."""
+    _quiet_defaults()
+    from flows.training import training_pipeline
+    from stages.config import ParamsError
+
+    root = project.resolve()
+    try:
+        state = training_pipeline(project_dir=str(root), overrides=list(set_), return_state=True)
+    except ParamsError as e:
+        _fail(str(e))
+    if not state.is_completed():
+        try:
+            state.result()
+        except Exception as e:  # the stage's own message, already in the Prefect log
+            _fail(f"the pipeline failed.\n{e}")
+        _fail(f"the pipeline ended in state {state.name}")
+    print_summary(state.result(), root)
+
+
+def print_summary(summary: dict, root: Path) -> None:
+    stages = summary["stages"]
+    ran = [s for s, r in stages.items() if r == "ran"]
+    cached = [s for s, r in stages.items() if r != "ran"]
+    typer.echo("")
+    typer.secho("graft run: done", bold=True)
+    typer.echo(f"  stages run:    {', '.join(ran) or 'none'}")
+    typer.echo(f"  stages cached: {', '.join(cached) or 'none'} (unchanged inputs, skipped by DVC)")
+    m = summary.get("metrics")
+    if m:
+        typer.echo(f"  test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} on {m['n']} images")
+    d = summary.get("decision")
+    if d:
+        note = "" if "register" in ran else " (from the last run that registered; nothing new this time)"
+        typer.echo(f"  registry: {d['model_name']} v{d['version']} is {d['alias']}{note}")
+        typer.echo(f"    {d['reason']}")
+    typer.echo("  where to look:")
+    typer.echo(f"    {root / 'reports'}/   metrics and plots (confusion matrix, reliability, mistakes)")
+    typer.echo("    graft status          the registry's champion, challenger and history")
+    typer.echo("    graft ui              MLflow's UI with every run, its params, metrics and plots")
+
+
+@app.command()
+def status(project: Path = PROJECT) -> None:
+    """Show the champion, challenger and latest model versions with their metrics, data versions, and when and why the aliases last moved."""
+    from stages import registry
+
+    client, name = _registry(project)
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:
+        versions = []
+    if not versions:
+        typer.echo(f"No model registered under '{name}' yet. Run `graft run`.")
+        return
+    latest = max(versions, key=lambda v: int(v.version))
+    hist = registry.history(client, name)
+    typer.secho(f"Registered model '{name}': {len(versions)} version(s)", bold=True)
+    shown = []
+    for label, mv in (("champion", registry.alias_version(client, name, registry.CHAMPION)),
+                      ("challenger", registry.alias_version(client, name, registry.CHALLENGER)), ("latest", latest)):  # fmt: skip
+        if mv is None:
+            typer.echo(f"  {label:<10} none")
+            continue
+        t = mv.tags
+        acc = t.get("test_accuracy", "?")
+        typer.echo(f"  {label:<10} v{mv.version}  test accuracy {acc}  data {t.get('data_version', '?')[:12]}  "
+                   f"commit {t.get('git_commit', '?')[:10]}  run {t.get('mlflow_run_id', '?')[:12]}")  # fmt: skip
+        if label != "latest":
+            moves = [h for h in hist if h["alias"] == label and h["to_version"] == mv.version]
+            if moves:
+                typer.echo(f"             since {moves[-1]['time']}: {moves[-1]['reason']}")
+        shown.append(mv.version)
+    if hist:
+        typer.echo("  alias history (newest last):")
+        for h in hist[-8:]:
+            typer.echo(f"    {h['time']}  {h['alias']}: v{h['from_version'] or '-'} -> v{h['to_version'] or '-'}  {h['reason']}")
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="model version to make champion"),
+    reason: str = typer.Option("", "--reason", "-r", help="why (recorded in the alias history)"),
+    force: bool = typer.Option(False, "--force", help="skip the gate (no comparison against the champion)"),
+    project: Path = PROJECT,
+) -> None:
+    """Make VERSION the champion. Unless --force, it must beat the current champion on the project's current test images, with the same gate as the pipeline."""
+    import mlflow
+
+    from stages import registry
+    from stages.config import load_section
+    from stages.register import RegisterParams, load_test_images, score
+
+    client, name = _registry(project)
+    try:
+        client.get_model_version(name, version)
+    except Exception:
+        _fail(f"'{name}' has no version {version}; `graft status` lists them")
+    champion = registry.alias_version(client, name, registry.CHAMPION)
+    if champion is not None and champion.version == str(version):
+        _fail(f"v{version} is already the champion")
+    root = project.resolve()
+    if force:
+        why = reason or "promoted by hand (--force, no gate)"
+    else:
+        raw, prepared = root / "data/raw", root / "data/prepared"
+        if not (prepared / "test_ids.npy").is_file():
+            _fail("no test data in this workspace to compare on; run `graft run` first, or pass --force")
+        params = load_section(RegisterParams, "register", root / "params.yaml")
+        images, truth = load_test_images(raw, prepared)
+        typer.echo(f"Scoring v{version}" + (f" and champion v{champion.version}" if champion else "") + f" on {len(images)} test images...")
+        cand = score(mlflow.pyfunc.load_model(f"models:/{name}/{version}"), images, truth)
+        champ = score(mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}"), images, truth) if champion else None
+        decision = registry.decide(cand, champ, champion.version if champion else None, params.gate)
+        typer.echo(f"  {decision.reason}")
+        if not decision.promote:
+            _fail(f"v{version} did not pass the gate; not promoted (use --force to override)")
+        why = f"{reason + ': ' if reason else ''}promoted by hand: {decision.reason}"
+    registry.move_alias(client, name, registry.CHAMPION, version, why)
+    challenger = registry.alias_version(client, name, registry.CHALLENGER)
+    if challenger is not None and challenger.version == str(version):
+        client.delete_registered_model_alias(name, registry.CHALLENGER)
+    typer.echo(f"{name} v{version} is now champion" + (f" (was v{champion.version})" if champion else ""))
+
+
+@app.command()
+def rollback(
+    reason: str = typer.Option("rollback", "--reason", "-r", help="why (recorded in the alias history)"),
+    project: Path = PROJECT,
+) -> None:
+    """Move the champion back to the version that held it before."""
+    from stages import registry
+
+    client, name = _registry(project)
+    current = registry.alias_version(client, name, registry.CHAMPION)
+    if current is None:
+        _fail(f"'{name}' has no champion to roll back")
+    moves = [h for h in registry.history(client, name) if h["alias"] == registry.CHAMPION]
+    previous = next((h["from_version"] for h in reversed(moves) if h["to_version"] == current.version and h["from_version"]), None)
+    if previous is None:
+        _fail(f"v{current.version} is the first champion of '{name}': there is nothing to roll back to")
+    registry.move_alias(client, name, registry.CHAMPION, previous, f"{reason} (from v{current.version})")
+    typer.echo(f"{name}: champion rolled back from v{current.version} to v{previous}")
+
+
+@app.command()
+def predict(
+    path: Path = typer.Argument(..., help="an image, or a folder searched recursively for images"),
+    model: str = typer.Option("champion", "--model", "-m", help="'champion', 'challenger' or a version number"),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write (one row per image)"),
+    batch_size: int = typer.Option(64, help="images per batch"),
+    project: Path = PROJECT,
+) -> None:
+    """Classify images with a registered model; write path, class and probability per image."""
+    import mlflow
+    import pandas as pd
+
+    from stages import fsio, images
+    from stages.common import progress
+
+    client, name = _registry(project)
+    if not path.exists():
+        _fail(f"{path}: no such file or folder")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in images.IMAGE_EXTENSIONS)
+    if not files:
+        _fail(f"{path}: no images found ({', '.join(images.IMAGE_EXTENSIONS)})")
+    uri = f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
+    try:
+        pyfunc = mlflow.pyfunc.load_model(uri)
+    except Exception as e:
+        _fail(f"cannot load {uri}: {e}. `graft status` lists the versions and aliases.")
+    rows = []
+    for s in progress(range(0, len(files), batch_size), desc="predict", unit="batch"):
+        chunk = files[s : s + batch_size]
+        data = [f.read_bytes() for f in chunk]
+        ok = [images.inspect(d).error is None for d in data]
+        good = [d for d, k in zip(data, ok, strict=True) if k]
+        preds = pyfunc.predict(pd.DataFrame({"image": good})) if good else pd.DataFrame(columns=["class", "probability"])
+        it = iter(preds[["class", "probability"]].itertuples(index=False))
+        for f, k in zip(chunk, ok, strict=True):
+            if k:
+                c, p = next(it)
+                rows.append({"path": str(f), "class": c, "probability": float(p), "error": ""})
+            else:
+                rows.append({"path": str(f), "class": "", "probability": float("nan"), "error": "cannot decode image"})
+    table = pd.DataFrame(rows)
+    fsio.write_text(out, table.to_csv(index=False, float_format="%.6f"))
+    bad = int((table["error"] != "").sum())
+    typer.echo(f"{len(table)} image(s) classified with {uri} -> {out}" + (f" ({bad} could not be decoded)" if bad else ""))
+    for cls, n in table[table["error"] == ""]["class"].value_counts().head(10).items():
+        typer.echo(f"  {cls}: {n}")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="port on 127.0.0.1"),
+    project: Path = PROJECT,
+) -> None:
+    """Start MLflow's UI on 127.0.0.1 for the project's runs and registry (Ctrl-C stops it)."""
+    import subprocess
+
+    from stages import tracking
+
+    root = project.resolve()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(root)
+    typer.echo(f"MLflow UI for {uri}\n  open http://127.0.0.1:{port} in a browser; Ctrl-C stops it")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def main() -> None:  # pragma: no cover - the console script
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Stage ``register``: log the fine-tuned model to the MLflow registry and decide, on
+the same evaluation data, whether it becomes ``champion`` or stays ``challenger``.
+
+The candidate and the current champion are both loaded as registered pyfuncs and score
+the raw test images of this run, in this process: never a number logged on other data.
+If anything fails after the model version is created, the version is deleted and the
+aliases are left as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages import fsio, registry
+from stages.common import GraftError, stage_main
+from stages.config import DEFAULT_PARAMS, load_section, read_params
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    model_name: str  # registered model name in MLflow
+    min_accuracy: float  # a model below this test accuracy never becomes champion
+    min_improvement: float  # accuracy points a candidate must gain over the champion
+    require_significance: bool = False  # also require McNemar p < alpha
+    alpha: float = 0.05
+
+    @property
+    def gate(self) -> registry.GateParams:
+        return registry.GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha)
+
+
+def load_test_images(raw_dir: Path, prepared_dir: Path) -> tuple[list[bytes], list[str]]:
+    """The encoded bytes and class names of the test split, in the prepared order."""
+    from stages.ingest import read_manifest
+
+    manifest, _ = read_manifest(raw_dir)
+    ids = [str(i) for i in np.load(prepared_dir / "test_ids.npy")]
+    rows = manifest.set_index("id").loc[ids]
+    wanted = dict(zip(rows["member"], range(len(ids)), strict=True))
+    data: list[bytes | None] = [None] * len(ids)
+    with tarfile.open(raw_dir / "images.tar") as tar:
+        for member in tar:
+            if member.name in wanted:
+                data[wanted[member.name]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if any(d is None for d in data):
+        raise GraftError(f"{raw_dir / 'images.tar'}: some test images are missing; rerun ingest")
+    return data, rows["class_name"].tolist()  # type: ignore[return-value]
+
+
+def score(pyfunc_model, images: list[bytes], truth: list[str], batch: int = 256) -> np.ndarray:
+    """Per-sample correctness of a pyfunc model on encoded images."""
+    import pandas as pd
+
+    predicted: list[str] = []
+    for s in range(0, len(images), batch):
+        predicted += pyfunc_model.predict(pd.DataFrame({"image": images[s : s + batch]}))["class"].tolist()
+    return np.asarray(predicted) == np.asarray(truth)
+
+
+def pip_requirements() -> list[str]:
+    pins = ["torch", "torchvision", "timm", "mlflow", "pillow", "numpy", "pandas", "pyyaml"]
+    return [f"{p}=={metadata.version(p)}" for p in pins]
+
+
+def params_hash(params_path: Path) -> str:
+    return hashlib.sha256(json.dumps(read_params(params_path), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def log_candidate(model_dir: Path, example: list[bytes]):
+    """Log the fine-tuned model as a pyfunc into the active run; return its ModelInfo."""
+    import mlflow
+    import pandas as pd
+
+    from stages import serving
+
+    example_df = pd.DataFrame({"image": example[:2]})  # batch of 2: no batch size baked in
+    wrapper = serving.GraftImageClassifier()
+    artifacts = {serving.MODEL_ARTIFACT: str(model_dir)}
+    wrapper.load_context(type("Ctx", (), {"artifacts": artifacts})())
+    signature = mlflow.models.infer_signature(example_df, wrapper.predict(None, example_df))
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=wrapper,
+        artifacts=artifacts,
+        code_paths=[str(Path(serving.__file__).parent)],  # the stages package: self-contained
+        signature=signature,
+        input_example=example_df,
+        pip_requirements=pip_requirements(),
+    )
+
+
+def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: RegisterParams, run_id: str,
+             tags: dict[str, str], metrics: dict[str, float]) -> tuple[registry.Decision, str]:  # fmt: skip
+    """Log, score, register and set the alias; return the decision and the new version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    images, truth = load_test_images(raw_dir, prepared_dir)
+    with mlflow.start_run(run_id=run_id):
+        info = log_candidate(model_dir, images)
+    candidate_correct = score(mlflow.pyfunc.load_model(info.model_uri), images, truth)
+
+    champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
+    champion_correct, incompatible = None, None
+    if champion is not None:
+        champ_model = mlflow.pyfunc.load_model(f"models:/{params.model_name}@{registry.CHAMPION}")
+        champ_classes = champ_model.unwrap_python_model().cfg.classes
+        candidate_classes = json.loads((model_dir / "model.json").read_text())["classes"]
+        if sorted(champ_classes) != sorted(candidate_classes):
+            incompatible = f"champion v{champion.version} knows classes {champ_classes}, this data has {candidate_classes}"
+        else:
+            champion_correct = score(champ_model, images, truth)
+    decision = registry.decide(candidate_correct, champion_correct, champion.version if champion else None,
+                               params.gate, incompatible)  # fmt: skip
+
+    try:
+        client.get_registered_model(params.model_name)
+    except Exception:
+        client.create_registered_model(params.model_name, description="Registered by graft's register stage.")
+    mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, tags=tags)
+    try:
+        registry.wait_until_ready(client, params.model_name, mv.version)
+        for k, v in metrics.items():
+            client.set_model_version_tag(params.model_name, mv.version, f"test_{k}", f"{v:.6f}")
+        client.set_model_version_tag(params.model_name, mv.version, "graft.decision", json.dumps(decision.to_json()))
+        alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+        registry.move_alias(client, params.model_name, alias, mv.version, decision.reason, run_id)
+    except BaseException as e:
+        # No half-registered model: the version goes, the aliases stay as they were.
+        client.delete_model_version(params.model_name, mv.version)
+        raise GraftError(f"registering {params.model_name} v{mv.version} failed and was undone: {type(e).__name__}: {e}") from e
+    return decision, mv.version
+
+
+def format_decision(decision: registry.Decision, name: str, version: str) -> str:
+    alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+    lines = [f"register: {name} v{version} -> {alias}", f"  reason: {decision.reason}",
+             f"  candidate test accuracy {decision.candidate_accuracy:.4f} on {decision.n} images"]  # fmt: skip
+    if decision.champion_accuracy is not None:
+        lines.append(f"  champion v{decision.champion_version} on the same images: {decision.champion_accuracy:.4f}")
+    if decision.mcnemar:
+        m = decision.mcnemar
+        lines.append(f"  McNemar: candidate-only correct {m['b']}, champion-only correct {m['c']}, p = {m['p_value']:.3g}")
+    return "\n".join(lines)
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.register",
+        description="Register the fine-tuned model in MLflow and promote it to champion only if it "
+        "beats the current champion on the same test images (params.yaml, section 'register').",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="fine-tuned model directory")
+    parser.add_argument("--raw", required=True, type=Path, help="ingest output directory (raw test images)")
+    parser.add_argument("--prepared", required=True, type=Path, help="preprocess output directory (test ids)")
+    parser.add_argument("--metrics", required=True, type=Path, help="evaluate's metrics.json")
+    parser.add_argument("--decision", required=True, type=Path, help="decision report JSON to write")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
+    args = parser.parse_args(argv)
+
+    from stages import tracking
+
+    params = load_section(RegisterParams, "register", args.params)
+    tracking.configure()
+    run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
+    metrics = {k: float(v) for k, v in fsio.read_json(args.metrics).items() if isinstance(v, (int, float))}
+    tags = {k: v for k, v in tracking.run_tags().items() if k in ("git_commit", "git_dirty", "data_version", "prefect_flow_run_id")}
+    tags.update({"params_hash": params_hash(args.params), "mlflow_run_id": run_id})
+    decision, version = register(args.model, args.raw, args.prepared, params, run_id, tags, metrics)
+    report: dict[str, Any] = {"model_name": params.model_name, "version": version,
+                              "alias": registry.CHAMPION if decision.promote else registry.CHALLENGER, **decision.to_json()}  # fmt: skip
+    fsio.write_json(args.decision, report)
+    print(format_decision(decision, params.model_name, version))
+    print(f"register: decision written to {args.decision}; load it with mlflow.pyfunc.load_model('models:/{params.model_name}@champion')")
+    if os.environ.get(tracking.PARENT_RUN_ENV):
+        import mlflow
+
+        mlflow.MlflowClient().set_tag(os.environ[tracking.PARENT_RUN_ENV], "graft.decision", report["alias"])
+
+
+if __name__ == "__main__":
+    main()

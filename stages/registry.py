@@ -1,0 +1,156 @@
+"""The model registry's rules: aliases with a history, and the promotion gate.
+
+MLflow keeps no history of alias moves, so graft records every move (when, which alias,
+from which version to which, why, by which run) as a tag on the registered model
+(``graft.alias_history.<n>``, one small JSON document each). The gate compares models on
+the same images with the same code: each model is loaded as the registered pyfunc and
+scores the raw test images, so each applies its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from stages.common import GraftError
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_PREFIX = "graft.alias_history."
+
+
+# --- the gate (pure) ---------------------------------------------------------------------
+
+
+def mcnemar(candidate_correct: np.ndarray, champion_correct: np.ndarray) -> dict[str, float]:
+    """Exact two-sided McNemar test on paired per-sample correctness.
+
+    ``b``: samples the candidate gets right and the champion wrong; ``c``: the reverse.
+    Under "equally good", b ~ Binomial(b + c, 1/2)."""
+    b = int(np.sum(candidate_correct & ~champion_correct))
+    c = int(np.sum(~candidate_correct & champion_correct))
+    n = b + c
+    if n == 0:
+        return {"b": b, "c": c, "p_value": 1.0}
+    k = min(b, c)
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(log_terms)
+    tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
+    return {"b": b, "c": c, "p_value": min(1.0, 2.0 * tail)}
+
+
+@dataclass(frozen=True)
+class GateParams:
+    min_accuracy: float  # absolute floor on test accuracy for a champion
+    min_improvement: float  # accuracy points the candidate must gain over the champion
+    require_significance: bool  # also require McNemar's p < alpha
+    alpha: float
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    candidate_accuracy: float
+    champion_version: str | None
+    champion_accuracy: float | None
+    mcnemar: dict[str, float] | None
+    n: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(candidate_correct: np.ndarray, champion_correct: np.ndarray | None, champion_version: str | None,
+           gate: GateParams, incompatible: str | None = None) -> Decision:  # fmt: skip
+    """Champion or not, and why. ``incompatible`` names why the champion could not be
+    scored on this data (another class list, say); the candidate is then not promoted
+    automatically."""
+    acc = float(candidate_correct.mean()) if len(candidate_correct) else 0.0
+    n = int(len(candidate_correct))
+    if incompatible:
+        return Decision(False, f"the champion cannot be compared on this data ({incompatible}); "
+                        "promote explicitly with `graft promote VERSION --force`", acc, champion_version, None, None, n)  # fmt: skip
+    if acc < gate.min_accuracy:
+        return Decision(False, f"test accuracy {acc:.4f} is below register.min_accuracy {gate.min_accuracy}",
+                        acc, champion_version, None, None, n)  # fmt: skip
+    if champion_correct is None:
+        return Decision(True, f"first champion: test accuracy {acc:.4f} >= register.min_accuracy {gate.min_accuracy}",
+                        acc, None, None, None, n)  # fmt: skip
+    champ = float(champion_correct.mean())
+    test = mcnemar(candidate_correct, champion_correct)
+    gain = acc - champ
+    if gain < gate.min_improvement or gain <= 0:
+        return Decision(False, f"accuracy {acc:.4f} does not beat the champion's {champ:.4f} "
+                        f"by register.min_improvement {gate.min_improvement} (gain {gain:+.4f})", acc, champion_version, champ, test, n)  # fmt: skip
+    if gate.require_significance and test["p_value"] >= gate.alpha:
+        return Decision(False, f"gain {gain:+.4f} is not significant (McNemar p = {test['p_value']:.3g} >= alpha {gate.alpha})",
+                        acc, champion_version, champ, test, n)  # fmt: skip
+    return Decision(True, f"accuracy {acc:.4f} beats the champion's {champ:.4f} by {gain:+.4f} "
+                    f"(McNemar p = {test['p_value']:.3g})", acc, champion_version, champ, test, n)  # fmt: skip
+
+
+# --- aliases with history (MLflow) ---------------------------------------------------------
+
+
+def alias_version(client, name: str, alias: str):
+    """The model version behind ``alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def history(client, name: str) -> list[dict[str, Any]]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException:
+        return []
+    return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY_PREFIX)]
+
+
+def move_alias(client, name: str, alias: str, version: str, reason: str, run_id: str | None = None) -> dict[str, Any]:
+    """Point ``alias`` at ``version`` and record the move. If recording fails, the alias is
+    put back, so the history never misses a move."""
+    previous = alias_version(client, name, alias)
+    entry = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "alias": alias,
+        "from_version": previous.version if previous else None,
+        "to_version": str(version),
+        "reason": reason,
+        "run_id": run_id,
+        "user": os.environ.get("USER", "unknown"),
+    }
+    client.set_registered_model_alias(name, alias, str(version))
+    try:
+        n = len(history(client, name))
+        client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{n:06d}", json.dumps(entry))
+    except Exception:
+        if previous:
+            client.set_registered_model_alias(name, alias, previous.version)
+        else:
+            client.delete_registered_model_alias(name, alias)
+        raise
+    return entry
+
+
+def wait_until_ready(client, name: str, version: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        mv = client.get_model_version(name, version)
+        if mv.status == "READY":
+            return mv
+        if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise GraftError(f"model version {name} v{version} did not become ready (status {mv.status})")
+        time.sleep(0.5)
