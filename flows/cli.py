@@ -114,7 +114,6 @@ def status(project: Path = PROJECT) -> None:
     latest = max(versions, key=lambda v: int(v.version))
     hist = registry.history(client, name)
     typer.secho(f"Registered model '{name}': {len(versions)} version(s)", bold=True)
-    shown = []
     for label, mv in (("champion", registry.alias_version(client, name, registry.CHAMPION)),
                       ("challenger", registry.alias_version(client, name, registry.CHALLENGER)), ("latest", latest)):  # fmt: skip
         if mv is None:
@@ -125,10 +124,9 @@ def status(project: Path = PROJECT) -> None:
         typer.echo(f"  {label:<10} v{mv.version}  test accuracy {acc}  data {t.get('data_version', '?')[:12]}  "
                    f"commit {t.get('git_commit', '?')[:10]}  run {t.get('mlflow_run_id', '?')[:12]}")  # fmt: skip
         if label != "latest":
-            moves = [h for h in hist if h["alias"] == label and h["to_version"] == mv.version]
+            moves = [h for h in hist if h["alias"] == label and h["to_version"] == str(mv.version)]
             if moves:
                 typer.echo(f"             since {moves[-1]['time']}: {moves[-1]['reason']}")
-        shown.append(mv.version)
     if hist:
         typer.echo("  alias history (newest last):")
         for h in hist[-8:]:
@@ -155,7 +153,7 @@ def promote(
     except Exception:
         _fail(f"'{name}' has no version {version}; `graft status` lists them")
     champion = registry.alias_version(client, name, registry.CHAMPION)
-    if champion is not None and champion.version == str(version):
+    if champion is not None and str(champion.version) == str(version):
         _fail(f"v{version} is already the champion")
     root = project.resolve()
     if force:
@@ -169,14 +167,14 @@ def promote(
         typer.echo(f"Scoring v{version}" + (f" and champion v{champion.version}" if champion else "") + f" on {len(images)} test images...")
         cand = score(mlflow.pyfunc.load_model(f"models:/{name}/{version}"), images, truth)
         champ = score(mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}"), images, truth) if champion else None
-        decision = registry.decide(cand, champ, champion.version if champion else None, params.gate)
+        decision = registry.decide(cand, champ, str(champion.version) if champion else None, params.gate)
         typer.echo(f"  {decision.reason}")
         if not decision.promote:
             _fail(f"v{version} did not pass the gate; not promoted (use --force to override)")
         why = f"{reason + ': ' if reason else ''}promoted by hand: {decision.reason}"
     registry.move_alias(client, name, registry.CHAMPION, version, why)
     challenger = registry.alias_version(client, name, registry.CHALLENGER)
-    if challenger is not None and challenger.version == str(version):
+    if challenger is not None and str(challenger.version) == str(version):
         client.delete_registered_model_alias(name, registry.CHALLENGER)
     typer.echo(f"{name} v{version} is now champion" + (f" (was v{champion.version})" if champion else ""))
 
@@ -194,7 +192,7 @@ def rollback(
     if current is None:
         _fail(f"'{name}' has no champion to roll back")
     moves = [h for h in registry.history(client, name) if h["alias"] == registry.CHAMPION]
-    previous = next((h["from_version"] for h in reversed(moves) if h["to_version"] == current.version and h["from_version"]), None)
+    previous = next((h["from_version"] for h in reversed(moves) if h["to_version"] == str(current.version) and h["from_version"]), None)
     if previous is None:
         _fail(f"v{current.version} is the first champion of '{name}': there is nothing to roll back to")
     registry.move_alias(client, name, registry.CHAMPION, previous, f"{reason} (from v{current.version})")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.states import Completed
+from prefect.states import Completed, State
 
 from flows.config import stage_options
 from stages.common import BAD_INPUT_EXIT
@@ -42,7 +42,7 @@ def stage_order(root: Path) -> list[str]:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return [s.addressing for s in reversed(list(nx.topological_sort(repo.index.graph)))]
+        return [s.name for s in reversed(list(nx.topological_sort(repo.index.graph)))]
 
 
 def stale_stages(root: Path) -> list[str]:
@@ -175,7 +175,9 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
                 name=f"dvc-{stage}", retries=opts.retries, retry_delay_seconds=opts.retry_delay_seconds,
                 timeout_seconds=opts.timeout_seconds,
             )  # fmt: skip
-            results[stage] = runner(str(root), stage, env)
+            outcome = runner(str(root), stage, env)
+            # A task that returns a state (Cached) hands back the state itself.
+            results[stage] = outcome.result() if isinstance(outcome, State) else outcome
     except BaseException:
         if client and parent_id:
             client.set_terminated(parent_id, "FAILED")

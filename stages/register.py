@@ -120,7 +120,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
             incompatible = f"champion v{champion.version} knows classes {champ_classes}, this data has {candidate_classes}"
         else:
             champion_correct = score(champ_model, images, truth)
-    decision = registry.decide(candidate_correct, champion_correct, champion.version if champion else None,
+    decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
                                params.gate, incompatible)  # fmt: skip
 
     try:
@@ -128,18 +128,19 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     except Exception:
         client.create_registered_model(params.model_name, description="Registered by graft's register stage.")
     mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, tags=tags)
+    version = str(mv.version)
     try:
-        registry.wait_until_ready(client, params.model_name, mv.version)
+        registry.wait_until_ready(client, params.model_name, version)
         for k, v in metrics.items():
-            client.set_model_version_tag(params.model_name, mv.version, f"test_{k}", f"{v:.6f}")
-        client.set_model_version_tag(params.model_name, mv.version, "graft.decision", json.dumps(decision.to_json()))
+            client.set_model_version_tag(params.model_name, version, f"test_{k}", f"{v:.6f}")
+        client.set_model_version_tag(params.model_name, version, "graft.decision", json.dumps(decision.to_json()))
         alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
-        registry.move_alias(client, params.model_name, alias, mv.version, decision.reason, run_id)
+        registry.move_alias(client, params.model_name, alias, version, decision.reason, run_id)
     except BaseException as e:
         # No half-registered model: the version goes, the aliases stay as they were.
-        client.delete_model_version(params.model_name, mv.version)
-        raise GraftError(f"registering {params.model_name} v{mv.version} failed and was undone: {type(e).__name__}: {e}") from e
-    return decision, mv.version
+        client.delete_model_version(params.model_name, version)
+        raise GraftError(f"registering {params.model_name} v{version} failed and was undone: {type(e).__name__}: {e}") from e
+    return decision, version
 
 
 def format_decision(decision: registry.Decision, name: str, version: str) -> str:
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section(RegisterParams, "register", args.params)
     tracking.configure()
     run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
-    metrics = {k: float(v) for k, v in fsio.read_json(args.metrics).items() if isinstance(v, (int, float))}
+    metrics = {k: float(v) for k, v in fsio.read_json(args.metrics).items() if k in ("accuracy", "macro_f1", "ece")}
     tags = {k: v for k, v in tracking.run_tags().items() if k in ("git_commit", "git_dirty", "data_version", "prefect_flow_run_id")}
     tags.update({"params_hash": params_hash(args.params), "mlflow_run_id": run_id})
     decision, version = register(args.model, args.raw, args.prepared, params, run_id, tags, metrics)

@@ -69,31 +69,31 @@ class Decision:
 
 def decide(candidate_correct: np.ndarray, champion_correct: np.ndarray | None, champion_version: str | None,
            gate: GateParams, incompatible: str | None = None) -> Decision:  # fmt: skip
-    """Champion or not, and why. ``incompatible`` names why the champion could not be
-    scored on this data (another class list, say); the candidate is then not promoted
-    automatically."""
-    acc = float(candidate_correct.mean()) if len(candidate_correct) else 0.0
+    """Champion or not, and why. Both scores and the paired test are always reported when
+    there is a champion. ``incompatible`` names why the champion could not be scored on
+    this data (another class list, say); the candidate is then not promoted automatically."""
     n = int(len(candidate_correct))
+    acc = float(candidate_correct.mean()) if n else 0.0
+    champ = float(champion_correct.mean()) if champion_correct is not None else None
+    test = mcnemar(candidate_correct, champion_correct) if champion_correct is not None else None
+
+    def result(promote: bool, reason: str) -> Decision:
+        return Decision(promote, reason, acc, champion_version, champ, test, n)
+
     if incompatible:
-        return Decision(False, f"the champion cannot be compared on this data ({incompatible}); "
-                        "promote explicitly with `graft promote VERSION --force`", acc, champion_version, None, None, n)  # fmt: skip
+        return result(False, f"the champion cannot be compared on this data ({incompatible}); "
+                             "promote explicitly with `graft promote VERSION --force`")  # fmt: skip
     if acc < gate.min_accuracy:
-        return Decision(False, f"test accuracy {acc:.4f} is below register.min_accuracy {gate.min_accuracy}",
-                        acc, champion_version, None, None, n)  # fmt: skip
-    if champion_correct is None:
-        return Decision(True, f"first champion: test accuracy {acc:.4f} >= register.min_accuracy {gate.min_accuracy}",
-                        acc, None, None, None, n)  # fmt: skip
-    champ = float(champion_correct.mean())
-    test = mcnemar(candidate_correct, champion_correct)
+        return result(False, f"test accuracy {acc:.4f} is below register.min_accuracy {gate.min_accuracy}")
+    if champ is None or test is None:
+        return result(True, f"first champion: test accuracy {acc:.4f} >= register.min_accuracy {gate.min_accuracy}")
     gain = acc - champ
-    if gain < gate.min_improvement or gain <= 0:
-        return Decision(False, f"accuracy {acc:.4f} does not beat the champion's {champ:.4f} "
-                        f"by register.min_improvement {gate.min_improvement} (gain {gain:+.4f})", acc, champion_version, champ, test, n)  # fmt: skip
+    if gain <= 0 or gain < gate.min_improvement:
+        return result(False, f"accuracy {acc:.4f} does not beat the champion's {champ:.4f} "
+                             f"by register.min_improvement {gate.min_improvement} (gain {gain:+.4f})")  # fmt: skip
     if gate.require_significance and test["p_value"] >= gate.alpha:
-        return Decision(False, f"gain {gain:+.4f} is not significant (McNemar p = {test['p_value']:.3g} >= alpha {gate.alpha})",
-                        acc, champion_version, champ, test, n)  # fmt: skip
-    return Decision(True, f"accuracy {acc:.4f} beats the champion's {champ:.4f} by {gain:+.4f} "
-                    f"(McNemar p = {test['p_value']:.3g})", acc, champion_version, champ, test, n)  # fmt: skip
+        return result(False, f"gain {gain:+.4f} is not significant (McNemar p = {test['p_value']:.3g} >= alpha {gate.alpha})")
+    return result(True, f"accuracy {acc:.4f} beats the champion's {champ:.4f} by {gain:+.4f} (McNemar p = {test['p_value']:.3g})")
 
 
 # --- aliases with history (MLflow) ---------------------------------------------------------
@@ -126,7 +126,7 @@ def move_alias(client, name: str, alias: str, version: str, reason: str, run_id:
     entry = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "alias": alias,
-        "from_version": previous.version if previous else None,
+        "from_version": str(previous.version) if previous else None,
         "to_version": str(version),
         "reason": reason,
         "run_id": run_id,
@@ -138,7 +138,7 @@ def move_alias(client, name: str, alias: str, version: str, reason: str, run_id:
         client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{n:06d}", json.dumps(entry))
     except Exception:
         if previous:
-            client.set_registered_model_alias(name, alias, previous.version)
+            client.set_registered_model_alias(name, alias, str(previous.version))
         else:
             client.delete_registered_model_alias(name, alias)
         raise
