@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.graft-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Debian's PostgreSQL: the tests run the MLflow server on it too.
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # dvc.yaml's stages call `python -m ...`: the venv's python must come first on PATH.
@@ -15,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: help setup data run test clean
+.PHONY: help setup data postgres run test clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -36,11 +38,24 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-run: setup  ## set up, then run the pipeline (stages DVC finds unchanged are skipped)
-	$(BIN)/dvc repro
+postgres:  ## install Debian's PostgreSQL server (for the MLflow-on-PostgreSQL test)
+ifeq ($(PG_INITDB),)
+	@echo "graft: installing the Debian package postgresql"
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql
+endif
 
-test: setup  ## set up, then run the whole test suite (slow integration tests included)
+run: setup  ## set up, then run the pipeline through the flow, up to a registered model
+	$(BIN)/graft run
+
+test: setup postgres  ## set up, then run the whole test suite (slow integration tests included)
 	$(BIN)/python -m pytest
+
+servers: setup  ## start the Prefect and MLflow servers on 127.0.0.1 (graft server start)
+	$(BIN)/graft server start
+
+servers-stop:  ## stop them (graft server stop)
+	$(BIN)/graft server stop
 
 clean:  ## remove pipeline outputs (not the venv, not the DVC cache)
 	rm -rf data/raw data/prepared data/accepted.json

@@ -30,6 +30,22 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:
+    """Point Prefect and MLflow at the project's servers when they run (before Prefect
+    is imported, which reads its settings once); say so."""
+    from flows import services
+
+    env = services.client_env(root)
+    for key, value in env.items():
+        if not os.environ.get(key):
+            os.environ[key] = value
+            if not quiet:
+                typer.echo(f"using the running server: {key}={value}")
+    if not env and not quiet:
+        typer.echo("no graft servers running: using Prefect's temporary local server and the MLflow store in mlruns/")
+    return env
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -46,6 +62,7 @@ def _registry(project: Path):
     root = project.resolve()
     if not (root / "params.yaml").is_file():
         _fail(f"{root}: no params.yaml here; run graft from the project directory or pass --project")
+    _use_servers(root, quiet=True)
     tracking.configure(root)
     name = load_section(RegisterParams, "register", root / "params.yaml").model_name
     return mlflow.MlflowClient(), name
@@ -55,16 +72,18 @@ def _registry(project: Path):
 def run(
     set_: list[str] = typer.Option([], "--set", "-s", metavar="SECTION.KEY=VALUE",
                                    help="override a parameter in params.yaml for this and later runs (repeatable)"),
+    concurrency: str = typer.Option("wait", help="if another run is training in this project: wait | skip"),
     project: Path = PROJECT,
 ) -> None:
     """Run the whole pipeline through the Prefect flow: stages DVC finds unchanged are skipped; a new model is registered and promoted only if it beats the champion."""
     _quiet_defaults()
+    root = project.resolve()
+    _use_servers(root)
     from flows.training import training_pipeline
     from stages.config import ParamsError
 
-    root = project.resolve()
     try:
-        state = training_pipeline(project_dir=str(root), overrides=list(set_), return_state=True)
+        state = training_pipeline(project_dir=str(root), overrides=list(set_), concurrency=concurrency, return_state=True)
     except ParamsError as e:
         _fail(str(e))
     if not state.is_completed():
@@ -73,7 +92,11 @@ def run(
         except Exception as e:  # the stage's own message, already in the Prefect log
             _fail(f"the pipeline failed.\n{e}")
         _fail(f"the pipeline ended in state {state.name}")
-    print_summary(state.result(), root)
+    summary = state.result()
+    if summary.get("skipped"):
+        typer.echo(f"graft run: skipped: {summary['reason']}")
+        return
+    print_summary(summary, root)
 
 
 def print_summary(summary: dict, root: Path) -> None:
@@ -267,6 +290,109 @@ def ui(
         raise typer.Exit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+
+
+server_app = typer.Typer(help="Start, stop and inspect the project's Prefect and MLflow servers (127.0.0.1).",
+                         no_args_is_help=True)  # fmt: skip
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(project: Path = PROJECT) -> None:
+    """Start the Prefect and MLflow servers in the background (ports and stores from graft.yaml) and wait until both answer."""
+    from flows import services
+    from stages.common import GraftError
+
+    root = project.resolve()
+    typer.echo("starting the Prefect and MLflow servers (a few seconds)...")
+    try:
+        started = services.start(root)
+    except GraftError as e:
+        _fail(str(e))
+    for name, st in started.items():
+        typer.echo(f"  {name:<8} {st['url']}  pid {st['pid']}  log {st['log']}")
+    typer.echo("`graft run`, `graft schedule` and `graft serve` now use them; `graft server stop` stops them.")
+
+
+@server_app.command("stop")
+def server_stop(project: Path = PROJECT) -> None:
+    """Stop both servers and every process they started."""
+    from flows import services
+
+    stopped = services.stop(project.resolve())
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "no graft server was running")
+
+
+@server_app.command("status")
+def server_status(project: Path = PROJECT) -> None:
+    """Whether each server runs and answers its health check."""
+    from flows import services
+
+    for name, st in services.status(project.resolve()).items():
+        state = "running" if st["running"] else ("not answering" if st.get("pid") else "stopped")
+        typer.echo(f"  {name:<8} {state}" + (f"  {st['url']}  pid {st['pid']}" if st.get("pid") else ""))
+
+
+def _require_prefect_server(root: Path) -> None:
+    _quiet_defaults()
+    env = _use_servers(root)
+    if "PREFECT_API_URL" not in env and not os.environ.get("PREFECT_API_URL"):
+        _fail("deployments live on a Prefect server: start one with `graft server start` (or set PREFECT_API_URL)")
+
+
+@app.command()
+def schedule(
+    sensor: bool = typer.Option(True, "--sensor/--no-sensor", help="also deploy the data sensor (retrain when data changes)"),
+    pool: Optional[str] = typer.Option(None, help="a Prefect work pool: its workers run the deployments instead of `graft serve`"),
+    project: Path = PROJECT,
+) -> None:
+    """Create (or update) the Prefect deployments that retrain on schedule.cron and check the data on sensor.cron (graft.yaml). Run them with `graft serve`, or with workers of --pool."""
+    root = project.resolve()
+    _require_prefect_server(root)
+    from flows.deploy import deployments, schedule_config
+
+    sched, sens = schedule_config(root)
+    for d in deployments(root, sensor=sensor):
+        d.apply(work_pool_name=pool)
+        cron = sched.cron if d.flow_name == "graft-training" else sens.cron
+        typer.echo(f"deployment {d.flow_name}/{d.name}: cron '{cron}' ({sched.timezone})")
+    if pool:
+        typer.echo(f"start a worker where the project lives: prefect worker start --pool {pool}")
+    else:
+        typer.echo("run the scheduled runs with `graft serve` (keeps running; Ctrl-C stops it)")
+
+
+@app.command()
+def serve(
+    sensor: bool = typer.Option(True, "--sensor/--no-sensor", help="also serve the data sensor"),
+    project: Path = PROJECT,
+) -> None:
+    """Serve the deployments in this process: scheduled and triggered runs execute here until Ctrl-C."""
+    root = project.resolve()
+    _require_prefect_server(root)
+    from prefect import serve as prefect_serve
+
+    from flows.deploy import deployments
+
+    prefect_serve(*deployments(root, sensor=sensor))
+
+
+@app.command()
+def sensor(project: Path = PROJECT) -> None:
+    """Check the data source once: start a training run if it changed since the last accepted run."""
+    _quiet_defaults()
+    root = project.resolve()
+    _use_servers(root)
+    from flows.sensor import data_sensor
+
+    result = data_sensor(project_dir=str(root))
+    fp = result["fingerprint"]
+    if not result["triggered"]:
+        typer.echo(f"data unchanged ({fp['files']} files in {fp['path']}): no training run")
+    elif result["summary"].get("skipped"):
+        typer.echo(f"data changed, but {result['summary']['reason']}: skipped")
+    else:
+        print_summary(result["summary"], root)
 
 
 def main() -> None:  # pragma: no cover - the console script

@@ -115,6 +115,47 @@ def _stage_env(root: Path, parent_run_id: str | None, flow_run_id: str | None) -
     return env
 
 
+class ProjectLock:
+    """One training run at a time per project: an exclusive ``flock`` on
+    ``.graft/training.lock``. The kernel drops it when the holder dies, so a killed run
+    never leaves the project locked."""
+
+    def __init__(self, root: Path):
+        self.path = root / ".graft" / "training.lock"
+        self.fd: int | None = None
+
+    def acquire(self, wait: bool, timeout: float | None = None, poll: float = 1.0) -> bool:
+        import fcntl
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(self.fd, 0)
+                os.write(self.fd, f"{os.getpid()}\n".encode())
+                return True
+            except BlockingIOError:
+                if not wait or (deadline is not None and time.monotonic() > deadline):
+                    os.close(self.fd)
+                    self.fd = None
+                    return False
+                time.sleep(poll)
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
 def read_summary(root: Path, stages: dict[str, str]) -> dict[str, Any]:
     from stages import fsio
 
@@ -126,9 +167,50 @@ def read_summary(root: Path, stages: dict[str, str]) -> dict[str, Any]:
 
 
 @flow(name="graft-training", log_prints=True)
-def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None) -> dict[str, Any]:
+def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None,
+                      concurrency: str = "wait", wait_timeout: float | None = None) -> dict[str, Any]:
     """Run graft's DVC pipeline, one Prefect task per stage, and return a summary: which
-    stages ran or were cached, the test metrics and the promotion decision."""
+    stages ran or were cached, the test metrics and the promotion decision.
+
+    Only one run at a time trains in a project: a second run waits for the first
+    (``concurrency="wait"``) or returns at once with ``skipped`` (``"skip"``)."""
+    from prefect.runtime import flow_run
+
+    from flows.notify import notify
+
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    lock = ProjectLock(root)
+    if not lock.acquire(wait=False):
+        if concurrency == "skip":
+            logger.warning("another training run (pid %s) holds %s: skipping this run", lock.holder(), lock.path)
+            return {"skipped": True, "reason": f"another training run (pid {lock.holder()}) is in progress"}
+        logger.warning("another training run (pid %s) holds %s: waiting for it to finish", lock.holder(), lock.path)
+        if not lock.acquire(wait=True, timeout=wait_timeout):
+            raise TimeoutError(f"gave up waiting for the training run holding {lock.path}")
+    flow_run_id = str(flow_run.id) if flow_run.id else None
+    from flows import sensor
+
+    source = sensor.fingerprint(root)  # taken before the run: a change during it is not missed
+    try:
+        summary = _run_pipeline(root, overrides, flow_run_id, logger)
+        sensor.record_accepted(root, source)
+    except BaseException as e:
+        stage = getattr(e, "stage", None)
+        notify(root, "run_failed", {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name, "stage": stage,
+                                    "error": str(e)[-2000:]}, logger)  # fmt: skip
+        raise
+    finally:
+        lock.release()
+    decision = summary.get("decision") or {}
+    if summary["stages"].get("register") == "ran" and decision.get("alias") == "champion":
+        notify(root, "promoted", {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name,
+                                  "model_name": decision.get("model_name"), "version": decision.get("version"),
+                                  "reason": decision.get("reason"), "metrics": summary.get("metrics")}, logger)  # fmt: skip
+    return summary
+
+
+def _run_pipeline(root: Path, overrides: list[str] | None, flow_run_id: str | None, logger) -> dict[str, Any]:
     import mlflow
     from prefect.runtime import flow_run
 
@@ -136,8 +218,6 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
     from stages.config import read_params, set_override
     from stages.fsio import write_text
 
-    logger = get_run_logger()
-    root = Path(project_dir).resolve()
     if overrides:
         # Like `dvc exp run -S`: the overrides are written to params.yaml, so dvc.lock and
         # the MLflow run record exactly what was used.
@@ -151,7 +231,6 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
 
     order = stage_order(root)
     stale = stale_stages(root)
-    flow_run_id = str(flow_run.id) if flow_run.id else None
     parent_id = None
     client = None
     if stale:

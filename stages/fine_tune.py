@@ -435,8 +435,9 @@ def main(argv: list[str] | None = None) -> None:
     tracking.configure()
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
     run_name = f"{cfg.architecture}-{params.mode}"
-    with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name,
-                          nested=bool(parent), parent_run_id=parent) as run:
+    # A resumed run keeps the parent it was created under.
+    nest = {} if resume_run or not parent else {"nested": True, "parent_run_id": parent}
+    with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name, **nest) as run:
         if not resume_run:
             mlflow.log_params({k: str(v)[:500] for k, v in tracking.flatten(read_params(args.params)).items()})
             mlflow.set_tags({**tracking.run_tags(), "pretrained_weights_sha256": cfg.weights_sha256 or "none",

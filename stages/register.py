@@ -127,7 +127,9 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
         client.get_registered_model(params.model_name)
     except Exception:
         client.create_registered_model(params.model_name, description="Registered by graft's register stage.")
-    mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, tags=tags)
+    # The source is the logged model (models:/m-...): its id must go along, or a tracking
+    # server refuses the source.
+    mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     version = str(mv.version)
     try:
         registry.wait_until_ready(client, params.model_name, version)

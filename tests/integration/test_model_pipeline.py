@@ -44,10 +44,10 @@ def test_pipeline_logs_one_mlflow_run(project):
     assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(run_id, "training")} >= {"training/history.csv", "training/learning_curves.png"}
 
-    # Same params and data: nothing reruns. A new fine_tune param reruns fine_tune and evaluate only.
+    # Same params and data: nothing reruns. A new fine_tune param reruns fine_tune and what follows it only.
     again = dvc(project, "repro")
     assert "Running stage" not in again.stdout
     set_params(project, fine_tune={"lr": 0.001})
     third = dvc(project, "repro")
     ran = {line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"fine_tune", "evaluate"}
+    assert ran == {"fine_tune", "evaluate", "register"}

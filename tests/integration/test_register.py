@@ -1,0 +1,60 @@
+"""The register stage's core against a real MLflow (SQLite under tmp_path): a failure
+after the version is created undoes it and leaves the aliases as they were."""
+
+import pytest
+
+from stages import fsio, modeling, registry
+from stages.backbone import LoadPretrainedParams
+from stages.common import GraftError
+from stages.ingest import IngestParams, ingest
+from stages.load_pretrained import load_pretrained
+from stages.preprocess import PreprocessParams, preprocess
+from stages.register import RegisterParams, register
+from tests.conftest import make_image_folder
+
+pytestmark = pytest.mark.slow
+NAME = "unit-model"
+
+
+@pytest.fixture
+def candidate(tmp_path, monkeypatch):
+    import mlflow
+
+    from stages import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "unit")
+    tracking.configure(tmp_path)
+    src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=8)
+    raw, prepared, model_dir = tmp_path / "raw", tmp_path / "prepared", tmp_path / "model"
+    raw.mkdir(), prepared.mkdir()
+    manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(src), seed=0), raw)
+    pre = PreprocessParams(image_size=32, val_fraction=0.2, test_fraction=0.3, resize="squash", seed=0)
+    preprocess(manifest, list(classes), raw / "images.tar", pre, "bicubic", prepared)
+    model, cfg = load_pretrained(LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0"),
+                                 fsio.read_json(prepared / "meta.json"), 0)  # fmt: skip
+    modeling.save(model_dir, model, cfg)
+    with mlflow.start_run() as run:
+        pass
+    return model_dir, raw, prepared, run.info.run_id
+
+
+def test_failure_after_version_created_is_undone(candidate, monkeypatch):
+    import mlflow
+
+    model_dir, raw, prepared, run_id = candidate
+    params = RegisterParams(model_name=NAME, min_accuracy=0.0, min_improvement=0.0)
+    decision, version = register(model_dir, raw, prepared, params, run_id, {"git_commit": "x"}, {"accuracy": 0.5})
+    assert decision.promote and version == "1"
+    client = mlflow.MlflowClient()
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("registry went away")
+
+    monkeypatch.setattr(registry, "move_alias", broken)
+    with pytest.raises(GraftError, match="failed and was undone.*registry went away"):
+        register(model_dir, raw, prepared, params, run_id, {}, {})
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
+    assert str(registry.alias_version(client, NAME, "champion").version) == "1"
+    assert registry.alias_version(client, NAME, "challenger") is None
+    assert len(registry.history(client, NAME)) == 1

@@ -1,0 +1,179 @@
+"""Scheduled and data-triggered retraining on real servers: Prefect and MLflow servers
+started as graft's background services on free loopback ports, a deployment with a cron
+schedule, a run triggered through it, the data sensor, overlapping runs, webhooks."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import yaml
+
+from tests.conftest import make_image_folder, project_env, set_params
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(
+    preprocess={"image_size": 32},
+    fine_tune={"epochs": 1, "batch_size": 16, "mode": "partial", "frozen_groups": 4},
+    register={"min_accuracy": 0.0},
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_config(project, **sections):
+    path = project / "graft.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    for k, v in sections.items():
+        cfg[k] = {**(cfg.get(k) or {}), **v}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+class Webhook:
+    """A tiny HTTP server on loopback that records the JSON bodies POSTed to it."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def webhook(monkeypatch):
+    hook = Webhook()
+    monkeypatch.setenv("GRAFT_WEBHOOK_URL", hook.url)
+    yield hook
+    hook.close()
+
+
+@pytest.fixture
+def servers(project):
+    """Real Prefect and MLflow servers for the project copy, stopped (and checked gone) after."""
+    from flows import services
+
+    set_config(project, servers={"prefect": {"port": free_port()}, "mlflow": {"port": free_port()}})
+    started = services.start(project)
+    yield started
+    services.stop(project)
+    for st in started.values():
+        assert services.group_members(st["pid"]) == [], f"processes left behind by {st}"
+
+
+def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import services
+    from flows.deploy import deployment_names, deployments
+
+    src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=14)
+    set_params(project, ingest={"source": "imagefolder", "path": str(src), "max_train_per_class": None}, **TINY)
+    set_config(project, schedule={"cron": "0 4 * * *"})
+    st = services.status(project)
+    assert st["prefect"]["running"] and st["mlflow"]["running"]
+    env = {**project_env(project), **services.client_env(project)}
+    assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
+
+    train_name, _ = deployment_names(project)
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        for d in deployments(project, sensor=True):
+            d.apply()
+
+        async def schedule_of(name):
+            async with get_client() as client:
+                dep = await client.read_deployment_by_name(name)
+                return [s.schedule.cron for s in dep.schedules]
+
+        import asyncio
+
+        assert asyncio.run(schedule_of(f"graft-training/{train_name}")) == ["0 4 * * *"]
+
+        # `graft serve` runs the deployments' runs in its own process.
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--project", str(project)],
+                                 cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # fmt: skip
+        try:
+            run = run_deployment(f"graft-training/{train_name}", timeout=400, poll_interval=2)
+            assert run.state.is_completed(), run.state
+        finally:
+            os.killpg(serve.pid, signal.SIGINT)
+            try:
+                serve.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
+                serve.wait()
+
+    # The run and the model version are in the MLflow server's store.
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    versions = client.search_model_versions("name='graft-classifier'")
+    assert len(versions) == 1 and versions[0].tags["prefect_flow_run_id"] == str(run.id)
+    assert client.get_run(versions[0].run_id).info.status == "FINISHED"
+    assert str(client.get_model_version_by_alias("graft-classifier", "champion").version) == "1"
+
+
+def test_sensor_overlap_and_webhooks(prefect_harness, project_run_env, tmp_path, webhook):
+    from flows.sensor import data_sensor
+    from flows.training import ProjectLock, StageFailed, training_pipeline
+
+    project = project_run_env
+    src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=14)
+    set_params(project, ingest={"source": "imagefolder", "path": str(src), "max_train_per_class": None}, **TINY)
+
+    # No accepted run yet: the sensor starts training; the promotion is announced.
+    first = data_sensor(project_dir=str(project))
+    assert first["triggered"] and first["summary"]["decision"]["alias"] == "champion"
+    promoted = [m for m in webhook.received if m["event"] == "promoted"]
+    assert len(promoted) == 1 and promoted[0]["version"] == "1" and "accuracy" in promoted[0]["metrics"]
+
+    # Nothing changed: no training run.
+    second = data_sensor(project_dir=str(project))
+    assert second["triggered"] is False
+
+    # A second run while one holds the project: skip returns at once, wait waits.
+    holder = ProjectLock(project)
+    assert holder.acquire(wait=False)
+    try:
+        skipped = training_pipeline(project_dir=str(project), concurrency="skip")
+        assert skipped["skipped"] is True
+        threading.Timer(3.0, holder.release).start()
+        t0 = time.monotonic()
+        waited = training_pipeline(project_dir=str(project), concurrency="wait", wait_timeout=60)
+        assert time.monotonic() - t0 >= 2.5 and set(waited["stages"].values()) == {"cached"}
+    finally:
+        holder.release()
+
+    # New data: the sensor triggers; a broken file fails the run at validate and is announced.
+    (src / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    state = data_sensor(project_dir=str(project), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed):
+        state.result()
+    failed = [m for m in webhook.received if m["event"] == "run_failed"]
+    assert len(failed) == 1 and failed[0]["stage"] == "validate" and "b/broken.png" in failed[0]["error"]

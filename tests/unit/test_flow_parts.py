@@ -1,0 +1,78 @@
+"""Small pieces of the orchestration layer: retry policy, stage options, the project
+lock, the data fingerprint, webhooks."""
+
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from prefect.states import Failed
+
+from flows.config import stage_options
+from flows.notify import notify
+from flows.sensor import fingerprint
+from flows.training import ProjectLock, StageFailed, _retry_condition
+from stages.config import ParamsError
+from tests.conftest import ROOT, make_image_folder
+
+
+def test_bad_input_is_not_retried_but_crashes_are():
+    bad = StageFailed("validate", 2, ["validate: FAILED"])
+    crash = StageFailed("register", 1, ["ConnectionError"])
+    assert _retry_condition(None, None, Failed(data=bad)) is False
+    assert _retry_condition(None, None, Failed(data=crash)) is True
+    assert _retry_condition(None, None, Failed(data=TimeoutError())) is True
+    assert "validate: FAILED" in str(bad)
+
+
+def test_stage_options_overlay_defaults(tmp_path):
+    assert stage_options(ROOT, "register").retries == 2
+    assert stage_options(ROOT, "validate").retries == 0
+    (tmp_path / "graft.yaml").write_text("stages:\n  default: {retries: 1}\n  ingest: {retriez: 3}\n")
+    assert stage_options(tmp_path, "fine_tune").retries == 1
+    with pytest.raises(ParamsError, match="stages.ingest.retriez"):
+        stage_options(tmp_path, "ingest")
+
+
+def test_project_lock_is_exclusive(tmp_path):
+    a, b = ProjectLock(tmp_path), ProjectLock(tmp_path)
+    assert a.acquire(wait=False)
+    assert not b.acquire(wait=False)
+    assert not b.acquire(wait=True, timeout=0.3, poll=0.1)
+    a.release()
+    assert b.acquire(wait=False)
+    b.release()
+
+
+def test_fingerprint_changes_with_the_data(tmp_path):
+    src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=3)
+    (tmp_path / "params.yaml").write_text(
+        f"ingest:\n  source: imagefolder\n  path: {src}\n  seed: 0\n"
+    )
+    first = fingerprint(tmp_path)
+    assert first == fingerprint(tmp_path) and first["files"] == 6
+    sorted((src / "a").iterdir())[0].unlink()
+    assert fingerprint(tmp_path)["fingerprint"] != first["fingerprint"]
+
+
+def test_webhook_receives_payload_and_failures_are_not_fatal(tmp_path, monkeypatch):
+    got = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("GRAFT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/")
+        assert notify(tmp_path, "promoted", {"version": "3"}) is True
+        assert b'"version": "3"' in got[0] and b'"event": "promoted"' in got[0]
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("GRAFT_WEBHOOK_URL", "http://127.0.0.1:9/nothing-listens")
+    assert notify(tmp_path, "run_failed", {"stage": "x"}) is False

@@ -1,0 +1,59 @@
+"""The promotion gate's rules and McNemar's test, on hand-made correctness vectors."""
+
+import math
+
+import numpy as np
+import pytest
+
+from stages.registry import GateParams, decide, mcnemar
+
+GATE = GateParams(min_accuracy=0.5, min_improvement=0.01, require_significance=False, alpha=0.05)
+
+
+def vec(*bits):
+    return np.array(bits, dtype=bool)
+
+
+def test_mcnemar_by_hand():
+    cand = vec(1, 1, 1, 1, 0, 1, 1, 1)
+    champ = vec(0, 0, 0, 1, 1, 1, 1, 1)
+    # b = 3 (candidate only), c = 1 (champion only); p = 2 * P(X <= 1), X ~ Bin(4, 1/2) = 2 * 5/16
+    t = mcnemar(cand, champ)
+    assert (t["b"], t["c"]) == (3, 1) and t["p_value"] == pytest.approx(10 / 16)
+    assert mcnemar(cand, cand)["p_value"] == 1.0
+
+
+def test_mcnemar_large_counts_stay_finite():
+    rng = np.random.default_rng(0)
+    a = rng.random(20000) < 0.9
+    b = rng.random(20000) < 0.85
+    p = mcnemar(a, b)["p_value"]
+    assert 0.0 <= p < 1e-6 and math.isfinite(p)
+
+
+def test_first_model_needs_the_threshold():
+    assert decide(vec(1, 1, 0, 1), None, None, GATE).promote
+    low = decide(vec(1, 0, 0, 0), None, None, GATE)
+    assert not low.promote and "below register.min_accuracy" in low.reason
+
+
+def test_must_beat_the_champion_on_the_same_data():
+    champ = vec(1, 1, 1, 0, 0, 1, 1, 1, 0, 1)
+    better = vec(1, 1, 1, 1, 1, 1, 1, 1, 0, 1)
+    d = decide(better, champ, "1", GATE)
+    assert d.promote and d.champion_accuracy == 0.7 and d.candidate_accuracy == 0.9 and d.mcnemar["b"] == 2
+    same = decide(champ, champ, "1", GATE)
+    assert not same.promote and "does not beat" in same.reason and same.champion_accuracy == 0.7
+
+
+def test_significance_can_be_required():
+    champ = vec(1, 1, 1, 0, 0, 1, 1, 1, 0, 1)
+    better = vec(1, 1, 1, 1, 1, 1, 1, 1, 0, 1)
+    strict = GateParams(0.5, 0.0, require_significance=True, alpha=0.05)
+    d = decide(better, champ, "1", strict)
+    assert not d.promote and "not significant" in d.reason  # 2 discordant pairs: p = 0.5
+
+
+def test_incompatible_champion_is_not_replaced_silently():
+    d = decide(vec(1, 1), None, "4", GATE, incompatible="other classes")
+    assert not d.promote and "--force" in d.reason
