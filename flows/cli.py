@@ -78,9 +78,14 @@ def run(
     """Run the whole pipeline through the Prefect flow: stages DVC finds unchanged are skipped; a new model is registered and promoted only if it beats the champion."""
     _quiet_defaults()
     root = project.resolve()
+    from stages.config import ParamsError, apply_overrides, read_params
+
+    try:  # a typo in --set or params.yaml fails here, before anything starts
+        apply_overrides(read_params(root / "params.yaml"), list(set_))
+    except ParamsError as e:
+        _fail(str(e))
     _use_servers(root)
     from flows.training import training_pipeline
-    from stages.config import ParamsError
 
     try:
         state = training_pipeline(project_dir=str(root), overrides=list(set_), concurrency=concurrency, return_state=True)

@@ -24,7 +24,9 @@ def notify(root: Path, event: str, payload: dict[str, Any], logger=None) -> bool
     """Send ``{"event": event, **payload}``; return True if a webhook accepted it."""
     logger = logger or log
     body = {"event": event, "project": str(root), **payload}
-    logger.warning("graft notification: %s", json.dumps(body, sort_keys=True, default=str))
+    what = ", ".join(f"{k}={payload[k]}" for k in ("model_name", "version", "stage", "flow_run_name") if payload.get(k))
+    level = logging.ERROR if event.endswith("failed") else logging.INFO
+    logger.log(level, "graft notification: %s (%s)", event, what or root)
     url = webhook_url(root)
     if not url:
         return False

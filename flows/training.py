@@ -215,7 +215,7 @@ def _run_pipeline(root: Path, overrides: list[str] | None, flow_run_id: str | No
     from prefect.runtime import flow_run
 
     from stages import tracking
-    from stages.config import read_params, set_override
+    from stages.config import apply_overrides, read_params
     from stages.fsio import write_text
 
     if overrides:
@@ -223,9 +223,7 @@ def _run_pipeline(root: Path, overrides: list[str] | None, flow_run_id: str | No
         # the MLflow run record exactly what was used.
         import yaml
 
-        params = read_params(root / "params.yaml")
-        for assignment in overrides:
-            set_override(params, assignment)
+        params = apply_overrides(read_params(root / "params.yaml"), overrides)
         write_text(root / "params.yaml", yaml.safe_dump(params, sort_keys=False))
         logger.info("params.yaml updated: %s", ", ".join(overrides))
 

@@ -138,3 +138,44 @@ def set_override(params: dict[str, Any], assignment: str) -> None:
             f"override {assignment!r}: unknown key '{dotted}'; known: {', '.join(sorted(node))}"
         )
     node[parts[-1]] = yaml.safe_load(raw)
+
+
+# Every section of params.yaml and the stage type that parses it (module:class), so a
+# whole file can be checked before a run starts instead of failing at the stage that
+# reads a bad key.
+SECTION_TYPES = {
+    "ingest": "stages.ingest:IngestParams",
+    "validate": "stages.validate:ValidateParams",
+    "preprocess": "stages.preprocess:PreprocessParams",
+    "load_pretrained": "stages.backbone:LoadPretrainedParams",
+    "fine_tune": "stages.fine_tune:FineTuneParams",
+    "register": "stages.register:RegisterParams",
+}
+
+
+def check_all(params: dict[str, Any]) -> None:
+    """Parse every known section; raise ParamsError naming the first bad key."""
+    import importlib
+
+    from stages.common import GraftError
+
+    for section, target in SECTION_TYPES.items():
+        module, name = target.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        if section not in params:
+            raise ParamsError(f"params.yaml: missing section '{section}'")
+        try:
+            parse(cls, params[section], section)
+        except GraftError as e:
+            raise ParamsError(str(e)) from None
+
+
+def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``params`` with ``section.key=value`` overrides applied and checked."""
+    import copy
+
+    out = copy.deepcopy(params)
+    for assignment in overrides:
+        set_override(out, assignment)
+    check_all(out)
+    return out

@@ -55,3 +55,17 @@ def test_override_checks_key_exists():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         read_params(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_checked_against_every_stage_type():
+    from stages.config import apply_overrides
+
+    params = read_params()
+    ok = apply_overrides(params, ["fine_tune.lr=0.01", "ingest.max_train_per_class=null"])
+    assert ok["fine_tune"]["lr"] == 0.01 and params["fine_tune"]["lr"] != 0.01  # a copy
+    with pytest.raises(ParamsError, match="fine_tune.lr: expected a number"):
+        apply_overrides(params, ["fine_tune.lr=fast"])
+    with pytest.raises(ParamsError, match="preprocess.val_fraction"):
+        apply_overrides(params, ["preprocess.val_fraction=2"])
+    with pytest.raises(ParamsError, match="fine_tune.mode: 'frozen' is not one of"):
+        apply_overrides(params, ["fine_tune.mode=frozen"])
