@@ -136,11 +136,11 @@ def start(root: Path, timeout: float = 90.0) -> dict[str, dict[str, Any]]:
         if healthy(spec["health"], timeout=1.0):
             raise GraftError(f"port of {spec['url']} is already served by another process; change servers.{name}.port in graft.yaml")
         log_path = root / STATE_DIR / f"{name}.log"
-        log = open(log_path, "ab")
         env = {**os.environ, **spec["env"]}
-        env = {k: v for k, v in env.items() if v != ""}
-        proc = subprocess.Popen(spec["cmd"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        env = {k: v for k, v in env.items() if v != ""}  # "" unsets (a client's PREFECT_API_URL)
+        with open(log_path, "ab") as log:  # the server keeps its own descriptor
+            proc = subprocess.Popen(spec["cmd"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         state = {"pid": proc.pid, "url": spec["url"], "health": spec["health"], "log": str(log_path),
                  "started": time.time(), **({"store": spec["store"]} if "store" in spec else {})}  # fmt: skip
         fsio.write_json(_state_file(root, name), state)

@@ -42,12 +42,11 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for alt in args:
             try:
                 return _check(value, alt, key)
-            except ParamsError as e:
-                errors.append(str(e))
+            except ParamsError:
+                continue
         raise ParamsError(f"{key}: {value!r} matches none of {_type_name(tp)}")
     if tp is type(None):
         if value is None:

@@ -6,9 +6,7 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
