@@ -176,6 +176,7 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
     (``concurrency="wait"``) or returns at once with ``skipped`` (``"skip"``)."""
     from prefect.runtime import flow_run
 
+    from flows import sensor
     from flows.notify import notify
 
     logger = get_run_logger()
@@ -189,11 +190,10 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
         if not lock.acquire(wait=True, timeout=wait_timeout):
             raise TimeoutError(f"gave up waiting for the training run holding {lock.path}")
     flow_run_id = str(flow_run.id) if flow_run.id else None
-    from flows import sensor
-
-    source = sensor.fingerprint(root)  # taken before the run: a change during it is not missed
     try:
-        summary = _run_pipeline(root, overrides, flow_run_id, logger)
+        _write_overrides(root, overrides or [], logger)
+        source = sensor.fingerprint(root)  # taken before the stages: a change during them is not missed
+        summary = _run_pipeline(root, flow_run_id, logger)
         sensor.record_accepted(root, source)
     except BaseException as e:
         stage = getattr(e, "stage", None)
@@ -210,22 +210,22 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
     return summary
 
 
-def _run_pipeline(root: Path, overrides: list[str] | None, flow_run_id: str | None, logger) -> dict[str, Any]:
+def _write_overrides(root: Path, overrides: list[str], logger) -> None:
+    """Like `dvc exp run -S`: overrides are checked, then written to params.yaml, so
+    dvc.lock and the MLflow run record exactly what was used."""
+    if not overrides:
+        return
+    from stages.config import write_overrides
+
+    write_overrides(root / "params.yaml", overrides)
+    logger.info("params.yaml updated: %s", ", ".join(overrides))
+
+
+def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]:
     import mlflow
     from prefect.runtime import flow_run
 
     from stages import tracking
-    from stages.config import apply_overrides, read_params
-    from stages.fsio import write_text
-
-    if overrides:
-        # Like `dvc exp run -S`: the overrides are written to params.yaml, so dvc.lock and
-        # the MLflow run record exactly what was used.
-        import yaml
-
-        params = apply_overrides(read_params(root / "params.yaml"), overrides)
-        write_text(root / "params.yaml", yaml.safe_dump(params, sort_keys=False))
-        logger.info("params.yaml updated: %s", ", ".join(overrides))
 
     order = stage_order(root)
     stale = stale_stages(root)

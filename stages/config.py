@@ -178,3 +178,30 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
         set_override(out, assignment)
     check_all(out)
     return out
+
+
+def write_overrides(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """Check ``overrides`` against every stage's types, then write them into the params
+    file, keeping its comments and layout (a round trip through ruamel.yaml, as DVC does)."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    checked = apply_overrides(read_params(path), overrides)
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text(encoding="utf-8"))
+    for assignment in overrides:
+        dotted, raw = assignment.split("=", 1)
+        *parents, leaf = dotted.strip().split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(raw)
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    from stages.fsio import write_text
+
+    write_text(path, buf.getvalue())
+    return checked

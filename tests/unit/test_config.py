@@ -69,3 +69,23 @@ def test_overrides_are_checked_against_every_stage_type():
         apply_overrides(params, ["preprocess.val_fraction=2"])
     with pytest.raises(ParamsError, match="fine_tune.mode: 'frozen' is not one of"):
         apply_overrides(params, ["fine_tune.mode=frozen"])
+
+
+def test_write_overrides_keeps_comments(tmp_path):
+    import shutil
+
+    from stages.config import write_overrides
+
+    from tests.conftest import ROOT
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    write_overrides(path, ["fine_tune.epochs=3", "ingest.classes=[a, b]"])
+    text = path.read_text()
+    assert "# upper bound; early stopping may end sooner" in text
+    params = read_params(path)
+    assert params["fine_tune"]["epochs"] == 3 and params["ingest"]["classes"] == ["a", "b"]
+    before = path.read_text()
+    with pytest.raises(ParamsError):
+        write_overrides(path, ["fine_tune.epochs=many"])
+    assert path.read_text() == before  # a rejected override changes nothing
