@@ -148,7 +148,7 @@ def status(project: Path = PROJECT) -> None:
             typer.echo(f"  {label:<10} none")
             continue
         t = mv.tags
-        acc = t.get("test_accuracy", "?")
+        acc = f"{float(t['test_accuracy']):.4f}" if "test_accuracy" in t else "?"
         typer.echo(f"  {label:<10} v{mv.version}  test accuracy {acc}  data {t.get('data_version', '?')[:12]}  "
                    f"commit {t.get('git_commit', '?')[:10]}  run {t.get('mlflow_run_id', '?')[:12]}")  # fmt: skip
         if label != "latest":

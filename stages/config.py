@@ -9,6 +9,7 @@ default silently.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 DEFAULT_PARAMS = Path("params.yaml")
 
 T = TypeVar("T")
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ParamsError(ValueError):
@@ -63,6 +65,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         return tuple(_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string; people mean a number.
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
             return float(value)
         raise ParamsError(f"{key}: expected a number, got {value!r}")
     if tp is int:

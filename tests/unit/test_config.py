@@ -89,3 +89,11 @@ def test_write_overrides_keeps_comments(tmp_path):
     with pytest.raises(ParamsError):
         write_overrides(path, ["fine_tune.epochs=many"])
     assert path.read_text() == before  # a rejected override changes nothing
+
+
+def test_exponent_without_dot_is_a_number():
+    # PyYAML reads `lr: 1e-4` as the string '1e-4'; the key is a float, so it means 0.0001.
+    d = parse(Demo, {"size": 1, "rate": "1e-4", "mode": "a"}, "demo")
+    assert d.rate == 1e-4
+    with pytest.raises(ParamsError, match="demo.rate: expected a number"):
+        parse(Demo, {"size": 1, "rate": "fast", "mode": "a"}, "demo")
