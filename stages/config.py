@@ -196,6 +196,8 @@ def write_overrides(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     checked = apply_overrides(read_params(path), overrides)
     rt = YAML()
     rt.preserve_quotes = True
+    # ruamel writes None as an empty value; keep the file's explicit `null`s.
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text(encoding="utf-8"))
     for assignment in overrides:
         dotted, raw = assignment.split("=", 1)

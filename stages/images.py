@@ -7,6 +7,7 @@ the same pixels (no train/serve skew).
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,8 @@ def inspect(data: bytes) -> ImageInfo:
             im.load()  # forces the whole decode: a truncated file fails here
             return ImageInfo(im.width, im.height, im.mode, None)
     except Exception as e:  # PIL raises many types for bad data; all mean "cannot decode"
-        return ImageInfo(None, None, None, f"{type(e).__name__}: {e}")
+        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # not the file's name
+        return ImageInfo(None, None, None, f"{type(e).__name__}: {message}")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -80,9 +80,13 @@ def test_write_overrides_keeps_comments(tmp_path):
 
     path = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", path)
-    write_overrides(path, ["fine_tune.epochs=3", "ingest.classes=[a, b]"])
+    original = path.read_text()
+    write_overrides(path, ["fine_tune.epochs=3", "ingest.max_test_per_class=50"])
     text = path.read_text()
     assert "# upper bound; early stopping may end sooner" in text
+    changed = [(a, b) for a, b in zip(original.splitlines(), text.splitlines(), strict=True) if a != b]
+    assert len(changed) == 2, changed  # only the overridden lines differ; `null`s stay `null`
+    write_overrides(path, ["ingest.classes=[a, b]"])
     params = read_params(path)
     assert params["fine_tune"]["epochs"] == 3 and params["ingest"]["classes"] == ["a", "b"]
     before = path.read_text()
