@@ -111,7 +111,7 @@ def _stage_env(root: Path, parent_run_id: str | None, flow_run_id: str | None) -
     if parent_run_id:
         env[tracking.PARENT_RUN_ENV] = parent_run_id
     if flow_run_id:
-        env["GRAFT_FLOW_RUN_ID"] = flow_run_id
+        env[tracking.FLOW_RUN_ENV] = flow_run_id
     return env
 
 

@@ -19,6 +19,7 @@ import yaml
 
 DEFAULT_EXPERIMENT = "graft"
 PARENT_RUN_ENV = "GRAFT_PARENT_RUN_ID"
+FLOW_RUN_ENV = "GRAFT_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs
 RUN_FILE = "mlflow_run.json"  # written next to the fine-tuned model: the run to log into
 
 
@@ -96,7 +97,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_tags(root: Path | None = None) -> dict[str, str]:
     tags = {**git_info(root), **data_version((root or Path.cwd()) / "dvc.lock")}
-    for env, tag in (("PREFECT__FLOW_RUN_ID", "prefect_flow_run_id"), ("GRAFT_FLOW_RUN_ID", "prefect_flow_run_id")):
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
     return tags
