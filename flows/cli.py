@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -46,9 +47,9 @@ def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:
     return env
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def _registry(project: Path):
@@ -68,34 +69,49 @@ def _registry(project: Path):
     return mlflow.MlflowClient(), name
 
 
+class Concurrency(str, Enum):
+    wait = "wait"
+    skip = "skip"
+
+
 @app.command()
 def run(
     set_: list[str] = typer.Option([], "--set", "-s", metavar="SECTION.KEY=VALUE",
                                    help="override a parameter in params.yaml for this and later runs (repeatable)"),
-    concurrency: str = typer.Option("wait", help="if another run is training in this project: wait | skip"),
+    concurrency: Concurrency = typer.Option(Concurrency.wait, help="if another run is training in this project: "
+                                            "wait for it, or skip this run"),
     project: Path = PROJECT,
 ) -> None:
-    """Run the whole pipeline through the Prefect flow: stages DVC finds unchanged are skipped; a new model is registered and promoted only if it beats the champion."""
+    """Run the whole pipeline through the Prefect flow: stages DVC finds unchanged are skipped; a new model is registered and promoted only if it beats the current champion.
+
+    Exit codes: 0 done (or skipped), 1 a stage crashed, 2 bad input (a wrong parameter, a missing or broken data source)."""
     _quiet_defaults()
     root = project.resolve()
-    from stages.config import ParamsError, apply_overrides, read_params
+    from stages.common import BAD_INPUT_EXIT, GraftError
+    from stages.config import ParamsError, apply_overrides, read_params, section
+    from stages.ingest import IngestParams, check_source
 
-    try:  # a typo in --set or params.yaml fails here, before anything starts
-        apply_overrides(read_params(root / "params.yaml"), list(set_))
-    except ParamsError as e:
-        _fail(str(e))
+    try:  # a typo in --set or params.yaml, or a missing source, fails here, before anything starts
+        params = apply_overrides(read_params(root / "params.yaml"), list(set_))
+        check_source(section(IngestParams, params, "ingest"), root)
+    except (ParamsError, GraftError) as e:
+        _fail(str(e), BAD_INPUT_EXIT)
     _use_servers(root)
-    from flows.training import training_pipeline
+    from flows.training import StageFailed, training_pipeline
 
-    try:
-        state = training_pipeline(project_dir=str(root), overrides=list(set_), concurrency=concurrency, return_state=True)
-    except ParamsError as e:
-        _fail(str(e))
+    state = training_pipeline(project_dir=str(root), overrides=list(set_), concurrency=concurrency.value,
+                              return_state=True)  # fmt: skip
     if not state.is_completed():
         try:
             state.result()
-        except Exception as e:  # the stage's own message, already in the Prefect log
-            _fail(f"the pipeline failed.\n{e}")
+        except StageFailed as e:  # its message is in the log above, once
+            typer.secho(f"\ngraft run: {e.headline}", fg=typer.colors.RED, bold=True, err=True)
+            typer.echo(f"  what to do: {e.advice()}", err=True)
+            raise typer.Exit(e.exit_code if 0 < e.exit_code < 256 else 1) from None
+        except (ParamsError, GraftError) as e:
+            _fail(str(e), BAD_INPUT_EXIT)
+        except Exception as e:
+            _fail(f"the pipeline failed: {type(e).__name__}: {e}")
         _fail(f"the pipeline ended in state {state.name}")
     summary = state.result()
     if summary.get("skipped"):
@@ -107,10 +123,13 @@ def run(
 def print_summary(summary: dict, root: Path) -> None:
     stages = summary["stages"]
     ran = [s for s, r in stages.items() if r == "ran"]
-    cached = [s for s, r in stages.items() if r != "ran"]
+    restored = [s for s, r in stages.items() if r == "restored"]
+    cached = [s for s, r in stages.items() if r == "cached"]
     typer.echo("")
     typer.secho("graft run: done", bold=True)
     typer.echo(f"  stages run:    {', '.join(ran) or 'none'}")
+    if restored:
+        typer.echo(f"  stages restored: {', '.join(restored)} (outputs put back from DVC's cache, not recomputed)")
     typer.echo(f"  stages cached: {', '.join(cached) or 'none'} (unchanged inputs, skipped by DVC)")
     m = summary.get("metrics")
     if m:
@@ -157,8 +176,22 @@ def status(project: Path = PROJECT) -> None:
                 typer.echo(f"             since {moves[-1]['time']}: {moves[-1]['reason']}")
     if hist:
         typer.echo("  alias history (newest last):")
-        for h in hist[-8:]:
-            typer.echo(f"    {h['time']}  {h['alias']}: v{h['from_version'] or '-'} -> v{h['to_version'] or '-'}  {h['reason']}")
+        for line in history_table(hist[-10:]):
+            typer.echo(f"    {line}")
+        if len(hist) > 10:
+            typer.echo(f"    ({len(hist) - 10} earlier move(s) not shown)")
+
+
+def history_table(moves: list[dict]) -> list[str]:
+    """Alias moves as aligned text rows: time, alias, from, to, who, why."""
+    rows = [("time (UTC)", "alias", "from", "to", "by", "reason")]
+    for h in moves:
+        rows.append((h["time"].replace("+00:00", "").replace("T", " "), h["alias"],
+                     f"v{h['from_version']}" if h["from_version"] else "-",
+                     f"v{h['to_version']}" if h["to_version"] else "(removed)",
+                     h.get("user") or "?", h["reason"]))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
 
 
 @app.command()
@@ -203,7 +236,7 @@ def promote(
     registry.move_alias(client, name, registry.CHAMPION, version, why)
     challenger = registry.alias_version(client, name, registry.CHALLENGER)
     if challenger is not None and str(challenger.version) == str(version):
-        client.delete_registered_model_alias(name, registry.CHALLENGER)
+        registry.remove_alias(client, name, registry.CHALLENGER, f"v{version} promoted to champion")
     typer.echo(f"{name} v{version} is now champion" + (f" (was v{champion.version})" if champion else ""))
 
 
@@ -270,7 +303,8 @@ def predict(
     table = pd.DataFrame(rows)
     fsio.write_text(out, table.to_csv(index=False, float_format="%.6f"))
     bad = int((table["error"] != "").sum())
-    typer.echo(f"{len(table)} image(s) classified with {uri} -> {out}" + (f" ({bad} could not be decoded)" if bad else ""))
+    typer.echo(f"{len(table)} image(s): {len(table) - bad} classified with {uri}"
+               + (f", {bad} could not be decoded (rows with an error)" if bad else "") + f" -> {out}")  # fmt: skip
     for cls, n in table[table["error"] == ""]["class"].value_counts().head(10).items():
         typer.echo(f"  {cls}: {n}")
 
@@ -280,21 +314,34 @@ def ui(
     port: int = typer.Option(5000, help="port on 127.0.0.1"),
     project: Path = PROJECT,
 ) -> None:
-    """Start MLflow's UI on 127.0.0.1 for the project's runs and registry (Ctrl-C stops it)."""
+    """Start MLflow's UI on 127.0.0.1 for the project's runs and registry (Ctrl-C stops it). If `graft server start` runs, its MLflow server already serves the UI: this says where."""
+    import socket
     import subprocess
 
+    from flows import services
     from stages import tracking
 
     root = project.resolve()
+    running = services.status(root)["mlflow"]
+    if running["running"]:
+        typer.echo(f"graft's MLflow server already serves the UI: open {running['url']} in a browser")
+        raise typer.Exit(0)
+    with socket.socket() as probe:  # a taken port would only fail later, inside the server
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            _fail(f"port {port} on 127.0.0.1 is in use by another program; choose another with `graft ui --port N`")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(root)
     typer.echo(f"MLflow UI for {uri}\n  open http://127.0.0.1:{port} in a browser; Ctrl-C stops it")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     try:
-        raise typer.Exit(subprocess.call(cmd, env=env))
+        code = subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+    if code != 0:
+        _fail(f"MLflow's UI server exited with code {code}", code)
 
 
 server_app = typer.Typer(help="Start, stop and inspect the project's Prefect and MLflow servers (127.0.0.1).",
@@ -315,7 +362,10 @@ def server_start(project: Path = PROJECT) -> None:
     except GraftError as e:
         _fail(str(e))
     for name, st in started.items():
-        typer.echo(f"  {name:<8} {st['url']}  pid {st['pid']}  log {st['log']}")
+        typer.echo(f"  {name:<8} API {st['url']}  pid {st['pid']}  log {st['log']}")
+    typer.echo("open in a browser:")
+    for name, st in started.items():
+        typer.echo(f"  {name:<8} UI  {services.ui_url(st)}")
     typer.echo("`graft run`, `graft schedule` and `graft serve` now use them; `graft server stop` stops them.")
 
 
@@ -335,7 +385,7 @@ def server_status(project: Path = PROJECT) -> None:
 
     for name, st in services.status(project.resolve()).items():
         state = "running" if st["running"] else ("not answering" if st.get("pid") else "stopped")
-        typer.echo(f"  {name:<8} {state}" + (f"  {st['url']}  pid {st['pid']}" if st.get("pid") else ""))
+        typer.echo(f"  {name:<8} {state}" + (f"  UI {services.ui_url(st)}  API {st['url']}  pid {st['pid']}" if st.get("pid") else ""))
 
 
 def _require_prefect_server(root: Path) -> None:

@@ -20,12 +20,10 @@ ACCEPTED = Path(".graft") / "accepted_source.json"
 
 def source_files(root: Path) -> tuple[Path, list[Path]]:
     from stages.config import load_section
-    from stages.ingest import FASHION_MNIST_FILES, IngestParams
+    from stages.ingest import FASHION_MNIST_FILES, IngestParams, source_path
 
     params = load_section(IngestParams, "ingest", root / "params.yaml")
-    src = Path(params.path).expanduser()
-    if not src.is_absolute():
-        src = root / src
+    src = source_path(params, root)
     if params.source == "fashion-mnist":
         return src, [src / n for pair in FASHION_MNIST_FILES.values() for n in pair]
     if not src.is_dir():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -48,16 +47,13 @@ def _state_file(root: Path, name: str) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie, not yet reaped, counts as gone)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -96,6 +92,11 @@ def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dict[
     }
 
 
+def ui_url(state: dict[str, Any]) -> str:
+    """The page a person opens: Prefect's UI is its API URL without ``/api``; MLflow's is the server's root."""
+    return state["url"].removesuffix("/api")
+
+
 def read_state(root: Path, name: str) -> dict[str, Any] | None:
     path = _state_file(root, name)
     if not path.is_file():
@@ -131,7 +132,7 @@ def start(root: Path, timeout: float = 90.0) -> dict[str, dict[str, Any]]:
             started[name] = current
             continue
         if current.get("pid") and _alive(current["pid"]):
-            _kill_group(current["pid"])
+            kill_group(current["pid"])
         spec = specs[name]
         if healthy(spec["health"], timeout=1.0):
             raise GraftError(f"port of {spec['url']} is already served by another process; change servers.{name}.port in graft.yaml")
@@ -158,37 +159,43 @@ def start(root: Path, timeout: float = 90.0) -> dict[str, dict[str, Any]]:
     return started
 
 
-def _kill_group(pid: int, grace: float = 15.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return
-            try:  # reap it if it is our own child
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.2)
+def group_members(pgid: int) -> list[int]:
+    """Processes still alive in the process group ``pgid`` (for checks and tests)."""
+    import psutil
 
-
-def group_members(pid: int) -> list[int]:
-    """Processes still alive in the process group ``pid`` (for checks and tests)."""
     members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pid and fields[0] != "Z":
-                members.append(int(entry.name))
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
     return members
+
+
+def kill_group(pgid: int, grace: float = 15.0) -> None:
+    """SIGTERM every process of the group ``pgid``, then SIGKILL what is left after
+    ``grace`` seconds; reaps our own children among them."""
+    import psutil
+
+    procs = []
+    for pid in group_members(pgid):
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def stop(root: Path) -> list[str]:
@@ -199,7 +206,7 @@ def stop(root: Path) -> list[str]:
         if st is None:
             continue
         if _alive(st["pid"]) or group_members(st["pid"]):
-            _kill_group(st["pid"])
+            kill_group(st["pid"])
             stopped.append(name)
         _state_file(root.resolve(), name).unlink(missing_ok=True)
     return stopped

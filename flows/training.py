@@ -10,47 +10,82 @@ run log, run history, and a parent MLflow run that the pipeline's run nests unde
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 
 from flows.config import stage_options
-from stages.common import BAD_INPUT_EXIT
+from stages.common import BAD_INPUT_EXIT, STATUS_ENV, GraftError
 
-STAGE_EXIT = re.compile(r"exited with (-?\d+)")
+# Lines of DVC's console output that speak to someone running `dvc repro` by hand; the
+# flow runs each stage on its own, so once per stage they are noise (the summary at the
+# end says what to do next).
+DVC_HINTS = ("Use `dvc push`", "To track the changes with git", "To enable auto staging", "dvc config core.autostage",
+             "git add ")  # fmt: skip
+STATUS_DIR = Path(".graft") / "stages"  # where each stage writes how it ended (STATUS_ENV)
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage failed; ``retryable`` is False for bad input (exit code 2)."""
+    """A DVC stage failed. ``exit_code`` is the stage's own (2: bad input, never retried);
+    ``message`` is what the stage said about it, for a person."""
 
-    def __init__(self, stage: str, exit_code: int | None, output: list[str]):
-        self.stage, self.exit_code, self.output = stage, exit_code, output
+    def __init__(self, stage: str, exit_code: int, message: str):
+        self.stage, self.exit_code, self.message = stage, exit_code, message
         self.retryable = exit_code != BAD_INPUT_EXIT
-        tail = "\n".join(output[-25:])
-        super().__init__(f"stage '{stage}' failed (exit code {exit_code}):\n{tail}")
+        super().__init__(f"{self.headline}:\n{message}" if message else self.headline)
+
+    @property
+    def headline(self) -> str:
+        kind = "bad input" if not self.retryable else "error"
+        return f"stage '{self.stage}' failed: {kind} (exit code {self.exit_code})"
+
+    def advice(self) -> str:
+        if not self.retryable:
+            return "fix what the message names (the data source, or params.yaml), then run `graft run` again"
+        return ("the stage crashed (its output is in the Prefect run log); rerun `graft run`: stages that "
+                "finished are cached, and fine_tune resumes from its last checkpoint")  # fmt: skip
 
 
-def stage_order(root: Path) -> list[str]:
-    """The pipeline's stages in dependency order, from DVC's own graph."""
+@dataclass(frozen=True)
+class Pipeline:
+    """DVC's stage graph: stages in dependency order and each one's direct upstream stages."""
+
+    order: list[str]
+    upstream: dict[str, list[str]]
+
+    def downstream_of(self, stages: set[str]) -> list[str]:
+        """``stages`` and every stage that depends on one of them, in order."""
+        hit = set(stages)
+        for s in self.order:
+            if any(u in hit for u in self.upstream[s]):
+                hit.add(s)
+        return [s for s in self.order if s in hit]
+
+
+def pipeline(root: Path) -> Pipeline:
+    """The pipeline's graph, from DVC's own index (an edge points from a stage to a stage
+    it depends on)."""
     import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return [s.name for s in reversed(list(nx.topological_sort(repo.index.graph)))]
+        graph = repo.index.graph
+        order = [s.name for s in reversed(list(nx.topological_sort(graph)))]
+        upstream = {s.name: sorted(d.name for d in graph.successors(s)) for s in graph.nodes}
+    return Pipeline(order, upstream)
 
 
-def stale_stages(root: Path) -> list[str]:
-    """Stages DVC sees as changed now (upstream changes make more stale as they run)."""
+def stale_stages(root: Path, stages: list[str] | None = None) -> list[str]:
+    """Stages DVC sees as changed now (running them makes their downstream stale too)."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return sorted(repo.status())
+        return sorted(repo.status(targets=stages))
 
 
 def _retry_condition(task_, task_run, state) -> bool:
@@ -58,46 +93,47 @@ def _retry_condition(task_, task_run, state) -> bool:
     return not (isinstance(exc, StageFailed) and not exc.retryable)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @task(retry_condition_fn=_retry_condition)
 def run_stage(root: str, stage: str, env: dict[str, str]):
-    """``dvc repro --single-item <stage>``; its output goes to the Prefect log. Returns a
-    ``Cached`` state when DVC found nothing to do."""
+    """Run one DVC stage (``dvc repro --single-item``) if DVC finds it stale; its output
+    goes to the Prefect log. Returns ``ran``, ``restored`` (DVC put the outputs back
+    from its cache without running the stage's code), or a ``Cached`` state."""
     logger = get_run_logger()
+    if not stale_stages(Path(root), [stage]):
+        return Completed(message=f"DVC: stage '{stage}' unchanged, skipped", name="Cached", data="cached")
+    status_file = Path(root) / STATUS_DIR / f"{stage}.json"
+    status_file.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # its own process group: a timeout kills the stage too
+        cwd=root, env={**env, STATUS_ENV: str(status_file)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,  # its own process group: a timeout kills the stage too
     )  # fmt: skip
     lines: list[str] = []
     try:
         for raw in proc.stdout:  # type: ignore[union-attr]
             line = raw.rstrip("\n").rsplit("\r", 1)[-1].rstrip()  # last redraw of a progress bar
-            if line:
+            if line and not line.lstrip().startswith(DVC_HINTS):
                 lines.append(line)
                 logger.info(line)
         code = proc.wait()
     except BaseException:  # timeout, cancellation, Ctrl-C: never leave the stage running
-        _kill_group(proc)
+        from flows.services import kill_group
+
+        kill_group(proc.pid, grace=10)
+        proc.wait()
         raise
-    if code != 0:
-        codes = [int(m.group(1)) for line in lines if (m := STAGE_EXIT.search(line))]
-        raise StageFailed(stage, codes[-1] if codes else code, lines)
-    if any(line.startswith(f"Running stage '{stage}'") for line in lines):
-        return "ran"
-    return Completed(message=f"DVC: stage '{stage}' unchanged, skipped", name="Cached", data="cached")
+    from stages import fsio
+
+    status = fsio.read_json(status_file) if status_file.is_file() else None
+    if code != 0 or (status and status["exit_code"] != 0):
+        # The stage's own exit code and message when it got to run; DVC's otherwise (a
+        # missing dependency, a lock held by another DVC process).
+        exit_code = status["exit_code"] if status else code
+        message = (status or {}).get("message") or "\n".join(lines[-25:])
+        failure = StageFailed(stage, exit_code, message)
+        logger.error("%s\n%s", failure.headline, message)  # the message, once
+        return Failed(message=failure.headline, data=failure)
+    return "ran" if status else "restored"
 
 
 def _stage_env(root: Path, parent_run_id: str | None, flow_run_id: str | None) -> dict[str, str]:
@@ -116,51 +152,47 @@ def _stage_env(root: Path, parent_run_id: str | None, flow_run_id: str | None) -
 
 
 class ProjectLock:
-    """One training run at a time per project: an exclusive ``flock`` on
-    ``.graft/training.lock``. The kernel drops it when the holder dies, so a killed run
-    never leaves the project locked."""
+    """One training run at a time per project: a ``filelock`` on ``.graft/training.lock``
+    (an OS-level lock, which the kernel drops when the holder dies, so a killed run never
+    leaves the project locked). The holder's pid goes to a file beside it, for messages."""
 
     def __init__(self, root: Path):
+        from filelock import FileLock
+
         self.path = root / ".graft" / "training.lock"
-        self.fd: int | None = None
+        self._pid_file = self.path.with_suffix(".pid")
+        # thread_local=False: the lock may be released from another thread than the one
+        # that took it (a timer in the tests, Prefect's worker threads).
+        self._lock = FileLock(self.path, thread_local=False, is_singleton=False)
 
     def acquire(self, wait: bool, timeout: float | None = None, poll: float = 1.0) -> bool:
-        import fcntl
-        import time
+        from filelock import Timeout
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.ftruncate(self.fd, 0)
-                os.write(self.fd, f"{os.getpid()}\n".encode())
-                return True
-            except BlockingIOError:
-                if not wait or (deadline is not None and time.monotonic() > deadline):
-                    os.close(self.fd)
-                    self.fd = None
-                    return False
-                time.sleep(poll)
+        try:
+            self._lock.acquire(timeout=(-1 if timeout is None else timeout) if wait else 0, poll_interval=poll)
+        except Timeout:
+            return False
+        self._pid_file.write_text(f"{os.getpid()}\n")
+        return True
 
     def holder(self) -> str:
         try:
-            return self.path.read_text().strip() or "unknown"
+            return self._pid_file.read_text().strip() or "unknown"
         except OSError:
             return "unknown"
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
+        if self._lock.is_locked:
+            self._lock.release(force=True)
 
 
 def read_summary(root: Path, stages: dict[str, str]) -> dict[str, Any]:
-    from stages import fsio
+    from stages import fsio, tracking
 
     summary: dict[str, Any] = {"stages": stages}
-    for key, rel in (("metrics", "reports/evaluate/metrics.json"), ("decision", "reports/register/decision.json")):
+    for key, rel in (("metrics", "reports/evaluate/metrics.json"), ("decision", "reports/register/decision.json"),
+                     ("run", f"models/fine_tuned/{tracking.RUN_FILE}")):  # fmt: skip
         path = root / rel
         summary[key] = fsio.read_json(path) if path.is_file() else None
     return summary
@@ -168,12 +200,14 @@ def read_summary(root: Path, stages: dict[str, str]) -> dict[str, Any]:
 
 @flow(name="graft-training", log_prints=True)
 def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None,
-                      concurrency: str = "wait", wait_timeout: float | None = None) -> dict[str, Any]:
+                      concurrency: Literal["wait", "skip"] = "wait", wait_timeout: float | None = None):  # fmt: skip
     """Run graft's DVC pipeline, one Prefect task per stage, and return a summary: which
     stages ran or were cached, the test metrics and the promotion decision.
 
     Only one run at a time trains in a project: a second run waits for the first
-    (``concurrency="wait"``) or returns at once with ``skipped`` (``"skip"``)."""
+    (``concurrency="wait"``) or returns at once with ``skipped`` (``"skip"``). A stage
+    that fails ends the flow Failed, with the ``StageFailed`` (or, for a source that is
+    missing before anything runs, the ``GraftError``) as the state's data."""
     from prefect.runtime import flow_run
 
     from flows import sensor
@@ -192,13 +226,23 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
     flow_run_id = str(flow_run.id) if flow_run.id else None
     try:
         _write_overrides(root, overrides or [], logger)
+        check_source(root)
         source = sensor.fingerprint(root)  # taken before the stages: a change during them is not missed
         summary = _run_pipeline(root, flow_run_id, logger)
         sensor.record_accepted(root, source)
-    except BaseException as e:
+    except (StageFailed, GraftError) as e:
+        # Bad input or a failed stage: its message was logged once; the flow ends Failed
+        # without a traceback, carrying the exception for callers.
         stage = getattr(e, "stage", None)
         notify(root, "run_failed", {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name, "stage": stage,
                                     "error": str(e)[-2000:]}, logger)  # fmt: skip
+        _publish_artifact(root, None, e)
+        if isinstance(e, GraftError):
+            logger.error("%s", e)
+        return Failed(message=e.headline if isinstance(e, StageFailed) else str(e).splitlines()[0], data=e)
+    except BaseException as e:
+        notify(root, "run_failed", {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name,
+                                    "error": f"{type(e).__name__}: {e}"[-2000:]}, logger)  # fmt: skip
         raise
     finally:
         lock.release()
@@ -207,7 +251,17 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
         notify(root, "promoted", {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name,
                                   "model_name": decision.get("model_name"), "version": decision.get("version"),
                                   "reason": decision.get("reason"), "metrics": summary.get("metrics")}, logger)  # fmt: skip
+    _publish_artifact(root, summary, None)
     return summary
+
+
+def check_source(root: Path) -> None:
+    """The ingest source must exist before DVC is asked to run anything: DVC checks the
+    stage's dependencies first and would fail with a bare ``No such file or directory``."""
+    from stages.config import load_section
+    from stages.ingest import IngestParams, check_source as check
+
+    check(load_section(IngestParams, "ingest", root / "params.yaml"), root)
 
 
 def _write_overrides(root: Path, overrides: list[str], logger) -> None:
@@ -227,34 +281,39 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
 
     from stages import tracking
 
-    order = stage_order(root)
-    stale = stale_stages(root)
+    graph = pipeline(root)
+    planned = graph.downstream_of(set(stale_stages(root)))
     parent_id = None
     client = None
-    if stale:
-        tracking.configure(root)
+    if planned:
+        experiment_id = tracking.configure(root)
         client = mlflow.MlflowClient()
-        experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", tracking.DEFAULT_EXPERIMENT))
-        tags = {**tracking.git_info(root), "graft.kind": "flow", "mlflow.runName": f"flow-{flow_run.name or 'local'}"}
-        if flow_run_id:
-            tags["prefect_flow_run_id"] = flow_run_id
-        parent_id = client.create_run(experiment.experiment_id, tags=tags).info.run_id
-        logger.info("stages to run (DVC status): %s; MLflow parent run %s", ", ".join(stale), parent_id)
+        tags = {**tracking.run_tags(root, data=False), "graft.kind": "flow", "mlflow.runName": f"flow-{flow_run.name or 'local'}"}
+        parent_id = client.create_run(experiment_id, tags=tags).info.run_id
+        logger.info("stages to run: %s (changed in DVC's view, and what depends on them); MLflow parent run %s",
+                    ", ".join(planned), parent_id)  # fmt: skip
     else:
         logger.info("DVC: every stage is up to date; nothing to run")
 
     env = _stage_env(root, parent_id, flow_run_id)
     results: dict[str, str] = {}
+    states: dict[str, State] = {}
     try:
-        for stage in order:
+        for stage in graph.order:
             opts = stage_options(root, stage)
             runner = run_stage.with_options(
                 name=f"dvc-{stage}", retries=opts.retries, retry_delay_seconds=opts.retry_delay_seconds,
                 timeout_seconds=opts.timeout_seconds,
             )  # fmt: skip
-            outcome = runner(str(root), stage, env)
-            # A task that returns a state (Cached) hands back the state itself.
-            results[stage] = outcome.result() if isinstance(outcome, State) else outcome
+            # wait_for: the upstream stages' states, so Prefect's run graph is DVC's graph.
+            state = runner(str(root), stage, env, wait_for=[states[u] for u in graph.upstream[stage]], return_state=True)
+            states[stage] = state
+            if not state.is_completed():
+                failure = state.data if isinstance(state.data, StageFailed) else None
+                if failure is None:  # a timeout or a crash of the task itself
+                    state.result()  # raises it
+                raise failure
+            results[stage] = state.result()
     except BaseException:
         if client and parent_id:
             client.set_terminated(parent_id, "FAILED")
@@ -262,6 +321,7 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
     summary = read_summary(root, results)
     summary["flow_run_id"] = flow_run_id
     summary["mlflow_parent_run_id"] = parent_id
+    summary["tracking_uri"] = mlflow.get_tracking_uri() if client else None
     if client and parent_id:
         metrics = summary.get("metrics") or {}
         for k in ("accuracy", "macro_f1", "ece"):
@@ -269,3 +329,41 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
                 client.log_metric(parent_id, f"test_{k}", float(metrics[k]))
         client.set_terminated(parent_id, "FINISHED")
     return summary
+
+
+def mlflow_run_link(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
+    """Where a person opens the run: the tracking server's page, or the one `graft ui` serves."""
+    base = tracking_uri if tracking_uri and tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def summary_markdown(summary: dict[str, Any] | None, error: BaseException | None) -> str:
+    """The flow run's summary as Markdown, for the Prefect UI's Artifacts tab."""
+    if error is not None:
+        where = f"stage `{error.stage}`" if isinstance(error, StageFailed) else "before the pipeline started"
+        advice = error.advice() if isinstance(error, StageFailed) else "fix what the message names, then run again"
+        return f"# graft run: failed at {where}\n\n```\n{error}\n```\n\nWhat to do: {advice}.\n"
+    assert summary is not None
+    rows = "\n".join(f"| {s} | {r} |" for s, r in summary["stages"].items())
+    lines = ["# graft run: done", "", "| stage | outcome |", "|---|---|", rows, ""]
+    m = summary.get("metrics")
+    if m:
+        lines += [f"Test accuracy **{m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
+                  f"on {m['n']} images.", ""]  # fmt: skip
+    d = summary.get("decision")
+    if d:
+        lines += [f"Registry: `{d['model_name']}` v{d['version']} is **{d['alias']}**: {d['reason']}", ""]
+    run = summary.get("run")
+    if run and run.get("experiment_id"):
+        link = mlflow_run_link(summary.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
+                               run["experiment_id"], run["run_id"])  # fmt: skip
+        lines += [f"MLflow run: [{run['run_id']}]({link})"
+                  + ("" if link.startswith(str(summary.get("tracking_uri") or "-")) else " (serve it with `graft ui`)")]
+    return "\n".join(lines) + "\n"
+
+
+def _publish_artifact(root: Path, summary: dict[str, Any] | None, error: BaseException | None) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=summary_markdown(summary, error), key="graft-run-summary",
+                             description=f"graft run of {root}")  # fmt: skip

@@ -23,18 +23,48 @@ class GraftError(Exception):
     """Bad input or a failed check: the message names the file or key and what to do."""
 
 
+# When set (the Prefect flow sets it for each stage it runs), the stage writes how it
+# ended to this JSON file: {"exit_code": 0|2|1, "message": ...}. The orchestrator reads
+# that instead of DVC's console wording: a file written means the stage's code really
+# ran (absent after a successful `dvc repro`: DVC restored the outputs from its cache),
+# and the exit code and message are the stage's own.
+STATUS_ENV = "GRAFT_STAGE_STATUS"
+
+
+def write_status(exit_code: int, message: str = "") -> None:
+    path = os.environ.get(STATUS_ENV)
+    if not path:
+        return
+    from stages import fsio
+
+    fsio.write_json(path, {"exit_code": exit_code, "message": message})
+
+
 def stage_main(fn: F) -> F:
     """Run a stage's ``main``; print a ``GraftError``/``ParamsError`` without a traceback
-    and exit with ``BAD_INPUT_EXIT``, so DVC and the flow stop with the stage's message."""
+    and exit with ``BAD_INPUT_EXIT``, so DVC and the flow stop with the stage's message.
+    Under the flow (``STATUS_ENV`` set) the outcome also goes to the status file, and the
+    message is left to the flow to show once."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         os.environ.setdefault("DVC_NO_ANALYTICS", "1")
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except (GraftError, ParamsError) as e:
-            print(f"\nerror: {e}", file=sys.stderr, flush=True)
+            write_status(BAD_INPUT_EXIT, str(e))
+            if not os.environ.get(STATUS_ENV):
+                print(f"\nerror: {e}", file=sys.stderr, flush=True)
             raise SystemExit(BAD_INPUT_EXIT) from None
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            write_status(code, "" if isinstance(e.code, int) or e.code is None else str(e.code))
+            raise
+        except BaseException as e:
+            write_status(1, f"{type(e).__name__}: {e}")
+            raise
+        write_status(0)
+        return result
 
     return wrapper  # type: ignore[return-value]
 

@@ -117,11 +117,15 @@ def parse(cls: type[T], data: Any, section: str) -> T:
     return obj
 
 
-def load_section(cls: type[T], section: str, path: str | Path = DEFAULT_PARAMS) -> T:
-    data = read_params(path)
-    if section not in data:
-        raise ParamsError(f"{path}: missing section '{section}'")
-    return parse(cls, data[section], section)
+def load_section(cls: type[T], name: str, path: str | Path = DEFAULT_PARAMS) -> T:
+    return section(cls, read_params(path), name, path)
+
+
+def section(cls: type[T], params: dict[str, Any], name: str, path: str | Path = DEFAULT_PARAMS) -> T:
+    """The section ``name`` of an already-read params mapping, parsed into ``cls``."""
+    if name not in params:
+        raise ParamsError(f"{path}: missing section '{name}'")
+    return parse(cls, params[name], name)
 
 
 def set_override(params: dict[str, Any], assignment: str) -> None:

@@ -97,16 +97,29 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> None:
+def reliability_figure(bins: list[dict[str, float]], ece: float):
+    """Bars: accuracy per confidence bin, drawn over the bin, with its sample count on
+    top; dots: each bin's (mean confidence, accuracy), which lie on the diagonal when the
+    model is calibrated."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
-    ax.bar(centers, [b["accuracy"] for b in bins], width=1 / ECE_BINS, edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="red", label="mean confidence")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"reliability (ECE {ece:.3f})")
-    ax.legend(loc="upper left")
-    _save(fig, path)
+    bars = ax.bar(centers, [b["accuracy"] for b in bins], width=1 / ECE_BINS, edgecolor="black", alpha=0.7,
+                  label="accuracy of the bin")  # fmt: skip
+    for bar, b in zip(bars, bins, strict=True):
+        ax.annotate(f"n={b['count']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=7, rotation=90)  # fmt: skip
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="red",
+            label="bin: (mean confidence, accuracy)")  # fmt: skip
+    ax.set(xlim=(0, 1), ylim=(0, 1.12), xlabel="confidence (top-class probability)", ylabel="accuracy",
+           title=f"reliability (ECE {ece:.3f}, {sum(b['count'] for b in bins)} test images)")  # fmt: skip
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> None:
+    _save(reliability_figure(bins, ece), path)
 
 
 def plot_worst_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, k: int = 16) -> None:
@@ -176,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     tracking.configure()
     run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
     with mlflow.start_run(run_id=run_id):
+        tracking.log_datasets(args.prepared, {"test": "testing"})
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items() if k != "per_class_f1"})
         mlflow.log_metrics({f"test_f1_{c.replace('/', '_')}": v for c, v in headline["per_class_f1"].items()})
         for name in ("metrics.json", "evaluation.json", "confusion_matrix.csv", "confusion_matrix.png",

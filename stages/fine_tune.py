@@ -201,6 +201,9 @@ def _features(model, x: np.ndarray, cfg, device, p: FineTuneParams, desc: str):
 
 
 def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -> tuple[float, float]:
+    """Validation loss and accuracy. The loss is the training objective, cross-entropy
+    with the same label smoothing, so the train and val curves measure the same thing
+    (train still differs by augmentation and dropout, which the chart says)."""
     import torch
     import torch.nn.functional as F
 
@@ -209,11 +212,19 @@ def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -
             model.eval()
             logits = model.get_classifier()(feats)
             y = torch.from_numpy(split.y).to(device)
-            return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing).item()
+            return loss, (logits.argmax(1) == y).float().mean().item()
     probs = modeling.predict_proba(model, split.x, cfg, device, p.eval_batch_size, p.channels_last)
-    eps = 1e-12
-    loss = float(-np.log(probs[np.arange(len(split.y)), split.y] + eps).mean())
-    return loss, float((probs.argmax(1) == split.y).mean())
+    return smoothed_cross_entropy(probs, split.y, p.label_smoothing), float((probs.argmax(1) == split.y).mean())
+
+
+def smoothed_cross_entropy(probs: np.ndarray, y: np.ndarray, smoothing: float) -> float:
+    """Mean cross-entropy against labels smoothed like ``F.cross_entropy(label_smoothing=)``:
+    (1 - s) on the true class's log-probability plus s spread evenly over all classes."""
+    logp = np.log(np.clip(probs, 1e-12, None))
+    nll = -logp[np.arange(len(y)), y]
+    uniform = -logp.mean(1)
+    return float(((1 - smoothing) * nll + smoothing * uniform).mean())
 
 
 def fingerprint(*parts: Any) -> str:
@@ -372,22 +383,26 @@ def train(
 # --- outputs and the thin main -------------------------------------------------------------
 
 
-def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> None:
+def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smoothing: float = 0.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, style in (("train", "-o"), ("val", "-s")):
-        ax1.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key)
-        ax2.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=key)
-    ax1.set(title="loss", xlabel="epoch")
+    for key, style, label in (("train", "-o", "train (augmented batches, dropout on)"), ("val", "-s", "val")):
+        ax1.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=label)
+        ax2.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=label)
+    smoothing = f", label smoothing {label_smoothing:g}" if label_smoothing else ""
+    ax1.set(title=f"loss (cross-entropy{smoothing})", xlabel="epoch")
     ax2.set(title="accuracy", xlabel="epoch")
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle("fine_tune: learning curves")
     fig.tight_layout()
     with fsio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -432,16 +447,18 @@ def main(argv: list[str] | None = None) -> None:
     previous = torch.load(args.checkpoint, map_location="cpu", weights_only=False) if args.checkpoint.is_file() else {}
     resume_run = previous.get("mlflow_run_id") if previous.get("run_key") == run_key else None
 
-    tracking.configure()
+    experiment_id = tracking.configure()
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
     run_name = f"{cfg.architecture}-{params.mode}"
     # A resumed run keeps the parent it was created under.
     nest = {} if resume_run or not parent else {"nested": True, "parent_run_id": parent}
-    with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name, **nest) as run:
+    with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name,
+                          experiment_id=None if resume_run else experiment_id, **nest) as run:  # fmt: skip
         if not resume_run:
             mlflow.log_params({k: str(v)[:500] for k, v in tracking.flatten(read_params(args.params)).items()})
             mlflow.set_tags({**tracking.run_tags(), "pretrained_weights_sha256": cfg.weights_sha256 or "none",
                              "pretrained_source": cfg.source, "graft.stage": "pipeline"})
+            tracking.log_datasets(args.prepared, {"train": "training", "val": "validation"})
             for extra in ("reports/validation.json", "reports/preprocess.json"):
                 if Path(extra).is_file():
                     mlflow.log_artifact(extra, "data")
@@ -459,21 +476,23 @@ def main(argv: list[str] | None = None) -> None:
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
             "train_seconds": sum(h["epoch_seconds"] for h in result.history),
-            "images_per_second": float(np.mean([h["images_per_second"] for h in result.history])),
+            "images_per_second_mean": float(np.mean([h["images_per_second"] for h in result.history])),
             **{f"{k}_parameters": v for k, v in result.parameters.items()},
         }
         with fsio.atomic_dir(args.out) as tmp:
             modeling.save(tmp, model, cfg, extra={"mode": params.mode, "training": summary})
-            fsio.write_json(tmp / tracking.RUN_FILE, {"run_id": run.info.run_id})
+            fsio.write_json(tmp / tracking.RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         write_history_csv(result.history, args.history)
-        plot_learning_curves(result.history, args.plot)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        plot_learning_curves(result.history, args.plot, params.label_smoothing)
+        # Summaries get their own names (fit_*): the per-epoch series keep theirs, so no
+        # chart mixes one value per epoch with a one-off figure.
+        mlflow.log_metrics({f"fit_{k}": float(v) for k, v in summary.items()})
         mlflow.log_artifact(str(args.history), "training")
         mlflow.log_artifact(str(args.plot), "training")
     args.checkpoint.unlink(missing_ok=True)  # the final model is saved; nothing to resume
     print(
         f"fine_tune: {params.mode}, best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
-        f"of {len(result.history)}, {summary['train_seconds']:.0f}s, {summary['images_per_second']:.0f} img/s "
+        f"of {len(result.history)}, {summary['train_seconds']:.0f}s, {summary['images_per_second_mean']:.0f} img/s "
         f"-> {args.out} (MLflow run {run.info.run_id})"
     )
 

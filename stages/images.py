@@ -62,16 +62,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def resize(im: Image.Image, size: int, interpolation: str, mode: str) -> Image.Image:
-    """``center_crop``: shorter side to ``size``, then the central square (keeps the
-    aspect ratio, as timm's eval transform does); ``squash``: straight to size x size."""
+    """``center_crop``: the largest central square, resized to ``size`` (keeps the aspect
+    ratio, as timm's eval transform does); ``squash``: straight to size x size."""
     resample = INTERPOLATIONS[interpolation]
-    if mode == "squash" or im.width == im.height:
+    if mode == "squash":
         return im.resize((size, size), resample=resample)
-    scale = size / min(im.width, im.height)
-    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-    im = im.resize((w, h), resample=resample)
-    left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    return ImageOps.fit(im, (size, size), method=resample, centering=(0.5, 0.5))
 
 
 def load_rgb_array(data: bytes, size: int, interpolation: str, mode: str) -> np.ndarray:

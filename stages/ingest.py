@@ -103,15 +103,42 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def read_fashion_mnist(root: Path) -> Source:
-    """The original idx files, train/test split kept; images become grayscale PNGs."""
-    missing = [n for files in FASHION_MNIST_FILES.values() for n in files if not (root / n).is_file()]
+def source_path(params: IngestParams, root: Path | None = None) -> Path:
+    """``ingest.path`` as a path; a relative one is relative to the project ``root``."""
+    path = Path(params.path).expanduser()
+    return path if path.is_absolute() or root is None else root / path
+
+
+def check_source(params: IngestParams, root: Path | None = None) -> None:
+    """Fail early, naming ``ingest.path`` and what to set, when the source is not there.
+    Cheap (no file is read): the orchestrator calls it before handing over to DVC."""
+    path = source_path(params, root)
+    (_check_fashion_mnist if params.source == "fashion-mnist" else _check_imagefolder)(path)
+
+
+def _check_fashion_mnist(path: Path) -> None:
+    missing = [n for files in FASHION_MNIST_FILES.values() for n in files if not (path / n).is_file()]
     if missing:
         raise GraftError(
-            f"{root}: Fashion-MNIST files not found ({', '.join(missing)}). "
+            f"ingest.path: {path}: Fashion-MNIST files not found ({', '.join(missing)}). "
             "Install them with `apt-get install dataset-fashion-mnist` (or `make data`), "
             "or set ingest.path to the folder that holds the idx files."
         )
+
+
+def _check_imagefolder(path: Path) -> None:
+    if not path.exists():
+        raise GraftError(
+            f"ingest.path: {path}: no such directory. Set ingest.path to a folder with one sub-folder per "
+            "class, e.g. `graft run --set ingest.path=/path/to/images` (or edit params.yaml)."
+        )
+    if not path.is_dir():
+        raise GraftError(f"ingest.path: {path}: not a directory. ingest.path must be a folder with one sub-folder per class.")
+
+
+def read_fashion_mnist(root: Path) -> Source:
+    """The original idx files, train/test split kept; images become grayscale PNGs."""
+    _check_fashion_mnist(root)
     candidates: list[Candidate] = []
     for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
         pixels = _read_idx(root / img_name, 16).reshape(-1, 28, 28)
@@ -137,10 +164,7 @@ def _visible_dirs(path: Path) -> list[Path]:
 
 def read_imagefolder(root: Path) -> Source:
     """One sub-folder per class, optionally under ``train/`` and ``test/``."""
-    if not root.exists():
-        raise GraftError(f"{root}: no such directory. Set ingest.path to a folder with one sub-folder per class.")
-    if not root.is_dir():
-        raise GraftError(f"{root}: not a directory. ingest.path must be a folder with one sub-folder per class.")
+    _check_imagefolder(root)
     top = _visible_dirs(root)
     if not top:
         raise GraftError(
@@ -244,7 +268,7 @@ def write_snapshot(chosen: list[Candidate], classes: tuple[str, ...], out_dir: P
 
 def ingest(params: IngestParams, out_dir: Path) -> tuple[pd.DataFrame, tuple[str, ...], list[str]]:
     """Read the source, subsample, write the snapshot into ``out_dir``."""
-    root = Path(params.path).expanduser()
+    root = source_path(params)
     if params.source == "fashion-mnist":
         source = read_fashion_mnist(root)
     else:

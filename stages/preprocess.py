@@ -87,6 +87,13 @@ def preprocess(
         idx = np.flatnonzero((split == s).to_numpy())
         if len(idx) == 0:
             raise GraftError(f"preprocess: the {s} split is empty; add data or change preprocess fractions")
+        found = sorted(manifest.loc[idx, "class_name"].unique())
+        if len(found) < 2:
+            # One class trains a model that is always "right": nothing to learn or score.
+            raise GraftError(
+                f"preprocess: the {s} split has {len(found)} class ({', '.join(found)}); training and scoring "
+                f"need at least two. Add images of other classes to the source (ingest.path)."
+            )
         arrays[s] = np.lib.format.open_memmap(out_dir / f"{s}_x.npy", mode="w+", dtype=np.uint8, shape=(len(idx), size, size, 3))
         np.save(out_dir / f"{s}_y.npy", manifest.loc[idx, "label"].to_numpy(dtype=np.int64))
         np.save(out_dir / f"{s}_ids.npy", manifest.loc[idx, "id"].to_numpy(dtype=str))

@@ -77,31 +77,56 @@ def params_hash(params_path: Path) -> str:
 
 
 def log_candidate(model_dir: Path, example: list[bytes]):
-    """Log the fine-tuned model as a pyfunc into the active run; return its ModelInfo."""
+    """Log the fine-tuned model as a pyfunc into the active run; return its ModelInfo.
+
+    MLflow's models-from-code form: the model is defined by ``stages/serving_model.py``
+    and the packaged ``stages`` code, not by a pickled object, so loading it needs no
+    CloudPickle and works with any compatible Python."""
     import mlflow
     import pandas as pd
 
     from stages import serving
 
     example_df = pd.DataFrame({"image": example[:2]})  # batch of 2: no batch size baked in
-    wrapper = serving.GraftImageClassifier()
     artifacts = {serving.MODEL_ARTIFACT: str(model_dir)}
+    wrapper = serving.GraftImageClassifier()  # only to compute the output schema here
     wrapper.load_context(type("Ctx", (), {"artifacts": artifacts})())
     signature = mlflow.models.infer_signature(example_df, wrapper.predict(None, example_df))
+    stages_dir = Path(serving.__file__).parent
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=wrapper,
+        python_model=str(stages_dir / "serving_model.py"),
         artifacts=artifacts,
-        code_paths=[str(Path(serving.__file__).parent)],  # the stages package: self-contained
+        code_paths=[str(stages_dir)],  # the stages package: self-contained
         signature=signature,
         input_example=example_df,
         pip_requirements=pip_requirements(),
     )
 
 
+def describe(name: str, version: str, decision: registry.Decision, metrics: dict[str, float], tags: dict[str, str]) -> str:
+    """The model version's description in the registry: what it scores, on what data,
+    what the gate decided, and where it came from."""
+    alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+    lines = [f"{name} v{version}, registered as {alias} by graft's register stage.", ""]
+    if metrics:
+        lines.append("Test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" on {decision.n} images.")
+    lines.append(f"Decision: {decision.reason}.")
+    if decision.champion_accuracy is not None:
+        lines.append(f"Champion v{decision.champion_version} on the same images: accuracy {decision.champion_accuracy:.4f}.")
+    lines += ["", "Lineage:",
+              f"- data version (DVC hash of the prepared data): {tags.get('data_version', 'unknown')}",
+              f"- git commit: {tags.get('git_commit', 'unknown')} (uncommitted changes: {tags.get('git_dirty', 'unknown')})",
+              f"- params hash: {tags.get('params_hash', 'unknown')}",
+              f"- MLflow run: {tags.get('mlflow_run_id', 'unknown')}"]  # fmt: skip
+    if tags.get("prefect_flow_run_id"):
+        lines.append(f"- Prefect flow run: {tags['prefect_flow_run_id']}")
+    return "\n".join(lines)
+
+
 def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: RegisterParams, run_id: str,
              tags: dict[str, str], metrics: dict[str, float]) -> tuple[registry.Decision, str]:  # fmt: skip
-    """Log, score, register and set the alias; return the decision and the new version."""
+    """Log, register, score, decide and set the alias; return the decision and the version."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -120,8 +145,6 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
             incompatible = f"champion v{champion.version} knows classes {champ_classes}, this data has {candidate_classes}"
         else:
             champion_correct = score(champ_model, images, truth)
-    decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
-                               params.gate, incompatible)  # fmt: skip
 
     try:
         client.get_registered_model(params.model_name)
@@ -133,10 +156,20 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     version = str(mv.version)
     try:
         registry.wait_until_ready(client, params.model_name, version)
+        decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
+                                   params.gate, incompatible, candidate_version=version)  # fmt: skip
+        alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+        if not decision.promote:
+            # One challenger at a time: the newest candidate that did not win takes the alias.
+            previous = registry.alias_version(client, params.model_name, registry.CHALLENGER)
+            if previous is not None and str(previous.version) != version:
+                decision.replaces_challenger = str(previous.version)
+                decision.reason += f"; v{version} replaces v{previous.version} as challenger"
         for k, v in metrics.items():
             client.set_model_version_tag(params.model_name, version, f"test_{k}", f"{v:.6f}")
         client.set_model_version_tag(params.model_name, version, "graft.decision", json.dumps(decision.to_json()))
-        alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+        client.update_model_version(params.model_name, version,
+                                    description=describe(params.model_name, version, decision, metrics, tags))  # fmt: skip
         registry.move_alias(client, params.model_name, alias, version, decision.reason, run_id)
     except BaseException as e:
         # No half-registered model: the version goes, the aliases stay as they were.
@@ -154,6 +187,11 @@ def format_decision(decision: registry.Decision, name: str, version: str) -> str
     if decision.mcnemar:
         m = decision.mcnemar
         lines.append(f"  McNemar: candidate-only correct {m['b']}, champion-only correct {m['c']}, p = {m['p_value']:.3g}")
+    if decision.promote:
+        lines.append(f"  load it with mlflow.pyfunc.load_model('models:/{name}@champion')")
+    else:
+        lines.append(f"  the champion stays v{decision.champion_version}; this one loads as 'models:/{name}/{version}'"
+                     if decision.champion_version else f"  no champion; this one loads as 'models:/{name}/{version}'")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -172,20 +210,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
 
+    # Loading the two models for the gate would draw MLflow's download bars into the log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from stages import tracking
 
     params = load_section(RegisterParams, "register", args.params)
     tracking.configure()
     run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
     metrics = {k: float(v) for k, v in fsio.read_json(args.metrics).items() if k in ("accuracy", "macro_f1", "ece")}
-    tags = {k: v for k, v in tracking.run_tags().items() if k in ("git_commit", "git_dirty", "data_version", "prefect_flow_run_id")}
-    tags.update({"params_hash": params_hash(args.params), "mlflow_run_id": run_id})
+    run_tags = tracking.run_tags()
+    tags = {k: v for k, v in run_tags.items() if k in ("git_dirty", "data_version", "prefect_flow_run_id")}
+    tags.update({"git_commit": run_tags[tracking.GIT_COMMIT_TAG], "params_hash": params_hash(args.params),
+                 "mlflow_run_id": run_id})  # fmt: skip
     decision, version = register(args.model, args.raw, args.prepared, params, run_id, tags, metrics)
     report: dict[str, Any] = {"model_name": params.model_name, "version": version,
                               "alias": registry.CHAMPION if decision.promote else registry.CHALLENGER, **decision.to_json()}  # fmt: skip
     fsio.write_json(args.decision, report)
     print(format_decision(decision, params.model_name, version))
-    print(f"register: decision written to {args.decision}; load it with mlflow.pyfunc.load_model('models:/{params.model_name}@champion')")
+    print(f"register: decision written to {args.decision}")
     if os.environ.get(tracking.PARENT_RUN_ENV):
         import mlflow
 

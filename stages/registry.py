@@ -10,7 +10,6 @@ scores the raw test images, so each applies its own preprocessing.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -33,16 +32,12 @@ def mcnemar(candidate_correct: np.ndarray, champion_correct: np.ndarray) -> dict
 
     ``b``: samples the candidate gets right and the champion wrong; ``c``: the reverse.
     Under "equally good", b ~ Binomial(b + c, 1/2)."""
+    from scipy.stats import binomtest
+
     b = int(np.sum(candidate_correct & ~champion_correct))
     c = int(np.sum(~candidate_correct & champion_correct))
-    n = b + c
-    if n == 0:
-        return {"b": b, "c": c, "p_value": 1.0}
-    k = min(b, c)
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
-    top = max(log_terms)
-    tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
-    return {"b": b, "c": c, "p_value": min(1.0, 2.0 * tail)}
+    p_value = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    return {"b": b, "c": c, "p_value": float(p_value)}
 
 
 @dataclass(frozen=True)
@@ -62,13 +57,14 @@ class Decision:
     champion_accuracy: float | None
     mcnemar: dict[str, float] | None
     n: int
+    replaces_challenger: str | None = None  # the challenger this candidate displaces, if any
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def decide(candidate_correct: np.ndarray, champion_correct: np.ndarray | None, champion_version: str | None,
-           gate: GateParams, incompatible: str | None = None) -> Decision:  # fmt: skip
+           gate: GateParams, incompatible: str | None = None, candidate_version: str | None = None) -> Decision:  # fmt: skip
     """Champion or not, and why. Both scores and the paired test are always reported when
     there is a champion. ``incompatible`` names why the champion could not be scored on
     this data (another class list, say); the candidate is then not promoted automatically."""
@@ -82,7 +78,7 @@ def decide(candidate_correct: np.ndarray, champion_correct: np.ndarray | None, c
 
     if incompatible:
         return result(False, f"the champion cannot be compared on this data ({incompatible}); "
-                             "promote explicitly with `graft promote VERSION --force`")  # fmt: skip
+                             f"promote explicitly with `graft promote {candidate_version or 'VERSION'} --force`")  # fmt: skip
     if acc < gate.min_accuracy:
         return result(False, f"test accuracy {acc:.4f} is below register.min_accuracy {gate.min_accuracy}")
     if champ is None or test is None:
@@ -119,28 +115,61 @@ def history(client, name: str) -> list[dict[str, Any]]:
     return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY_PREFIX)]
 
 
+def current_user() -> str:
+    """Who moved an alias: ``GRAFT_USER`` when set (a service account, a CI job), else the OS user."""
+    import getpass
+
+    try:
+        return os.environ.get("GRAFT_USER") or getpass.getuser()
+    except Exception:  # no name for this uid (a bare container)
+        return f"uid {os.getuid()}"
+
+
+def _record(client, name: str, entry: dict[str, Any]) -> None:
+    n = len(history(client, name))
+    client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{n:06d}", json.dumps(entry))
+
+
+def _entry(alias: str, previous, version: str | None, reason: str, run_id: str | None) -> dict[str, Any]:
+    return {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "alias": alias,
+        "from_version": str(previous.version) if previous else None,
+        "to_version": str(version) if version is not None else None,
+        "reason": reason,
+        "run_id": run_id,
+        "user": current_user(),
+    }
+
+
 def move_alias(client, name: str, alias: str, version: str, reason: str, run_id: str | None = None) -> dict[str, Any]:
     """Point ``alias`` at ``version`` and record the move. If recording fails, the alias is
     put back, so the history never misses a move."""
     previous = alias_version(client, name, alias)
-    entry = {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "alias": alias,
-        "from_version": str(previous.version) if previous else None,
-        "to_version": str(version),
-        "reason": reason,
-        "run_id": run_id,
-        "user": os.environ.get("USER", "unknown"),
-    }
+    entry = _entry(alias, previous, version, reason, run_id)
     client.set_registered_model_alias(name, alias, str(version))
     try:
-        n = len(history(client, name))
-        client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{n:06d}", json.dumps(entry))
+        _record(client, name, entry)
     except Exception:
         if previous:
             client.set_registered_model_alias(name, alias, str(previous.version))
         else:
             client.delete_registered_model_alias(name, alias)
+        raise
+    return entry
+
+
+def remove_alias(client, name: str, alias: str, reason: str, run_id: str | None = None) -> dict[str, Any] | None:
+    """Clear ``alias`` (if set) and record the removal (``to_version`` null)."""
+    previous = alias_version(client, name, alias)
+    if previous is None:
+        return None
+    entry = _entry(alias, previous, None, reason, run_id)
+    client.delete_registered_model_alias(name, alias)
+    try:
+        _record(client, name, entry)
+    except Exception:
+        client.set_registered_model_alias(name, alias, str(previous.version))
         raise
     return entry
 

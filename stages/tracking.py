@@ -6,6 +6,8 @@ project (git-ignored); ``MLFLOW_TRACKING_URI`` overrides it, ``MLFLOW_EXPERIMENT
 picks the experiment (default ``graft``). A pipeline run is one MLflow run, started by
 ``fine_tune``; ``evaluate`` and ``register`` log into it by id. When the Prefect flow
 runs the pipeline it sets ``GRAFT_PARENT_RUN_ID`` and the run nests under the flow's.
+Every run, parent and nested, goes to the configured experiment (never MLflow's
+"Default"): :func:`configure` makes it the active one and returns its id.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ DEFAULT_EXPERIMENT = "graft"
 PARENT_RUN_ENV = "GRAFT_PARENT_RUN_ID"
 FLOW_RUN_ENV = "GRAFT_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs
 RUN_FILE = "mlflow_run.json"  # written next to the fine-tuned model: the run to log into
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -37,19 +40,31 @@ def configure(root: Path | None = None) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    name = experiment_name()
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
-        return exp.experiment_id
-    location = (root / "mlruns" / "artifacts").as_uri() if uri.startswith("sqlite") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by a concurrent process
-        return client.get_experiment_by_name(name).experiment_id
+        experiment_id = exp.experiment_id
+    else:
+        # A local store keeps artifacts beside it in mlruns/artifacts; a tracking server
+        # decides for itself (its proxied artifact store).
+        location = (root / "mlruns" / "artifacts").as_uri() if uri.startswith("sqlite") else None
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by a concurrent process
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+    # The fluent API (mlflow.start_run) would otherwise log into experiment 0, "Default".
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def git_info(root: Path | None = None) -> dict[str, str]:
+    """``mlflow.source.git.commit`` (MLflow's own tag for the code version) and
+    ``git_dirty`` (whether tracked files had uncommitted changes)."""
     root = root or Path.cwd()
 
     def git(*args: str) -> str:
@@ -59,8 +74,8 @@ def git_info(root: Path | None = None) -> dict[str, str]:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+        return {GIT_COMMIT_TAG: "unknown", "git_dirty": "unknown"}
+    return {GIT_COMMIT_TAG: commit, "git_dirty": str(dirty).lower()}
 
 
 def data_version(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
@@ -95,8 +110,33 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_tags(root: Path | None = None) -> dict[str, str]:
-    tags = {**git_info(root), **data_version((root or Path.cwd()) / "dvc.lock")}
+def run_tags(root: Path | None = None, data: bool = True) -> dict[str, str]:
+    """What every run carries: the code version, the data version (``data``), and the
+    Prefect flow run that started it."""
+    root = root or Path.cwd()
+    tags = {**git_info(root), **(data_version(root / "dvc.lock") if data else {})}
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
     return tags
+
+
+def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Path("dvc.lock")) -> None:
+    """Record the prepared splits as MLflow datasets of the active run (the run page's
+    "Datasets"): one per split, its rows (sample id and class), the ingest source, and the
+    prepared data's DVC hash as the digest, so "trained on what?" has an answer in the UI
+    that matches ``dvc.lock``. ``contexts`` maps a split to MLflow's context (training...)."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from stages import fsio
+
+    version = data_version(lock_path)
+    digest = version.get("data_version", "").removesuffix(".dir") or None
+    source = version.get("data.source", "").rsplit("@", 1)[0] or str(prepared.resolve())
+    classes = np.asarray(fsio.read_json(prepared / "meta.json")["classes"])
+    for split, context in contexts.items():
+        frame = pd.DataFrame({"id": np.load(prepared / f"{split}_ids.npy"),
+                              "class_name": classes[np.load(prepared / f"{split}_y.npy")]})  # fmt: skip
+        dataset = mlflow.data.from_pandas(frame, source=source, name=split, digest=digest, targets="class_name")
+        mlflow.log_input(dataset, context=context, tags={"dvc_hash": version.get("data_version", "unknown")})

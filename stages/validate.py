@@ -8,7 +8,7 @@ Each check carries the risk it guards against, and the report names the offendin
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,11 +16,12 @@ from typing import Any, Literal
 import pandas as pd
 
 from stages import fsio
-from stages.common import BAD_INPUT_EXIT, GraftError, stage_main
+from stages.common import GraftError, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
 from stages.ingest import MANIFEST_COLUMNS, read_manifest
 
 MAX_EXAMPLES = 10  # offending rows listed per failed check
+CLASS_CHANGE_CHECK = "same classes as the last accepted run"
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class ValidationResult:
 
 
 def _jsonable(v: Any) -> Any:
+    """A value the JSON report can hold: numpy scalars unwrapped, NaN and infinities as null."""
     if hasattr(v, "item"):
-        return v.item()
-    if isinstance(v, float) and v != v:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
 
@@ -129,11 +131,24 @@ def _to_checks(result, lookup: dict[str, dict[str, Any]] | None, index_col: str)
 
 
 def class_count_table(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Samples per declared class, and each class's size relative to the smallest
+    non-empty class (an empty class has no ratio: the minimum-count check names it)."""
     counts = manifest["class_name"].value_counts() if "class_name" in manifest else pd.Series(dtype=int)
     table = pd.DataFrame({"class_name": classes, "count": [int(counts.get(c, 0)) for c in classes]})
-    smallest = table["count"].min() if len(table) else 0
-    table["ratio_to_smallest"] = table["count"] / smallest if smallest > 0 else float("inf")
+    present = table.loc[table["count"] > 0, "count"]
+    smallest = present.min() if len(present) else 0
+    table["ratio_to_smallest"] = (table["count"] / smallest).where(table["count"] > 0) if smallest else float("nan")
     return table
+
+
+def split_class_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """For each split of the source (train, test): how many classes it has samples of."""
+    rows = []
+    if {"split", "class_name"} <= set(manifest.columns):
+        for split, group in manifest.groupby("split", sort=True):
+            found = sorted(group["class_name"].dropna().unique())
+            rows.append({"split": split, "classes": len(found), "found": ", ".join(found)})
+    return pd.DataFrame(rows, columns=["split", "classes", "found"])
 
 
 def validate(
@@ -184,13 +199,22 @@ def validate(
     if accepted_classes is not None:
         # Classes that appear or vanish between runs change what the model means.
         class_checks.append(
-            ("same classes as the last accepted run",
+            (CLASS_CHANGE_CHECK,
              gxe.ExpectColumnDistinctValuesToEqualSet(column="class_name", value_set=list(accepted_classes)))
         )  # fmt: skip
+
+    splits = split_class_table(df)
+    split_checks: list[tuple[str, Any]] = [
+        # One class is no classification: a model trained or scored on it is 100 % "right".
+        ("every split has at least two classes", gxe.ExpectColumnValuesToBeBetween(column="classes", min_value=2)),
+    ]
 
     ctx = _gx_context()
     checks = _to_checks(_run_suite(ctx, "manifest", df, row_checks, "id"), lookup, "id")
     checks += _to_checks(_run_suite(ctx, "class_counts", table, class_checks, "class_name"), None, "class_name")
+    if len(splits):
+        found = splits.set_index("split")[["found"]].rename(columns={"found": "classes found"}).to_dict("index")
+        checks += _to_checks(_run_suite(ctx, "splits", splits, split_checks, "split"), found, "split")
 
     change = None
     if accepted_classes is not None:
@@ -198,7 +222,7 @@ def validate(
         removed = sorted(set(accepted_classes) - set(classes))
         change = {"added": added, "removed": removed}
         if params.on_class_change == "warn":
-            checks[-1].severity = "warning"
+            next(c for c in checks if c.name == CLASS_CHANGE_CHECK).severity = "warning"
     success = all(c.success or c.severity == "warning" for c in checks)
     counts = dict(zip(table["class_name"], table["count"].astype(int).tolist(), strict=True))
     return ValidationResult(success, checks, len(df), counts, change)
@@ -216,7 +240,7 @@ def format_summary(result: ValidationResult, manifest_path: Path) -> str:
         detail = f"{c.unexpected_count} row(s)" if c.unexpected_count else f"observed {c.observed}"
         lines.append(f"  {mark}: {c.name}: {detail}")
         lines.append(f"      {c.expectation}")
-        if c.name.startswith("same classes") and result.class_change:
+        if c.name == CLASS_CHANGE_CHECK and result.class_change:
             lines.append(f"      added: {result.class_change['added']}, removed: {result.class_change['removed']}")
         for ex in c.examples:
             where = ex.pop("path", None) or ex.get("id") or ex.get("class_name")
@@ -225,10 +249,16 @@ def format_summary(result: ValidationResult, manifest_path: Path) -> str:
         if c.unexpected_count > len(c.examples):
             lines.append(f"      ... and {c.unexpected_count - len(c.examples)} more (see the JSON report)")
     if not result.success:
-        lines.append(
-            "Fix or remove the files listed above in the source (or change the bounds in "
-            "params.yaml, section 'validate'), then run the pipeline again."
-        )
+        if any(c.name == CLASS_CHANGE_CHECK and not c.success and c.severity == "error" for c in result.checks):
+            lines.append(
+                "The class list changed since the last accepted run. If that is intended, set "
+                "validate.on_class_change to warn (params.yaml, or `graft run --set validate.on_class_change=warn`)."
+            )
+        if any(not c.success and c.severity == "error" and c.name != CLASS_CHANGE_CHECK for c in result.checks):
+            lines.append(
+                "Fix or remove the files listed above in the source (or change the bounds in "
+                "params.yaml, section 'validate'), then run the pipeline again."
+            )
     return "\n".join(lines)
 
 
@@ -250,10 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     accepted = fsio.read_json(args.accepted) if args.accepted.is_file() else None
     result = validate(manifest, classes, params, accepted["classes"] if accepted else None)
     fsio.write_json(args.report, result.to_json())
-    print(format_summary(result, args.raw / "manifest.csv"))
+    summary = format_summary(result, args.raw / "manifest.csv")
+    if not result.success:  # the stage's message: printed once, by stage_main or the flow
+        raise GraftError(f"{summary}\n(full report: {args.report})")
+    print(summary)
     print(f"validate: report written to {args.report}")
-    if not result.success:
-        sys.exit(BAD_INPUT_EXIT)
     fsio.write_json(args.accepted, {"classes": list(classes), "class_counts": result.class_counts})
 
 

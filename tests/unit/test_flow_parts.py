@@ -16,12 +16,30 @@ from tests.conftest import ROOT, make_image_folder
 
 
 def test_bad_input_is_not_retried_but_crashes_are():
-    bad = StageFailed("validate", 2, ["validate: FAILED"])
-    crash = StageFailed("register", 1, ["ConnectionError"])
+    bad = StageFailed("validate", 2, "validate: FAILED")
+    crash = StageFailed("register", 1, "ConnectionError")
     assert _retry_condition(None, None, Failed(data=bad)) is False
     assert _retry_condition(None, None, Failed(data=crash)) is True
     assert _retry_condition(None, None, Failed(data=TimeoutError())) is True
-    assert "validate: FAILED" in str(bad)
+    assert "validate: FAILED" in str(bad) and bad.headline == "stage 'validate' failed: bad input (exit code 2)"
+
+
+def test_planned_stages_follow_the_graph_from_the_changed_ones():
+    from flows.training import Pipeline
+
+    chain = Pipeline(["a", "b", "c", "d"], {"a": [], "b": ["a"], "c": ["b"], "d": ["a"]})
+    assert chain.downstream_of({"b"}) == ["b", "c"]
+    assert chain.downstream_of({"a"}) == ["a", "b", "c", "d"]
+    assert chain.downstream_of(set()) == []
+
+
+def test_project_graph_comes_from_dvc():
+    from flows.training import pipeline
+
+    graph = pipeline(ROOT)
+    assert graph.order == ["ingest", "validate", "preprocess", "load_pretrained", "fine_tune", "evaluate", "register"]
+    assert graph.upstream["evaluate"] == ["fine_tune", "preprocess"]
+    assert graph.downstream_of({"load_pretrained"}) == ["load_pretrained", "fine_tune", "evaluate", "register"]
 
 
 def test_stage_options_overlay_defaults(tmp_path):

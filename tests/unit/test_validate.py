@@ -1,6 +1,7 @@
 """The data gate passes a good fixture and fails each kind of broken one, naming the
 check and the offending file."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,15 +51,57 @@ def test_unknown_label_is_named(tmp_path, image_folder):
     assert check.examples[0]["class_name"] == "wolf"
 
 
-def test_empty_class_fails_min_per_class(tmp_path):
+def test_empty_class_is_a_named_failure_beside_the_other_bad_files(tmp_path, capsys):
+    """An empty class folder once crashed the stage (an infinite imbalance ratio in the
+    JSON report) and hid every other problem of the folder."""
+    from stages.validate import main
+
     root = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=5)
     (root / "empty").mkdir()
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
     manifest, classes = snapshot(tmp_path, root)
     result = validate(manifest, classes, PARAMS)
     names = failed(result)
-    check = names["every class has at least 3 samples"]
-    assert [e["class_name"] for e in check.examples] == ["empty"]
-    assert "largest / smallest class <= 5" in names  # 5 / 0 is unbounded
+    assert [e["class_name"] for e in names["every class has at least 3 samples"].examples] == ["empty"]
+    assert [e["path"] for e in names["every image decodes"].examples] == ["b/broken.png"]
+    # The imbalance is measured between non-empty classes (6 / 5): the empty one is named above.
+    assert "largest / smallest class <= 5" not in names
+
+    params = tmp_path / "params.yaml"
+    params.write_text("validate: {min_per_class: 3, max_imbalance: 5.0, min_side: 8, max_side: 4096, on_class_change: fail}\n")
+    report = tmp_path / "validation.json"
+    argv = ["--raw", str(tmp_path / "raw"), "--report", str(report), "--accepted", str(tmp_path / "acc.json"), "--params", str(params)]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and "b/broken.png" in err and "Traceback" not in err
+    assert json.loads(report.read_text())["success"] is False
+    assert not (tmp_path / "acc.json").exists()  # nothing accepted
+
+
+def test_one_class_is_refused_naming_the_class(tmp_path):
+    root = make_image_folder(tmp_path / "src", classes=("only",), per_class=8)
+    manifest, classes = snapshot(tmp_path, root)
+    result = validate(manifest, classes, PARAMS)
+    check = failed(result)["every split has at least two classes"]
+    assert check.examples == [{"split": "train", "classes": 1, "classes found": "only"}]
+
+
+def test_one_class_in_the_source_test_split_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=6, splits=True)
+    for f in (root / "test" / "b").iterdir():
+        f.unlink()
+    manifest, classes = snapshot(tmp_path, root)
+    check = failed(validate(manifest, classes, PARAMS))["every split has at least two classes"]
+    assert check.examples == [{"split": "test", "classes": 1, "classes found": "a"}]
+
+
+def test_class_change_failure_names_the_setting(tmp_path, image_folder):
+    manifest, classes = snapshot(tmp_path, image_folder)
+    result = validate(manifest, classes, PARAMS, accepted_classes=["cat", "dog", "owl"])
+    text = format_summary(result, Path("m"))
+    assert "validate.on_class_change" in text and "Fix or remove the files" not in text
 
 
 def test_train_test_duplicate_is_leakage(tmp_path):
