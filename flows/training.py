@@ -9,6 +9,7 @@ run log, run history, and a parent MLflow run that the pipeline's run nests unde
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -38,6 +39,9 @@ class StageFailed(RuntimeError):
         self.stage, self.exit_code, self.message = stage, exit_code, message
         self.retryable = exit_code != BAD_INPUT_EXIT
         super().__init__(f"{self.headline}:\n{message}" if message else self.headline)
+
+    def __repr__(self) -> str:  # Prefect logs a failed state with its data's repr: keep it one line
+        return f"StageFailed(stage={self.stage!r}, exit_code={self.exit_code})"
 
     @property
     def headline(self) -> str:
@@ -86,6 +90,22 @@ def stale_stages(root: Path, stages: list[str] | None = None) -> list[str]:
 
     with Repo(str(root)) as repo:
         return sorted(repo.status(targets=stages))
+
+
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a failed task with ``exc_info=True`` even when the failure is a
+    returned state, not an exception, which prints a bare ``NoneType: None``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+def _quiet_task_failures() -> None:
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _NoEmptyTraceback) for f in logger.filters):
+        logger.addFilter(_NoEmptyTraceback())
 
 
 def _retry_condition(task_, task_run, state) -> bool:
@@ -214,6 +234,7 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
     from flows.notify import notify
 
     logger = get_run_logger()
+    _quiet_task_failures()
     root = Path(project_dir).resolve()
     lock = ProjectLock(root)
     if not lock.acquire(wait=False):

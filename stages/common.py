@@ -70,11 +70,14 @@ def stage_main(fn: F) -> F:
 
 
 def progress(iterable, **kwargs):
-    """tqdm with graft's defaults: to stderr; in a log (not a terminal) it redraws every
-    30 s instead of every second, so logs stay readable."""
+    """tqdm with graft's defaults, to stderr. On a terminal it redraws every second; in a
+    log (not a terminal: the Prefect flow, CI) a bar appears only for work that lasts
+    more than 30 s, and then redraws every 30 s, so short steps add no lines at all."""
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("mininterval", 1.0 if sys.stderr.isatty() else 30.0)
+    tty = sys.stderr.isatty()
+    kwargs.setdefault("mininterval", 1.0 if tty else 30.0)
+    kwargs.setdefault("delay", 0.0 if tty else 30.0)
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def experiment_name() -> str:
 
 def git_info(root: Path | None = None) -> dict[str, str]:
     """``mlflow.source.git.commit`` (MLflow's own tag for the code version) and
-    ``git_dirty`` (whether tracked files had uncommitted changes)."""
+    ``git_dirty`` (whether tracked files other than ``dvc.lock`` had uncommitted changes)."""
     root = root or Path.cwd()
 
     def git(*args: str) -> str:
@@ -72,7 +73,8 @@ def git_info(root: Path | None = None) -> dict[str, str]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        # dvc.lock is the pipeline's own record, rewritten by the very run being tagged.
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {GIT_COMMIT_TAG: "unknown", "git_dirty": "unknown"}
     return {GIT_COMMIT_TAG: commit, "git_dirty": str(dirty).lower()}
@@ -138,5 +140,9 @@ def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Pat
     for split, context in contexts.items():
         frame = pd.DataFrame({"id": np.load(prepared / f"{split}_ids.npy"),
                               "class_name": classes[np.load(prepared / f"{split}_y.npy")]})  # fmt: skip
-        dataset = mlflow.data.from_pandas(frame, source=source, name=split, digest=digest, targets="class_name")
+        with warnings.catch_warnings():
+            # MLflow registers its local-path source class twice and then warns that a path
+            # "can be interpreted in multiple ways" (both are the same class).
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=split, digest=digest, targets="class_name")
         mlflow.log_input(dataset, context=context, tags={"dvc_hash": version.get("data_version", "unknown")})
