@@ -89,7 +89,10 @@ def stale_stages(root: Path, stages: list[str] | None = None) -> list[str]:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return sorted(repo.status(targets=stages))
+        # Full addresses: a bare stage name would be looked up from this process's cwd.
+        targets = [f"{root / 'dvc.yaml'}:{s}" for s in stages] if stages else None
+        # Keys are addresses relative to the cwd too (`../p/dvc.yaml:validate`): keep the name.
+        return sorted(key.rsplit(":", 1)[-1] for key in repo.status(targets=targets))
 
 
 class _NoEmptyTraceback(logging.Filter):

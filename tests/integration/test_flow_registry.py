@@ -37,11 +37,29 @@ def registry(project):
     return client, reg
 
 
-def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env, tmp_path):
+def prefect_task_runs(flow_run_id):
+    """{task name: task run} of one flow run, and the flow run's artifacts, from the Prefect API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            return {r.name.rsplit("-", 1)[0].removeprefix("dvc-"): r for r in runs}, artifacts
+
+    return asyncio.run(read())
+
+
+def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env, tmp_path, monkeypatch):
     from flows.training import training_pipeline
+    from stages import tracking
 
     project = project_run_env
     set_params(project, **TINY)
+    monkeypatch.setenv("GRAFT_USER", "ci-bot")  # who moves aliases, as the history records it
 
     # 1. The first run trains and registers version 1 as champion.
     first = training_pipeline(project_dir=str(project))
@@ -53,9 +71,35 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     for tag in ("git_commit", "data_version", "params_hash", "mlflow_run_id", "prefect_flow_run_id", "test_accuracy"):
         assert v1.tags.get(tag), tag
     assert v1.tags["prefect_flow_run_id"] == first["flow_run_id"]
-    # The pipeline's run nests under the flow's parent run.
+    # The pipeline's run nests under the flow's parent run, and both are in the `graft`
+    # experiment (not MLflow's "Default"), with their artifacts in mlruns/artifacts.
     run = client.get_run(v1.tags["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == first["mlflow_parent_run_id"]
+    graft_exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    assert run.info.experiment_id == graft_exp.experiment_id != "0"
+    assert client.get_run(first["mlflow_parent_run_id"]).info.experiment_id == graft_exp.experiment_id
+    assert run.info.artifact_uri.startswith((project / "mlruns" / "artifacts").as_uri())
+    assert client.search_runs(["0"]) == []
+    assert run.data.tags["mlflow.source.git.commit"] == v1.tags["git_commit"]
+    # The data the model saw, as MLflow datasets with the DVC hash as digest.
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val", "test"}
+    assert {d.dataset.digest for d in inputs.values()} == {v1.tags["data_version"].removesuffix(".dir")}
+    assert {t.value for t in inputs["test"].tags} >= {"testing"}
+    # Per-epoch series and one-off summaries have different names: no chart mixes them.
+    assert len(client.get_metric_history(run.info.run_id, "images_per_second")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "fit_images_per_second_mean")) == 1
+    # A readable description on the version; the alias move records who made it.
+    assert "Test metrics: accuracy" in v1.description and v1.tags["git_commit"] in v1.description
+    assert reg.history(client, "graft-classifier")[0]["user"] == "ci-bot"
+    # Prefect: the task runs carry DVC's edges, and the flow run publishes its summary.
+    tasks, artifacts = prefect_task_runs(first["flow_run_id"])
+    assert set(tasks) == set(first["stages"])
+    waits = {name: {i.id for i in t.task_inputs.get("wait_for", [])} for name, t in tasks.items()}
+    assert waits["evaluate"] == {tasks["fine_tune"].id, tasks["preprocess"].id}
+    assert waits["ingest"] == set() and waits["validate"] == {tasks["ingest"].id}
+    summary_md = next(a for a in artifacts if a.key == "graft-run-summary").data
+    assert "graft run: done" in summary_md and run.info.run_id in summary_md and "v1 is **champion**" in summary_md
 
     # 2. graft predict on a folder: one row per image, same classes as graft's own evaluation.
     folder = tmp_path / "test_images"
@@ -65,11 +109,15 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
         for m in tar:
             if m.name.split(".")[0] in ids:
                 (folder / m.name).write_bytes(tar.extractfile(m).read())
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     out = tmp_path / "pred.csv"
     res = graft(project, "predict", str(folder), "--out", str(out))
     assert res.exit_code == 0, res.output
+    assert f"{len(ids) + 1} image(s): {len(ids)} classified" in res.output and "1 could not be decoded" in res.output
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == len(ids)
+    assert len(rows) == len(ids) + 1
+    broken = rows.pop()
+    assert broken["path"].endswith("zz_broken.png") and broken["class"] == "" and broken["error"]
     ours = {r["id"]: r for r in csv.DictReader((project / "reports/evaluate/predictions.csv").open())}
     for r in rows:
         sample = r["path"].rsplit("/", 1)[1].split(".")[0]
@@ -86,24 +134,37 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert third["stages"]["fine_tune"] == "ran" and third["stages"]["ingest"] == "cached"
     assert third["decision"]["version"] == "2" and third["decision"]["alias"] == "challenger"
     assert third["decision"]["champion_accuracy"] > third["decision"]["candidate_accuracy"]
-    assert third["decision"]["mcnemar"]["p_value"] <= 1.0
     assert str(reg.alias_version(client, "graft-classifier", "champion").version) == "1"
     assert str(reg.alias_version(client, "graft-classifier", "challenger").version) == "2"
+    assert "replaces" not in third["decision"]["reason"]
 
-    # The gate refuses a worse version; --force promotes it; rollback restores v1.
-    res = graft(project, "promote", "2")
+    # 5. Another losing candidate takes the challenger alias, and says so.
+    fourth = training_pipeline(project_dir=str(project), overrides=["fine_tune.seed=7"])
+    assert fourth["decision"]["version"] == "3" and fourth["decision"]["alias"] == "challenger"
+    assert fourth["decision"]["replaces_challenger"] == "2" and "v3 replaces v2 as challenger" in fourth["decision"]["reason"]
+
+    # The gate refuses a worse version; --force promotes it (clearing its challenger alias,
+    # recorded); rollback restores v1.
+    res = graft(project, "promote", "3")
     assert res.exit_code == 1 and "did not pass the gate" in res.output
-    res = graft(project, "promote", "2", "--force", "--reason", "test")
+    res = graft(project, "promote", "3", "--force", "--reason", "test")
     assert res.exit_code == 0, res.output
-    assert str(reg.alias_version(client, "graft-classifier", "champion").version) == "2"
+    assert str(reg.alias_version(client, "graft-classifier", "champion").version) == "3"
+    assert reg.alias_version(client, "graft-classifier", "challenger") is None
     res = graft(project, "rollback")
     assert res.exit_code == 0, res.output
     assert str(reg.alias_version(client, "graft-classifier", "champion").version) == "1"
     moves = [(h["alias"], h["from_version"], h["to_version"]) for h in reg.history(client, "graft-classifier")]
-    assert moves == [("champion", None, "1"), ("challenger", None, "2"), ("champion", "1", "2"), ("champion", "2", "1")]
+    assert moves == [("champion", None, "1"), ("challenger", None, "2"), ("challenger", "2", "3"),
+                     ("champion", "1", "3"), ("challenger", "3", None), ("champion", "3", "1")]  # fmt: skip
+    assert {h["user"] for h in reg.history(client, "graft-classifier")} == {"ci-bot"}
 
     res = graft(project, "status")
-    assert res.exit_code == 0 and "champion   v1" in res.output and "rollback" in res.output
+    assert res.exit_code == 0 and "champion   v1" in res.output
+    table = res.output[res.output.index("alias history"):].splitlines()
+    assert table[1].split()[:4] == ["time", "(UTC)", "alias", "from"] and "by" in table[1]
+    assert table[-1].split()[2:6] == ["champion", "v3", "v1", "ci-bot"] and "rollback" in table[-1]
+    assert any(line.split()[2:5] == ["challenger", "v3", "(removed)"] for line in table)
 
 
 def test_validation_failure_stops_the_flow_at_validate(prefect_harness, project_run_env, tmp_path):
