@@ -9,6 +9,7 @@ STAMP := $(VENV)/.graft-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Debian's PostgreSQL: the tests run the MLflow server on it too.
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+CHROMEDRIVER := $(shell command -v chromedriver)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # dvc.yaml's stages call `python -m ...`: the venv's python must come first on PATH.
@@ -17,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: help setup data postgres run test clean servers servers-stop
+.PHONY: help setup data postgres browser run test clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -38,6 +39,13 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+browser:  ## install Debian's Chromium and its WebDriver (for the UI tests in a real browser)
+ifeq ($(CHROMEDRIVER),)
+	@echo "graft: installing the Debian packages chromium and chromium-driver"
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver
+endif
+
 postgres:  ## install Debian's PostgreSQL server (for the MLflow-on-PostgreSQL test)
 ifeq ($(PG_INITDB),)
 	@echo "graft: installing the Debian package postgresql"
@@ -48,7 +56,7 @@ endif
 run: setup  ## set up, then run the pipeline through the flow, up to a registered model
 	$(BIN)/graft run
 
-test: setup postgres  ## set up, then run the whole test suite (slow integration tests included)
+test: setup postgres browser  ## set up, then run the whole test suite (slow integration tests included)
 	$(BIN)/python -m pytest
 
 servers: setup  ## start the Prefect and MLflow servers on 127.0.0.1 (graft server start)

@@ -74,8 +74,10 @@ def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dict[
         "prefect": {
             "cmd": [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect.port)],
             # The server's own database lives in the project, not in ~/.prefect.
+            # The UI's own API address defaults to port 4200 whatever --port says: without
+            # PREFECT_UI_API_URL the pages of a server on another port show nothing.
             "env": {"PREFECT_HOME": str(root / ".graft" / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_API_URL": ""},  # fmt: skip
+                    "PREFECT_API_URL": "", "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect.port}/api"},  # fmt: skip
             "url": f"http://127.0.0.1:{prefect.port}/api",
             "health": f"http://127.0.0.1:{prefect.port}/api/health",
         },

@@ -34,8 +34,11 @@ def test_pipeline_logs_one_mlflow_run(project):
     assert run.info.status == "FINISHED"
     assert run.data.params["fine_tune.epochs"] == "2" and run.data.params["preprocess.image_size"] == "32"
     assert run.data.params["ingest.source"] == "fashion-mnist"
+    # Plain `dvc repro` (no Prefect) logs into the `graft` experiment too, not "Default".
+    assert client.get_experiment(run.info.experiment_id).name == "graft" and run.info.experiment_id != "0"
     tags = run.data.tags
-    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    # set_params edited params.yaml after the copy's commit: the run must say so.
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] == "true"
     assert tags["pretrained_weights_sha256"].startswith("57934424")
     assert tags["data_version"].endswith(".dir")
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
@@ -43,6 +46,20 @@ def test_pipeline_logs_one_mlflow_run(project):
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(run_id, "training")} >= {"training/history.csv", "training/learning_curves.png"}
+
+    # DVC's metrics are the model's figures only (data statistics are plain outputs), so
+    # `dvc exp show` leads with accuracy, macro-F1 and ECE.
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+    files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
+    assert set(files) == {"reports/evaluate/metrics.json"}
+    header = dvc(project, "exp", "show", "--csv").stdout.splitlines()[0].split(",")
+    first_metrics = [h for h in header if h in ("accuracy", "macro_f1", "ece", "n")]
+    assert first_metrics and header.index("accuracy") < min(i for i, h in enumerate(header) if "." in h)
+    assert not any("class_counts" in h or h.startswith("images.") for h in header)
+    # Plots: the two learning-curve charts and the model's images, no chart of every history column.
+    plots = json.loads(dvc(project, "plots", "show", "--json").stdout)["data"]
+    assert "reports/fine_tune/history.csv" not in plots
+    assert {"Learning curves (loss)", "Learning curves (accuracy)", "reports/evaluate/predictions.csv"} <= set(plots)
 
     # Same params and data: nothing reruns. A new fine_tune param reruns fine_tune and what follows it only.
     again = dvc(project, "repro")

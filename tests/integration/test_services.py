@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import yaml
 
+from flows import services
 from tests.conftest import make_image_folder, project_env, set_params
 
 pytestmark = pytest.mark.slow
@@ -130,12 +131,72 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
                 os.killpg(serve.pid, signal.SIGKILL)
                 serve.wait()
 
-    # The run and the model version are in the MLflow server's store.
+    # The run and the model version are in the MLflow server's store, in the `graft` experiment.
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     versions = client.search_model_versions("name='graft-classifier'")
     assert len(versions) == 1 and versions[0].tags["prefect_flow_run_id"] == str(run.id)
-    assert client.get_run(versions[0].run_id).info.status == "FINISHED"
+    pipeline_run = client.get_run(versions[0].run_id)
+    assert pipeline_run.info.status == "FINISHED"
+    assert client.get_experiment(pipeline_run.info.experiment_id).name == "graft"
+    assert client.search_runs(["0"]) == []
     assert str(client.get_model_version_by_alias("graft-classifier", "champion").version) == "1"
+
+    # `graft ui` with the server up points at it instead of starting a second one.
+    ui = subprocess.run([sys.executable, "-m", "flows.cli", "ui", "--project", str(project)], cwd=project, env=env,
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ui.returncode == 0 and f"already serves the UI: open {st['mlflow']['url']}" in ui.stdout
+
+    browse_the_uis(st, pipeline_run, str(run.id), tmp_path)
+
+
+def browse_the_uis(st, pipeline_run, flow_run_id, shots):
+    """A real headless Chromium on the servers' UIs: the run under `graft` with its
+    metrics, the registered model with its champion alias, the Prefect flow run page."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.fail("chromium and chromium-driver are needed (make test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+
+    def page_shows(url, *texts, shot):
+        driver.get(url)
+        try:
+            WebDriverWait(driver, 60).until(lambda d: all(t in d.find_element("tag name", "body").text for t in texts))
+        finally:
+            driver.save_screenshot(str(shots / f"{shot}.png"))
+
+    try:
+        mlflow_ui = services.ui_url(st["mlflow"])
+        exp, run_id = pipeline_run.info.experiment_id, pipeline_run.info.run_id
+        page_shows(f"{mlflow_ui}/#/experiments/{exp}/runs/{run_id}", "graft", pipeline_run.info.run_name,
+                   "test_accuracy", shot="mlflow-run")  # fmt: skip
+        page_shows(f"{mlflow_ui}/#/models/graft-classifier", "graft-classifier", "champion", shot="mlflow-model")
+        flow_name = flow_run_name(st["prefect"]["url"], flow_run_id)
+        page_shows(f"{services.ui_url(st['prefect'])}/runs/flow-run/{flow_run_id}", flow_name, "Completed",
+                   shot="prefect-flow-run")  # fmt: skip
+    finally:
+        driver.quit()
+
+
+def flow_run_name(api_url, flow_run_id):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run_id)).name
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
 
 
 def test_sensor_overlap_and_webhooks(prefect_harness, project_run_env, tmp_path, webhook):
@@ -177,3 +238,16 @@ def test_sensor_overlap_and_webhooks(prefect_harness, project_run_env, tmp_path,
         state.result()
     failed = [m for m in webhook.received if m["event"] == "run_failed"]
     assert len(failed) == 1 and failed[0]["stage"] == "validate" and "b/broken.png" in failed[0]["error"]
+
+
+def test_graft_ui_refuses_a_port_another_program_holds(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        res = CliRunner().invoke(app, ["ui", "--port", str(port), "--project", str(tmp_path)])
+    assert res.exit_code == 1 and f"port {port} on 127.0.0.1 is in use by another program" in res.output

@@ -48,3 +48,16 @@ def test_plots_are_written(tmp_path):
     plot_worst_mistakes(x, Y, P, ["a", "b"], tmp_path / "worst.png")
     for name in ("cm.png", "rel.png", "worst.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reliability_diagram_says_what_it_draws():
+    from stages.evaluate import calibration, reliability_figure
+
+    conf = np.array([0.15, 0.55, 0.6, 0.95, 0.97])
+    ece, bins = calibration(conf, np.array([0, 1, 0, 1, 1], dtype=bool))
+    fig = reliability_figure(bins, ece)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "bin: (mean confidence, accuracy)" in labels and "mean confidence" not in labels
+    counts = sorted(t.get_text() for t in ax.texts)
+    assert counts == sorted(f"n={b['count']}" for b in bins) and sum(b["count"] for b in bins) == 5

@@ -182,3 +182,40 @@ def test_checkpoint_of_other_inputs_is_ignored(tmp_path, data):
 def test_invalid_params_are_named():
     with pytest.raises(GraftError, match="fine_tune.lr_decay"):
         replace(BASE, lr_decay=0.0).validate()
+
+
+def test_validation_loss_is_the_training_objective():
+    """Train loss carries label smoothing; the val loss on the same chart must too, or the
+    curves compare different quantities (1.6 against 0.75 on the default run)."""
+    import torch.nn.functional as F
+
+    from stages.fine_tune import smoothed_cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(32, 5)).astype(np.float32))
+    y = rng.integers(0, 5, 32)
+    probs = torch.softmax(logits, 1).numpy()
+    for s in (0.0, 0.1, 0.3):
+        want = F.cross_entropy(logits, torch.from_numpy(y), label_smoothing=s).item()
+        assert smoothed_cross_entropy(probs, y, s) == pytest.approx(want, rel=1e-5)
+
+
+def test_learning_curves_have_integer_epochs_and_say_what_differs(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from stages.fine_tune import plot_learning_curves
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5, "val_accuracy": 0.6} for e in (1, 2, 3)]
+    captured = {}
+    real_close = plt.close
+    plt.close = lambda fig=None: captured.setdefault("fig", fig)
+    try:
+        plot_learning_curves(history, tmp_path / "c.png", label_smoothing=0.1)
+    finally:
+        plt.close = real_close
+    loss_ax = captured["fig"].axes[0]
+    assert "label smoothing 0.1" in loss_ax.get_title()
+    assert all(float(t).is_integer() for t in loss_ax.get_xticks())
+    assert any("augmented" in t.get_text() for t in loss_ax.get_legend().get_texts())
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    real_close(captured["fig"])

@@ -57,3 +57,18 @@ def test_significance_can_be_required():
 def test_incompatible_champion_is_not_replaced_silently():
     d = decide(vec(1, 1), None, "4", GATE, incompatible="other classes")
     assert not d.promote and "--force" in d.reason
+
+
+def test_messages_name_the_real_version():
+    d = decide(vec(1, 1), None, "4", GATE, incompatible="other classes", candidate_version="7")
+    assert "graft promote 7 --force" in d.reason and "VERSION" not in d.reason
+
+
+def test_challenger_decision_does_not_offer_the_champion_alias():
+    from stages.register import format_decision
+
+    lose = decide(vec(0, 1, 0, 0), vec(1, 1, 1, 1), "1", GATE, candidate_version="2")
+    text = format_decision(lose, "m", "2")
+    assert "@champion" not in text and "models:/m/2" in text and "champion stays v1" in text
+    win = decide(vec(1, 1, 1, 1), None, None, GATE, candidate_version="1")
+    assert "models:/m@champion" in format_decision(win, "m", "1")
