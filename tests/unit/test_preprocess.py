@@ -91,3 +91,22 @@ def test_modes_convert_to_rgb():
     wide.paste((0, 255, 0), (15, 0, 25, 10))  # a green band in the middle
     crop = images.load_rgb_array(_encode(wide), 10, "nearest", "center_crop")
     assert crop.shape == (10, 10, 3) and (crop[:, :, 1] == 255).mean() == 1.0
+
+
+def test_a_split_with_one_class_is_refused_naming_it(tmp_path):
+    """Class b has one image: it lands in train, so val holds class a alone. A model
+    scored on one class is always right; preprocess stops and names the split."""
+    from stages.common import GraftError
+    from stages.ingest import IngestParams, ingest
+    from stages.preprocess import PreprocessParams, preprocess
+    from tests.conftest import make_image_folder
+
+    src = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=10)
+    for f in sorted((src / "b").iterdir())[1:]:
+        f.unlink()
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir(), out.mkdir()
+    manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(src), seed=0), raw)
+    params = PreprocessParams(image_size=16, val_fraction=0.2, test_fraction=0.2, resize="squash", seed=0)
+    with pytest.raises(GraftError, match=r"the (val|test) split has 1 class \(a\)"):
+        preprocess(manifest, list(classes), raw / "images.tar", params, "bicubic", out)
