@@ -151,6 +151,7 @@ def status(project: Path = PROJECT) -> None:
     from stages import registry
 
     client, name = _registry(project)
+    _repair(client, name, project.resolve())
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except Exception:
@@ -160,7 +161,9 @@ def status(project: Path = PROJECT) -> None:
         return
     latest = max(versions, key=lambda v: int(v.version))
     hist = registry.history(client, name)
-    typer.secho(f"Registered model '{name}': {len(versions)} version(s)", bold=True)
+    pending = [f"v{v.version}" for v in versions if v.tags.get(registry.STATE_TAG) == "pending"]
+    typer.secho(f"Registered model '{name}': {len(versions)} version(s)"
+                + (f", {', '.join(pending)} being registered now" if pending else ""), bold=True)  # fmt: skip
     for label, mv in (("champion", registry.alias_version(client, name, registry.CHAMPION)),
                       ("challenger", registry.alias_version(client, name, registry.CHALLENGER)), ("latest", latest)):  # fmt: skip
         if mv is None:
@@ -189,7 +192,8 @@ def history_table(moves: list[dict]) -> list[str]:
         rows.append((h["time"].replace("+00:00", "").replace("T", " "), h["alias"],
                      f"v{h['from_version']}" if h["from_version"] else "-",
                      f"v{h['to_version']}" if h["to_version"] else "(removed)",
-                     h.get("user") or "?", h["reason"]))  # fmt: skip
+                     h.get("user") or "?",
+                     h["reason"] + ("" if h.get("state", "done") == "done" else f" [{h['state']}]")))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
 
@@ -209,6 +213,7 @@ def promote(
     from stages.register import RegisterParams, load_test_images, score
 
     client, name = _registry(project)
+    _repair(client, name, project.resolve())
     try:
         client.get_model_version(name, version)
     except Exception:
@@ -249,15 +254,35 @@ def rollback(
     from stages import registry
 
     client, name = _registry(project)
+    _repair(client, name, project.resolve())
     current = registry.alias_version(client, name, registry.CHAMPION)
     if current is None:
         _fail(f"'{name}' has no champion to roll back")
-    moves = [h for h in registry.history(client, name) if h["alias"] == registry.CHAMPION]
-    previous = next((h["from_version"] for h in reversed(moves) if h["to_version"] == str(current.version) and h["from_version"]), None)
-    if previous is None:
-        _fail(f"v{current.version} is the first champion of '{name}': there is nothing to roll back to")
-    registry.move_alias(client, name, registry.CHAMPION, previous, f"{reason} (from v{current.version})")
+    stack = registry.champion_stack(registry.history(client, name))
+    if not stack or stack[-1] != str(current.version):
+        _fail(f"the champion v{current.version} was not set through graft (its alias history ends at "
+              f"{'v' + stack[-1] if stack else 'nothing'}); move it with `graft promote VERSION --force`")  # fmt: skip
+    if len(stack) < 2:
+        _fail(f"v{current.version} is the first champion of '{name}' still in force: there is nothing earlier to roll back to")
+    previous = stack[-2]
+    registry.move_alias(client, name, registry.CHAMPION, previous, f"{reason} (from v{current.version})", kind="rollback")
     typer.echo(f"{name}: champion rolled back from v{current.version} to v{previous}")
+
+
+def _repair(client, name: str, root: Path) -> None:
+    """Finish or undo an interrupted registration or alias move (see registry.repair), but
+    only while no training run holds the project: a registration under way is not a wreck."""
+    from flows.training import ProjectLock
+    from stages import registry
+
+    lock = ProjectLock(root)
+    if not lock.acquire(wait=False):
+        return
+    try:
+        for line in registry.repair(client, name):
+            typer.secho(f"repaired: {line}", fg=typer.colors.YELLOW)
+    finally:
+        lock.release()
 
 
 @app.command()

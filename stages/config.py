@@ -128,24 +128,47 @@ def section(cls: type[T], params: dict[str, Any], name: str, path: str | Path = 
     return parse(cls, params[name], name)
 
 
+def parse_value(raw: str) -> Any:
+    """An override's value as YAML, except that ``1e6`` (an exponent without a dot, a
+    string to PyYAML's YAML 1.1) is the number a person means."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def set_override(params: dict[str, Any], assignment: str) -> None:
-    """Apply ``section.key=value`` (value parsed as YAML) to a params mapping in place."""
+    """Apply ``section.key=value`` (value parsed as YAML) to a params mapping in place.
+    The keys allowed are the fields of the stage's parameter type, whether or not the
+    file spells them out (a field with a default may be absent from params.yaml)."""
     if "=" not in assignment:
         raise ParamsError(f"override {assignment!r}: expected section.key=value")
     dotted, raw = assignment.split("=", 1)
     parts = dotted.strip().split(".")
-    if len(parts) < 2 or not all(parts):
+    if len(parts) != 2 or not all(parts):
         raise ParamsError(f"override {assignment!r}: expected section.key=value")
-    node = params
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            raise ParamsError(f"override {assignment!r}: no section '{part}' in params.yaml")
-        node = node[part]
-    if parts[-1] not in node:
-        raise ParamsError(
-            f"override {assignment!r}: unknown key '{dotted}'; known: {', '.join(sorted(node))}"
-        )
-    node[parts[-1]] = yaml.safe_load(raw)
+    name, key = parts
+    if not isinstance(params.get(name), dict):
+        raise ParamsError(f"override {assignment!r}: no section '{name}' in params.yaml")
+    known = section_fields(name) or list(params[name])
+    if key not in known:
+        raise ParamsError(f"override {assignment!r}: unknown key '{dotted}'; known: {', '.join(sorted(known))}")
+    params[name][key] = parse_value(raw)
+
+
+def section_fields(name: str) -> list[str]:
+    """The keys a params section may hold: its stage type's fields ([] for a section no
+    stage declares)."""
+    if name not in SECTION_TYPES:
+        return []
+    return [f.name for f in dataclasses.fields(section_type(name))]
+
+
+def section_type(name: str) -> type:
+    import importlib
+
+    module, cls = SECTION_TYPES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 # Every section of params.yaml and the stage type that parses it (module:class), so a
@@ -163,13 +186,10 @@ SECTION_TYPES = {
 
 def check_all(params: dict[str, Any]) -> None:
     """Parse every known section; raise ParamsError naming the first bad key."""
-    import importlib
-
     from stages.common import GraftError
 
-    for section, target in SECTION_TYPES.items():
-        module, name = target.split(":")
-        cls = getattr(importlib.import_module(module), name)
+    for section in SECTION_TYPES:
+        cls = section_type(section)
         if section not in params:
             raise ParamsError(f"params.yaml: missing section '{section}'")
         try:
@@ -205,11 +225,8 @@ def write_overrides(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     doc = rt.load(path.read_text(encoding="utf-8"))
     for assignment in overrides:
         dotted, raw = assignment.split("=", 1)
-        *parents, leaf = dotted.strip().split(".")
-        node = doc
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(raw)
+        name, key = dotted.strip().split(".")
+        doc[name][key] = parse_value(raw)
     buf = io.StringIO()
     rt.dump(doc, buf)
     from stages.fsio import write_text

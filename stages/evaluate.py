@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stages import fsio, modeling
-from stages.common import stage_main
+from stages.common import GraftError, stage_main
 
 ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al., 2017)
 
@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     x, y = load_split(args.prepared, "test", mmap=False)
     ids = np.load(args.prepared / "test_ids.npy")
     probs = modeling.predict_proba(model, x, cfg, desc="evaluate")
+    broken = int((~np.isfinite(probs)).any(1).sum())
+    if broken:
+        raise GraftError(
+            f"evaluate: the model in {args.model} gives non-finite outputs (NaN or inf) for {broken} of {len(probs)} "
+            "test images: its weights are broken (training diverged). Retrain with a lower fine_tune.lr."
+        )
     m = compute_metrics(y, probs, cfg.classes)
 
     out = args.reports

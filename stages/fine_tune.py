@@ -318,6 +318,13 @@ def train(
                     batch = augment(train_split.x[idx], rng, p.hflip, p.crop_padding)
                     logits = model(modeling.to_input(batch, cfg, device, p.channels_last))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
+            if not torch.isfinite(loss):
+                # One NaN poisons every weight it reaches: stop before the step, save nothing.
+                raise GraftError(
+                    f"fine_tune: the training loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}: training "
+                    f"diverged. The usual cause is a learning rate too high (fine_tune.lr = {p.lr:g}); lower it, e.g. "
+                    f"`graft run --set fine_tune.lr={p.lr / 10:g}`. No model was saved."
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

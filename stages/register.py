@@ -130,6 +130,9 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     import mlflow
 
     client = mlflow.MlflowClient()
+    # An earlier registration killed half-way is finished or undone before this one.
+    for line in registry.repair(client, params.model_name):
+        print(f"register: repaired: {line}")
     images, truth = load_test_images(raw_dir, prepared_dir)
     with mlflow.start_run(run_id=run_id):
         info = log_candidate(model_dir, images)
@@ -151,9 +154,12 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     except Exception:
         client.create_registered_model(params.model_name, description="Registered by graft's register stage.")
     # The source is the logged model (models:/m-...): its id must go along, or a tracking
-    # server refuses the source.
-    mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    # server refuses the source. The version is pending until its alias is set: a kill
+    # before that leaves it for repair() to delete.
+    mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, model_id=info.model_id,
+                                     tags={**tags, registry.STATE_TAG: "pending"})  # fmt: skip
     version = str(mv.version)
+    registry.fault_point("after_create")
     try:
         registry.wait_until_ready(client, params.model_name, version)
         decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
@@ -170,11 +176,17 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
         client.set_model_version_tag(params.model_name, version, "graft.decision", json.dumps(decision.to_json()))
         client.update_model_version(params.model_name, version,
                                     description=describe(params.model_name, version, decision, metrics, tags))  # fmt: skip
+        registry.fault_point("after_tags")
         registry.move_alias(client, params.model_name, alias, version, decision.reason, run_id)
+        client.set_model_version_tag(params.model_name, version, registry.STATE_TAG, "ready")
     except BaseException as e:
-        # No half-registered model: the version goes, the aliases stay as they were.
-        client.delete_model_version(params.model_name, version)
-        raise GraftError(f"registering {params.model_name} v{version} failed and was undone: {type(e).__name__}: {e}") from e
+        # No half-registered model: repair() keeps the version only if its alias moved.
+        try:
+            undone = registry.repair(client, params.model_name)
+        except Exception as again:  # the registry itself is gone: the next run repairs
+            undone = [f"repair failed too ({type(again).__name__}: {again}); the next run retries it"]
+        raise GraftError(f"registering {params.model_name} v{version} failed: {type(e).__name__}: {e}\n"
+                         + "\n".join(f"  repaired: {line}" for line in undone)) from e  # fmt: skip
     return decision, version
 
 

@@ -1,8 +1,15 @@
 """The model registry's rules: aliases with a history, and the promotion gate.
 
 MLflow keeps no history of alias moves, so graft records every move (when, which alias,
-from which version to which, why, by which run) as a tag on the registered model
-(``graft.alias_history.<n>``, one small JSON document each). The gate compares models on
+from which version to which, why, by which run and user) as a tag on the registered
+model (``graft.alias_history.<n>``, one small JSON document each).
+
+The history is also the write-ahead record that makes registration survive ``kill -9``:
+a move is written as ``intended`` before the alias moves and marked ``done`` after; a new
+version carries ``graft.state=pending`` until its alias is set. :func:`repair` finishes or
+undoes whatever a killed process left: a move whose alias did change is marked done, one
+whose alias did not is marked aborted, and a pending version that never got its alias is
+deleted. The gate compares models on
 the same images with the same code: each model is loaded as the registered pyfunc and
 scores the raw test images, so each applies its own preprocessing.
 """
@@ -22,6 +29,8 @@ from stages.common import GraftError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_PREFIX = "graft.alias_history."
+STATE_TAG = "graft.state"  # on a model version: pending until its alias is set, then ready
+FAULT_ENV = "GRAFT_FAULT_POINT"  # tests: SIGKILL this process at the named step
 
 
 # --- the gate (pure) ---------------------------------------------------------------------
@@ -105,14 +114,30 @@ def alias_version(client, name: str, alias: str):
         return None
 
 
-def history(client, name: str) -> list[dict[str, Any]]:
+def fault_point(name: str) -> None:
+    """A named step of a registration. The fault tests set ``GRAFT_FAULT_POINT`` to one
+    of them and the process kills itself there, as ``kill -9`` would."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _history_tags(client, name: str) -> list[tuple[str, dict[str, Any]]]:
     from mlflow.exceptions import MlflowException
 
     try:
         tags = client.get_registered_model(name).tags
     except MlflowException:
         return []
-    return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY_PREFIX)]
+    return [(k, json.loads(v)) for k, v in sorted(tags.items()) if k.startswith(HISTORY_PREFIX)]
+
+
+def history(client, name: str, done_only: bool = False) -> list[dict[str, Any]]:
+    """Every recorded alias move, oldest first; ``done_only`` drops moves that were
+    intended but never happened (aborted) or are still under way."""
+    entries = [e for _, e in _history_tags(client, name)]
+    return [e for e in entries if e.get("state", "done") == "done"] if done_only else entries
 
 
 def current_user() -> str:
@@ -125,12 +150,7 @@ def current_user() -> str:
         return f"uid {os.getuid()}"
 
 
-def _record(client, name: str, entry: dict[str, Any]) -> None:
-    n = len(history(client, name))
-    client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{n:06d}", json.dumps(entry))
-
-
-def _entry(alias: str, previous, version: str | None, reason: str, run_id: str | None) -> dict[str, Any]:
+def _entry(alias: str, previous, version: str | None, reason: str, run_id: str | None, kind: str) -> dict[str, Any]:
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "alias": alias,
@@ -139,39 +159,94 @@ def _entry(alias: str, previous, version: str | None, reason: str, run_id: str |
         "reason": reason,
         "run_id": run_id,
         "user": current_user(),
+        "kind": kind,  # move | rollback | removal
+        "state": "intended",
     }
 
 
-def move_alias(client, name: str, alias: str, version: str, reason: str, run_id: str | None = None) -> dict[str, Any]:
-    """Point ``alias`` at ``version`` and record the move. If recording fails, the alias is
-    put back, so the history never misses a move."""
-    previous = alias_version(client, name, alias)
-    entry = _entry(alias, previous, version, reason, run_id)
-    client.set_registered_model_alias(name, alias, str(version))
+def _set_entry(client, name: str, key: str, entry: dict[str, Any]) -> None:
+    client.set_registered_model_tag(name, key, json.dumps(entry))
+
+
+def _apply(client, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Write ``entry`` ahead, move (or remove) the alias, mark the entry done."""
+    key = f"{HISTORY_PREFIX}{len(_history_tags(client, name)):06d}"
+    _set_entry(client, name, key, entry)
+    fault_point("after_history")
     try:
-        _record(client, name, entry)
-    except Exception:
-        if previous:
-            client.set_registered_model_alias(name, alias, str(previous.version))
+        if entry["to_version"] is None:
+            client.delete_registered_model_alias(name, entry["alias"])
         else:
-            client.delete_registered_model_alias(name, alias)
+            client.set_registered_model_alias(name, entry["alias"], entry["to_version"])
+    except BaseException:
+        try:
+            _set_entry(client, name, key, {**entry, "state": "aborted"})
+        except Exception:
+            pass  # repair() settles it from the alias itself
         raise
+    fault_point("after_alias")
+    entry = {**entry, "state": "done"}
+    _set_entry(client, name, key, entry)
     return entry
+
+
+def move_alias(client, name: str, alias: str, version: str, reason: str, run_id: str | None = None,
+               kind: str = "move") -> dict[str, Any]:  # fmt: skip
+    """Point ``alias`` at ``version``, recorded ahead in the history (see the module doc)."""
+    previous = alias_version(client, name, alias)
+    return _apply(client, name, _entry(alias, previous, version, reason, run_id, kind))
 
 
 def remove_alias(client, name: str, alias: str, reason: str, run_id: str | None = None) -> dict[str, Any] | None:
-    """Clear ``alias`` (if set) and record the removal (``to_version`` null)."""
+    """Clear ``alias`` (if set), recorded like a move (``to_version`` null)."""
     previous = alias_version(client, name, alias)
     if previous is None:
         return None
-    entry = _entry(alias, previous, None, reason, run_id)
-    client.delete_registered_model_alias(name, alias)
-    try:
-        _record(client, name, entry)
-    except Exception:
-        client.set_registered_model_alias(name, alias, str(previous.version))
-        raise
-    return entry
+    return _apply(client, name, _entry(alias, previous, None, reason, run_id, "removal"))
+
+
+def champion_stack(moves: list[dict[str, Any]]) -> list[str]:
+    """The champions in order, as rollbacks see them: a promotion pushes its version, a
+    rollback pops the one it replaced. The last element is the current champion, the one
+    before it is where a rollback goes (never forward to a model rolled back from)."""
+    stack: list[str] = []
+    for h in moves:
+        if h["alias"] != CHAMPION or h.get("state", "done") != "done":
+            continue
+        if h.get("kind") == "rollback":
+            if stack:
+                stack.pop()
+        elif h["to_version"] is None:
+            stack.clear()
+        else:
+            stack.append(h["to_version"])
+    return stack
+
+
+def repair(client, name: str) -> list[str]:
+    """Finish or undo what a killed registration or alias move left behind; return one
+    line per repair. Call it only while no other registration runs on this model."""
+    repaired = []
+    for key, entry in _history_tags(client, name):
+        if entry.get("state", "done") != "intended":
+            continue
+        current = alias_version(client, name, entry["alias"])
+        moved = (str(current.version) if current else None) == entry["to_version"]
+        _set_entry(client, name, key, {**entry, "state": "done" if moved else "aborted"})
+        what = f"{entry['alias']} v{entry['from_version'] or '-'} -> v{entry['to_version'] or '-'}"
+        repaired.append(f"alias move {what}: " + ("it happened; recorded as done" if moved else "it never happened; recorded as aborted"))
+    done = history(client, name, done_only=True)
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get(STATE_TAG) != "pending":
+            continue
+        version = str(mv.version)
+        if any(h["to_version"] == version for h in done):
+            client.set_model_version_tag(name, version, STATE_TAG, "ready")
+            repaired.append(f"v{version}: its alias was set before the interruption; marked ready")
+        else:
+            client.delete_model_version(name, version)
+            repaired.append(f"v{version}: registration was interrupted before its alias was set; version deleted")
+    return repaired
 
 
 def wait_until_ready(client, name: str, version: str, timeout: float = 120.0):

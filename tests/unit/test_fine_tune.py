@@ -219,3 +219,18 @@ def test_learning_curves_have_integer_epochs_and_say_what_differs(tmp_path):
     assert any("augmented" in t.get_text() for t in loss_ax.get_legend().get_texts())
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     real_close(captured["fig"])
+
+
+def test_diverging_training_stops_at_the_first_non_finite_loss(tmp_path, data):
+    """lr=1e6 once trained to NaN, saved the model and crashed evaluate later."""
+    train_split, val_split = data
+    model, cfg = make_model()
+    ck = tmp_path / "ck.pt"
+    p = replace(BASE, lr=1e6, mode="full", epochs=3)
+    with pytest.raises(GraftError, match=r"training loss became (nan|inf).*fine_tune.lr = 1e\+06.*No model was saved") as e:
+        train(model, cfg, train_split, val_split, p, checkpoint=ck)
+    assert "epoch 1" in str(e.value) or "epoch 2" in str(e.value)
+    # Only epochs that ended with finite losses are ever checkpointed.
+    if ck.is_file():
+        history = torch.load(ck, weights_only=False)["history"]
+        assert all(np.isfinite(h["train_loss"]) for h in history)

@@ -1,0 +1,92 @@
+"""kill -9 inside the register stage at each step boundary, then a rerun: the registry
+must end consistent. A real subprocess kills itself with SIGKILL at the named step
+(GRAFT_FAULT_POINT), against a real MLflow (SQLite under the project copy)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import copy_project, dvc, project_env, requires_fashion_mnist, set_params
+
+pytestmark = [pytest.mark.slow, requires_fashion_mnist]
+
+TINY = dict(
+    ingest={"max_train_per_class": 12, "max_test_per_class": 4},
+    preprocess={"image_size": 32},
+    fine_tune={"epochs": 2, "batch_size": 16, "mode": "partial", "frozen_groups": 4},
+    register={"min_accuracy": 0.0},
+)
+KILL_POINTS = ["after_create", "after_tags", "after_history", "after_alias"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A project copy trained up to evaluate, and a worse model (the pretrained one with
+    its untrained head) to sit as the first champion."""
+    project = copy_project(tmp_path_factory.mktemp("faults") / "project")
+    set_params(project, **TINY)
+    res = dvc(project, "repro", "evaluate", check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    worse = project / "worse_model"
+    shutil.copytree(project / "models/pretrained", worse)
+    shutil.copy(project / "models/fine_tuned/mlflow_run.json", worse / "mlflow_run.json")
+    return project
+
+
+def register(project, model_name, model_dir, fault=None):
+    params = project / f"params-{model_name}.yaml"
+    if not params.exists():
+        text = (project / "params.yaml").read_text().replace("model_name: graft-classifier", f"model_name: {model_name}")
+        params.write_text(text)
+    env = project_env(project)
+    if fault:
+        env["GRAFT_FAULT_POINT"] = fault
+    cmd = [sys.executable, "-m", "stages.register", "--model", str(model_dir), "--raw", "data/raw",
+           "--prepared", "data/prepared", "--metrics", "reports/evaluate/metrics.json",
+           "--decision", f"reports/decision-{model_name}.json", "--params", str(params)]  # fmt: skip
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+
+def client_for(project):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=project_env(project)["MLFLOW_TRACKING_URI"])
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_during_register_then_rerun_leaves_a_consistent_registry(trained, point):
+    from stages import registry
+
+    project, name = trained, f"faults-{point.replace('_', '-')}"
+    first = register(project, name, project / "worse_model")
+    assert first.returncode == 0, first.stderr[-2000:]
+    client = client_for(project)
+    assert str(registry.alias_version(client, name, "champion").version) == "1"
+
+    killed = register(project, name, project / "models/fine_tuned", fault=point)
+    assert killed.returncode == -9, killed.stdout[-1000:] + killed.stderr[-1000:]
+    rerun = register(project, name, project / "models/fine_tuned")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "register: repaired:" in rerun.stdout
+
+    versions = client.search_model_versions(f"name='{name}'")
+    # Every version that survives has its decision and is ready; nothing is pending.
+    for mv in versions:
+        assert mv.tags.get(registry.STATE_TAG) == "ready", (mv.version, mv.tags)
+        assert json.loads(mv.tags["graft.decision"])["reason"], mv.version
+    hist = registry.history(client, name)
+    assert all(h["state"] in ("done", "aborted") for h in hist), hist
+    # The fine-tuned model beat the untrained head once: exactly one champion move to it,
+    # done; the killed attempt either completed (after_alias) or left no trace but an abort.
+    champion = str(registry.alias_version(client, name, "champion").version)
+    assert champion != "1"
+    assert [h["to_version"] for h in hist if h["alias"] == "champion" and h["state"] == "done"] == ["1", champion]
+    if point == "after_alias":
+        assert champion == "2" and len(versions) == 3  # v2 completed by repair; the rerun made v3 (challenger)
+    else:
+        assert sorted(int(v.version) for v in versions) == [1, 3]  # v2 was deleted, the rerun made v3
+    # Rollback goes back to the true previous champion.
+    assert registry.champion_stack(hist)[-2:] == ["1", champion]

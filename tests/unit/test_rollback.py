@@ -1,0 +1,70 @@
+"""`graft rollback` walks back through the champions, never forward, against a real
+MLflow registry (SQLite under tmp_path); versions need no model for alias moves."""
+
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from stages import registry
+from tests.conftest import ROOT
+
+NAME = "graft-classifier"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # the CLI sets it process-wide; an earlier test's URI must not leak in
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    client = mlflow.MlflowClient()
+    client.create_registered_model(NAME)
+    for _ in range(3):
+        client.create_model_version(NAME, source=str(tmp_path), tags={registry.STATE_TAG: "ready"})
+    return tmp_path, client
+
+
+def graft(project, *args):
+    return CliRunner().invoke(app, [*args, "--project", str(project)])
+
+
+def champion(client):
+    return str(registry.alias_version(client, NAME, registry.CHAMPION).version)
+
+
+def test_second_rollback_goes_further_back_never_forward(project):
+    root, client = project
+    registry.move_alias(client, NAME, registry.CHAMPION, "1", "first")
+    assert graft(root, "promote", "2", "--force").exit_code == 0 and champion(client) == "2"
+    res = graft(root, "rollback")
+    assert res.exit_code == 0 and "from v2 to v1" in res.output and champion(client) == "1"
+    # Once toggled back to v2 (the rejected model); now there is nothing before v1.
+    res = graft(root, "rollback")
+    assert res.exit_code == 1 and "nothing earlier to roll back to" in res.output and champion(client) == "1"
+    # A new promotion stacks on v1; rolling it back returns to v1 again.
+    assert graft(root, "promote", "3", "--force").exit_code == 0
+    assert graft(root, "rollback").exit_code == 0 and champion(client) == "1"
+    kinds = [(h["kind"], h["from_version"], h["to_version"]) for h in registry.history(client, NAME)]
+    assert kinds == [("move", None, "1"), ("move", "1", "2"), ("rollback", "2", "1"), ("move", "1", "3"), ("rollback", "3", "1")]
+
+
+def test_an_interrupted_move_is_settled_from_the_alias(project):
+    """A move written ahead but killed before the alias changed is aborted; one killed
+    after the alias changed is completed; rollback only trusts completed moves."""
+    import json
+
+    root, client = project
+    registry.move_alias(client, NAME, registry.CHAMPION, "1", "first")
+    ahead = registry._entry(registry.CHAMPION, client.get_model_version(NAME, "1"), "2", "killed", None, "move")
+    client.set_registered_model_tag(NAME, f"{registry.HISTORY_PREFIX}000001", json.dumps(ahead))
+    client.set_model_version_tag(NAME, "3", registry.STATE_TAG, "pending")
+    res = graft(root, "status")
+    assert res.exit_code == 0 and "recorded as aborted" in res.output and "v3: registration was interrupted" in res.output
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] in (["1", "2"], ["2", "1"])
+    assert [h["state"] for h in registry.history(client, NAME)] == ["done", "aborted"]
+    assert graft(root, "rollback").exit_code == 1  # v1 is still the only champion that ever was
