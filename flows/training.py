@@ -313,6 +313,8 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
         experiment_id = tracking.configure(root)
         client = mlflow.MlflowClient()
         tags = {**tracking.run_tags(root, data=False), "graft.kind": "flow", "mlflow.runName": f"flow-{flow_run.name or 'local'}"}
+        for orphan in tracking.end_orphans(client, experiment_id, root):
+            logger.warning("MLflow run %s of an interrupted earlier run was still RUNNING: marked FAILED", orphan)
         parent_id = client.create_run(experiment_id, tags=tags).info.run_id
         logger.info("stages to run: %s (changed in DVC's view, and what depends on them); MLflow parent run %s",
                     ", ".join(planned), parent_id)  # fmt: skip
@@ -340,7 +342,11 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
             results[stage] = state.result()
     except BaseException:
         if client and parent_id:
-            client.set_terminated(parent_id, "FAILED")
+            try:
+                client.set_terminated(parent_id, "FAILED")
+            except Exception as e:  # the tracking server itself is gone: the next run ends it
+                logger.warning("could not mark MLflow run %s FAILED (%s); the next run will", parent_id,
+                               tracking.unreachable_message(e) or e)  # fmt: skip
         raise
     summary = read_summary(root, results)
     summary["flow_run_id"] = flow_run_id

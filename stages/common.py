@@ -60,6 +60,17 @@ def stage_main(fn: F) -> F:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             write_status(code, "" if isinstance(e.code, int) or e.code is None else str(e.code))
             raise
+        except Exception as e:
+            from stages.tracking import unreachable_message
+
+            message = unreachable_message(e)
+            if message is None:
+                write_status(1, f"{type(e).__name__}: {e}")
+                raise
+            write_status(1, message)  # worth a retry once the server is back: not bad input
+            if not os.environ.get(STATUS_ENV):
+                print(f"\nerror: {message}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         except BaseException as e:
             write_status(1, f"{type(e).__name__}: {e}")
             raise

@@ -16,6 +16,7 @@ import numpy as np
 
 from stages import fsio, modeling
 from stages.common import GraftError, stage_main
+from stages.config import DEFAULT_PARAMS
 
 ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al., 2017)
 
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared", required=True, type=Path, help="preprocess output directory")
     parser.add_argument("--model", required=True, type=Path, help="fine-tuned model directory")
     parser.add_argument("--reports", required=True, type=Path, help="directory for metrics and plots")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
 
     import mlflow
@@ -193,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     plot_worst_mistakes(x, y, probs, cfg.classes, out / "worst_mistakes.png")
 
     tracking.configure()
-    run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
+    training_run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
+    run_id = tracking.run_for("evaluate", training_run_id, args.params)
+    # register logs into the same run: it reads the id from here (one of its DVC deps).
+    fsio.write_json(out / tracking.RUN_FILE, {"run_id": run_id, "training_run_id": training_run_id})
     with mlflow.start_run(run_id=run_id):
         tracking.log_datasets(args.prepared, {"test": "testing"})
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items() if k != "per_class_f1"})

@@ -422,6 +422,33 @@ def write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
     fsio.write_text(path, "\n".join(lines) + "\n")
 
 
+def epoch_logger(mlflow) -> Callable[[dict[str, Any]], None]:
+    def log_epoch(record: dict[str, Any]) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+    return log_epoch
+
+
+def resumed_logging(run_id: str, history: list[dict[str, Any]], parent: str | None) -> None:
+    """A training resumed from its checkpoint: log the epochs the tracking server never
+    received (it was down, or the process died between checkpoint and logging), and move
+    the run under this pipeline run's parent, saying where it started."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
+    missing = [h for h in history if h["epoch"] not in logged]
+    for record in missing:
+        epoch_logger(mlflow)(record)
+    if missing:
+        print(f"fine_tune: logged {len(missing)} epoch(s) of metrics that had not reached the tracking server")
+    first = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if parent and first != parent:
+        client.set_tag(run_id, "mlflow.parentRunId", parent)
+        client.set_tag(run_id, "graft.resumed", f"training started under parent run {first or 'none'}, "
+                                                f"resumed from its checkpoint under {parent}")  # fmt: skip
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -466,13 +493,14 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.set_tags({**tracking.run_tags(), "pretrained_weights_sha256": cfg.weights_sha256 or "none",
                              "pretrained_source": cfg.source, "graft.stage": "pipeline"})
             tracking.log_datasets(args.prepared, {"train": "training", "val": "validation"})
+        else:
+            resumed_logging(run.info.run_id, previous.get("history", []), parent)
             for extra in ("reports/validation.json", "reports/preprocess.json"):
                 if Path(extra).is_file():
                     mlflow.log_artifact(extra, "data")
             mlflow.log_artifact(str(args.pretrained / modeling.CONFIG), "pretrained")
 
-        def log_epoch(record: dict[str, Any]) -> None:
-            mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+        log_epoch = epoch_logger(mlflow)
 
         # Checkpoints carry the run id, so a resumed training logs into the same run.
         result = train(model, cfg, train_split, val_split, params, args.checkpoint, run_key,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tarfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -119,6 +120,8 @@ def describe(name: str, version: str, decision: registry.Decision, metrics: dict
               f"- git commit: {tags.get('git_commit', 'unknown')} (uncommitted changes: {tags.get('git_dirty', 'unknown')})",
               f"- params hash: {tags.get('params_hash', 'unknown')}",
               f"- MLflow run: {tags.get('mlflow_run_id', 'unknown')}"]  # fmt: skip
+    if tags.get("training_run_id") and tags["training_run_id"] != tags.get("mlflow_run_id"):
+        lines.append(f"- trained in MLflow run {tags['training_run_id']} (model restored from DVC's cache)")
     if tags.get("prefect_flow_run_id"):
         lines.append(f"- Prefect flow run: {tags['prefect_flow_run_id']}")
     return "\n".join(lines)
@@ -228,13 +231,22 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_section(RegisterParams, "register", args.params)
     tracking.configure()
-    run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
+    runs = fsio.read_json(args.metrics.parent / tracking.RUN_FILE)  # written by evaluate
     metrics = {k: float(v) for k, v in fsio.read_json(args.metrics).items() if k in ("accuracy", "macro_f1", "ece")}
+    run_id = tracking.run_for("register", runs["run_id"], args.params)
+    if run_id != runs["run_id"]:  # a run of its own: it carries the test metrics it registers with
+        import mlflow
+
+        mlflow.MlflowClient().log_batch(run_id, metrics=[mlflow.entities.Metric(f"test_{k}", v, int(time.time() * 1000), 0)
+                                                         for k, v in metrics.items()])  # fmt: skip
     run_tags = tracking.run_tags()
     tags = {k: v for k, v in run_tags.items() if k in ("git_dirty", "data_version", "prefect_flow_run_id")}
     tags.update({"git_commit": run_tags[tracking.GIT_COMMIT_TAG], "params_hash": params_hash(args.params),
-                 "mlflow_run_id": run_id})  # fmt: skip
+                 "mlflow_run_id": run_id, "training_run_id": runs["training_run_id"]})  # fmt: skip
     decision, version = register(args.model, args.raw, args.prepared, params, run_id, tags, metrics)
+    import mlflow
+
+    mlflow.MlflowClient().set_tag(run_id, tracking.REGISTERED_TAG, f"{params.model_name}/{version}")
     report: dict[str, Any] = {"model_name": params.model_name, "version": version,
                               "alias": registry.CHAMPION if decision.promote else registry.CHALLENGER, **decision.to_json()}  # fmt: skip
     fsio.write_json(args.decision, report)

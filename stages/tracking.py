@@ -31,11 +31,22 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
 
 
+# MLflow retries an unanswered request for about 4 minutes by default (7 retries, backoff
+# factor 2), and a stage makes dozens of requests: a dead tracking server hung runs for a
+# quarter of an hour. graft's defaults give up after about 15 s per request; MLflow's own
+# variables, when set, win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}  # fmt: skip
+PROJECT_TAG = "graft.project"  # the project directory a run belongs to
+
+
 def configure(root: Path | None = None) -> str:
     """Point MLflow at the project's store (unless ``MLFLOW_TRACKING_URI`` is set) and make
     sure the experiment exists; return its id. Call from ``main()``, never at import."""
     import mlflow
 
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     root = (root or Path.cwd()).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
     if uri.startswith("sqlite:///"):
@@ -115,8 +126,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_tags(root: Path | None = None, data: bool = True) -> dict[str, str]:
     """What every run carries: the code version, the data version (``data``), and the
     Prefect flow run that started it."""
-    root = root or Path.cwd()
-    tags = {**git_info(root), **(data_version(root / "dvc.lock") if data else {})}
+    root = (root or Path.cwd()).resolve()
+    tags = {**git_info(root), **(data_version(root / "dvc.lock") if data else {}), PROJECT_TAG: str(root)}
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
     return tags
@@ -146,3 +157,79 @@ def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Pat
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
             dataset = mlflow.data.from_pandas(frame, source=source, name=split, digest=digest, targets="class_name")
         mlflow.log_input(dataset, context=context, tags={"dvc_hash": version.get("data_version", "unknown")})
+
+
+def unreachable_message(exc: BaseException) -> str | None:
+    """A message for a person when ``exc`` means the tracking server did not answer (None
+    otherwise): where it was, and the two ways out."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return None
+    signs = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "Read timed out",
+             "Connection aborted", "RemoteDisconnected")  # fmt: skip
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(sign in str(e) for sign in signs):
+            return (f"tracking server at {uri} unreachable: start it with `graft server start` or unset "
+                    "MLFLOW_TRACKING_URI (training keeps its checkpoint: the rerun resumes and logs what was missed)")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def end_orphans(client, experiment_id: str, root: Path, keep: set[str] = frozenset()) -> list[str]:
+    """Mark FAILED the runs of this project still RUNNING from a run that died (killed,
+    or its tracking server went away before it could say so). Call only while this
+    project's lock is held, so no run of it is alive; a training run resumed later comes
+    back to RUNNING by itself."""
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{PROJECT_TAG}` = '{root}'")
+    ended = []
+    for run in runs:
+        if run.info.run_id in keep:
+            continue
+        client.set_tag(run.info.run_id, "graft.ended_by", "a later run of the project: this one was interrupted")
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+REGISTERED_TAG = "graft.registered_version"  # set on a run once a model version was registered from it
+
+
+def run_for(stage: str, run_id: str, params_path: Path) -> str:
+    """The MLflow run that ``evaluate`` or ``register`` (``stage``) logs into.
+
+    ``run_id`` itself when this pipeline run made it: under the Prefect flow, it is nested
+    under this flow run's parent; with plain ``dvc repro``, this stage has not logged into
+    it yet (no test metrics for evaluate, no registered version for register). Otherwise
+    its model came from DVC's cache (an unchanged stage skipped, a later one rerun): a new
+    run is opened, nested like the original would be, with this run's params and
+    versions and ``graft.training_run_id`` linking the run that trained the model, so a
+    new result never lands on an old run."""
+    import mlflow
+
+    from stages.config import read_params
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        current = run.data.tags.get("mlflow.parentRunId") == parent
+    elif stage == "evaluate":
+        current = "test_accuracy" not in run.data.metrics
+    else:
+        current = REGISTERED_TAG not in run.data.tags
+    if current:
+        return run_id
+    training_run_id = run.data.tags.get("graft.training_run_id", run_id)
+    experiment_id = configure()
+    nest = {"nested": True, "parent_run_id": parent} if parent else {}
+    with mlflow.start_run(run_name=f"{stage}-{run.info.run_name}", experiment_id=experiment_id, **nest) as new:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(read_params(params_path)).items()})
+        mlflow.set_tags({**run_tags(), "graft.stage": stage, "graft.training_run_id": training_run_id,
+                         "pretrained_weights_sha256": run.data.tags.get("pretrained_weights_sha256", "none"),
+                         "mlflow.note.content": f"{stage} of the model trained in run {training_run_id}, restored "
+                                                "from DVC's cache (not retrained by this pipeline run)."})  # fmt: skip
+    print(f"{stage}: the model was trained by an earlier pipeline run ({training_run_id}); logging into a new "
+          f"MLflow run {new.info.run_id} that links it")
+    return new.info.run_id
