@@ -61,3 +61,35 @@ def test_reliability_diagram_says_what_it_draws():
     assert "bin: (mean confidence, accuracy)" in labels and "mean confidence" not in labels
     counts = sorted(t.get_text() for t in ax.texts)
     assert counts == sorted(f"n={b['count']}" for b in bins) and sum(b["count"] for b in bins) == 5
+
+
+def test_evaluate_refuses_a_model_with_non_finite_outputs(tmp_path, capsys):
+    """A diverged model once reached evaluate, which crashed writing NaN into JSON (and
+    was retried for nothing): now it is bad input, exit 2, with the likely cause."""
+    import torch
+
+    from stages import fsio, modeling
+    from stages.backbone import LoadPretrainedParams
+    from stages.evaluate import main
+    from stages.ingest import IngestParams, ingest
+    from stages.load_pretrained import load_pretrained
+    from stages.preprocess import PreprocessParams, preprocess
+    from tests.conftest import make_image_folder
+
+    src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=6)
+    raw, prepared, model_dir = tmp_path / "raw", tmp_path / "prepared", tmp_path / "model"
+    raw.mkdir(), prepared.mkdir()
+    manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(src), seed=0), raw)
+    preprocess(manifest, list(classes), raw / "images.tar",
+               PreprocessParams(image_size=16, val_fraction=0.2, test_fraction=0.3, resize="squash", seed=0), "bicubic", prepared)  # fmt: skip
+    model, cfg = load_pretrained(LoadPretrainedParams("tf_efficientnet_lite0", "scratch:tf_efficientnet_lite0"),
+                                 fsio.read_json(prepared / "meta.json"), 0)  # fmt: skip
+    with torch.no_grad():
+        model.get_classifier().weight.fill_(float("nan"))
+    modeling.save(model_dir, model, cfg)
+    with pytest.raises(SystemExit) as e:
+        main(["--prepared", str(prepared), "--model", str(model_dir), "--reports", str(tmp_path / "reports")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-finite outputs (NaN or inf)" in err and "fine_tune.lr" in err
+    assert not (tmp_path / "reports" / "metrics.json").exists()
