@@ -18,24 +18,23 @@ from prefect import flow, get_run_logger
 ACCEPTED = Path(".graft") / "accepted_source.json"
 
 
-def source_files(root: Path) -> tuple[Path, list[Path]]:
+def fingerprint(root: Path) -> dict[str, Any]:
+    """``{"path", "files", "fingerprint"}`` of the ingest source named in params.yaml:
+    the names, sizes and modification times of exactly the files ingest reads, and the
+    class list. A source that is missing or broken gets a fingerprint of its error, so
+    the run it triggers fails with ingest's own message."""
+    from stages.common import GraftError
     from stages.config import load_section
-    from stages.ingest import FASHION_MNIST_FILES, IngestParams, source_path
+    from stages.ingest import IngestParams, source_files, source_path
 
     params = load_section(IngestParams, "ingest", root / "params.yaml")
-    src = source_path(params, root)
-    if params.source == "fashion-mnist":
-        return src, [src / n for pair in FASHION_MNIST_FILES.values() for n in pair]
-    if not src.is_dir():
-        return src, []
-    files = [p for p in src.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(src).parts)]
-    return src, sorted(files)
-
-
-def fingerprint(root: Path) -> dict[str, Any]:
-    """``{"path", "files", "fingerprint"}`` of the ingest source named in params.yaml."""
-    src, files = source_files(root)
     h = hashlib.sha256()
+    try:
+        src, files, classes = source_files(params, root)
+    except GraftError as e:
+        h.update(f"error\0{e}".encode())
+        return {"path": str(source_path(params, root)), "files": 0, "fingerprint": h.hexdigest(), "error": str(e)}
+    h.update(json.dumps(list(classes)).encode())
     for f in files:
         try:
             st = f.stat()

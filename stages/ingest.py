@@ -162,8 +162,9 @@ def _visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def read_imagefolder(root: Path) -> Source:
-    """One sub-folder per class, optionally under ``train/`` and ``test/``."""
+def _list_imagefolder(root: Path) -> tuple[list[tuple[str, str, Path]], tuple[str, ...], list[str]]:
+    """The images of a class-folder source as (split, class, path), its classes (every
+    class folder, empty ones included), and the non-image files it ignores."""
     _check_imagefolder(root)
     top = _visible_dirs(root)
     if not top:
@@ -183,24 +184,42 @@ def read_imagefolder(root: Path) -> Source:
     else:
         layout = [("train", c) for c in top]
 
-    candidates: list[Candidate] = []
+    found: list[tuple[str, str, Path]] = []
     ignored: list[str] = []
     for split, class_dir in layout:
         for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            rel = f.relative_to(root).as_posix()
             if any(part.startswith(".") for part in f.relative_to(root).parts):
                 continue
             if f.suffix.lower() not in images.IMAGE_EXTENSIONS:
-                ignored.append(rel)
+                ignored.append(f.relative_to(root).as_posix())
                 continue
-            candidates.append(Candidate(split, class_dir.name, rel, f.suffix.lower(), f.read_bytes))
-    if not candidates:
+            found.append((split, class_dir.name, f))
+    if not found:
         raise GraftError(
             f"{root}: no images found (looked for {', '.join(images.IMAGE_EXTENSIONS)} "
             f"in {len(layout)} class folder(s)). Put the images in one sub-folder per class."
         )
-    classes = tuple(sorted({c.name for _, c in layout}))
+    return found, tuple(sorted({c.name for _, c in layout})), ignored
+
+
+def read_imagefolder(root: Path) -> Source:
+    """One sub-folder per class, optionally under ``train/`` and ``test/``."""
+    found, classes, ignored = _list_imagefolder(root)
+    candidates = [Candidate(split, cls, f.relative_to(root).as_posix(), f.suffix.lower(), f.read_bytes)
+                  for split, cls, f in found]  # fmt: skip
     return Source(candidates, classes, ignored)
+
+
+def source_files(params: IngestParams, root: Path | None = None) -> tuple[Path, list[Path], tuple[str, ...]]:
+    """What ingest would read, without reading it: the source path, the files that count
+    and the classes. One listing for ingest and the data sensor, so a file ingest ignores
+    (a README.txt) never triggers a retraining."""
+    path = source_path(params, root)
+    check_source(params, root)
+    if params.source == "fashion-mnist":
+        return path, [path / n for pair in FASHION_MNIST_FILES.values() for n in pair], FASHION_MNIST_CLASSES
+    found, classes, _ = _list_imagefolder(path)
+    return path, [f for _, _, f in found], classes
 
 
 # --- the pure core ---------------------------------------------------------------------

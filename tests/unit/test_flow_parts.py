@@ -72,6 +72,22 @@ def test_fingerprint_changes_with_the_data(tmp_path):
     assert fingerprint(tmp_path)["fingerprint"] != first["fingerprint"]
 
 
+def test_fingerprint_counts_what_ingest_reads_and_nothing_else(tmp_path):
+    """A README.txt or a hidden file in the source once triggered a retraining that
+    ingest then ignored; a new (even empty) class folder is a real change."""
+    src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=3)
+    (tmp_path / "params.yaml").write_text(f"ingest:\n  source: imagefolder\n  path: {src}\n  seed: 0\n")
+    before = fingerprint(tmp_path)
+    (src / "a" / "README.txt").write_text("notes")
+    (src / "b" / ".DS_Store").write_bytes(b"x")
+    assert fingerprint(tmp_path) == before
+    (src / "c").mkdir()
+    assert fingerprint(tmp_path)["fingerprint"] != before["fingerprint"]
+    (tmp_path / "params.yaml").write_text(f"ingest:\n  source: imagefolder\n  path: {tmp_path / 'gone'}\n  seed: 0\n")
+    missing = fingerprint(tmp_path)
+    assert missing["files"] == 0 and "no such directory" in missing["error"]
+
+
 def test_webhook_receives_payload_and_failures_are_not_fatal(tmp_path, monkeypatch):
     got = []
 
