@@ -200,22 +200,27 @@ def _features(model, x: np.ndarray, cfg, device, p: FineTuneParams, desc: str):
     return torch.cat(feats)
 
 
-def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -> tuple[float, float]:
-    """Validation loss and accuracy. The loss is the training objective, cross-entropy
-    with the same label smoothing, so the train and val curves measure the same thing
-    (train still differs by augmentation and dropout, which the chart says)."""
+def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -> tuple[float, float, float]:
+    """Validation loss, negative log-likelihood and accuracy.
+
+    The loss is the training objective, cross-entropy with the same label smoothing, so
+    the train and val curves measure the same thing (train still differs by augmentation
+    and dropout, which the chart says). The NLL (no smoothing, a proper scoring rule)
+    breaks ties in accuracy when choosing the best epoch, as it always has: a chart's
+    fix must not change which model ships."""
     import torch
     import torch.nn.functional as F
 
     if feats is not None:
         with torch.inference_mode():
             model.eval()
-            logits = model.get_classifier()(feats)
+            logits = model.get_classifier()(feats).float()
             y = torch.from_numpy(split.y).to(device)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing).item()
-            return loss, (logits.argmax(1) == y).float().mean().item()
+            loss = F.cross_entropy(logits, y, label_smoothing=p.label_smoothing).item()
+            return loss, F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
     probs = modeling.predict_proba(model, split.x, cfg, device, p.eval_batch_size, p.channels_last)
-    return smoothed_cross_entropy(probs, split.y, p.label_smoothing), float((probs.argmax(1) == split.y).mean())
+    return (smoothed_cross_entropy(probs, split.y, p.label_smoothing), smoothed_cross_entropy(probs, split.y, 0.0),
+            float((probs.argmax(1) == split.y).mean()))  # fmt: skip
 
 
 def smoothed_cross_entropy(probs: np.ndarray, y: np.ndarray, smoothing: float) -> float:
@@ -334,13 +339,14 @@ def train(
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc = _evaluate(model, val_split, cfg, device, p, cached[1] if cached else None)
+        val_loss, val_nll, val_acc = _evaluate(model, val_split, cfg, device, p, cached[1] if cached else None)
         counts = modeling.count_parameters(model)
         record = {
             "epoch": epoch + 1,
             "train_loss": total_loss / len(train_split.y),
             "train_accuracy": correct / len(train_split.y),
             "val_loss": val_loss,
+            "val_nll": val_nll,
             "val_accuracy": val_acc,
             "epoch_seconds": time.perf_counter() - t0,
             "images_per_second": len(train_split.y) / train_seconds,
@@ -352,8 +358,8 @@ def train(
         if cached is not None and epoch == start:
             record["feature_cache_seconds"] = cache_seconds
         history.append(record)
-        if val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss):
-            best_acc, best_loss, best_epoch, bad_epochs = val_acc, val_loss, epoch + 1, 0
+        if val_acc > best_acc or (val_acc == best_acc and val_nll < best_loss):
+            best_acc, best_loss, best_epoch, bad_epochs = val_acc, val_nll, epoch + 1, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
@@ -417,7 +423,8 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smooth
 
 
 def write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
-    keys = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "epoch_seconds", "images_per_second"]
+    keys = ["epoch", "train_loss", "val_loss", "val_nll", "train_accuracy", "val_accuracy", "epoch_seconds",
+            "images_per_second"]  # fmt: skip
     lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k]) for k in keys) for h in history]
     fsio.write_text(path, "\n".join(lines) + "\n")
 

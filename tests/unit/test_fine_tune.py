@@ -112,7 +112,8 @@ def test_feature_extraction_changes_only_the_head_and_cache_matches_model(data):
     feats = _features(model, val_split.x, cfg, torch.device("cpu"), p, "test")
     via_cache = _evaluate(model, val_split, cfg, torch.device("cpu"), p, feats)
     via_model = _evaluate(model, val_split, cfg, torch.device("cpu"), p)
-    assert via_cache[1] == via_model[1] and via_cache[0] == pytest.approx(via_model[0], rel=1e-4)
+    assert via_cache[2] == via_model[2]  # accuracy
+    assert via_cache[:2] == pytest.approx(via_model[:2], rel=1e-4)  # smoothed loss and NLL
 
 
 def test_gradual_unfreezing_trains_head_first(data):
@@ -217,7 +218,10 @@ def test_learning_curves_have_integer_epochs_and_say_what_differs(tmp_path):
     assert "label smoothing 0.1" in loss_ax.get_title()
     assert all(float(t).is_integer() for t in loss_ax.get_xticks())
     assert any("augmented" in t.get_text() for t in loss_ax.get_legend().get_texts())
-    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size == (1000, 400)  # 10 x 4 inches at 100 dpi: the figure that was drawn
     real_close(captured["fig"])
 
 

@@ -43,8 +43,6 @@ def test_project_graph_comes_from_dvc():
 
 
 def test_stage_options_overlay_defaults(tmp_path):
-    assert stage_options(ROOT, "register").retries == 2
-    assert stage_options(ROOT, "validate").retries == 0
     (tmp_path / "graft.yaml").write_text("stages:\n  default: {retries: 1}\n  ingest: {retriez: 3}\n")
     assert stage_options(tmp_path, "fine_tune").retries == 1
     with pytest.raises(ParamsError, match="stages.ingest.retriez"):
