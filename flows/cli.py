@@ -163,7 +163,8 @@ def status(project: Path = PROJECT) -> None:
     hist = registry.history(client, name)
     pending = [f"v{v.version}" for v in versions if v.tags.get(registry.STATE_TAG) == "pending"]
     typer.secho(f"Registered model '{name}': {len(versions)} version(s)"
-                + (f", {', '.join(pending)} being registered now" if pending else ""), bold=True)  # fmt: skip
+                + (f"; {', '.join(pending)} being registered (or interrupted: the next run repairs it)" if pending else ""),
+                bold=True)  # fmt: skip
     for label, mv in (("champion", registry.alias_version(client, name, registry.CHAMPION)),
                       ("challenger", registry.alias_version(client, name, registry.CHALLENGER)), ("latest", latest)):  # fmt: skip
         if mv is None:
@@ -269,6 +270,9 @@ def rollback(
     typer.echo(f"{name}: champion rolled back from v{current.version} to v{previous}")
 
 
+REPAIR_AFTER_SECONDS = 600  # a registration takes seconds to a minute: older leftovers are wrecks
+
+
 def _repair(client, name: str, root: Path) -> None:
     """Finish or undo an interrupted registration or alias move (see registry.repair), but
     only while no training run holds the project: a registration under way is not a wreck."""
@@ -279,7 +283,9 @@ def _repair(client, name: str, root: Path) -> None:
     if not lock.acquire(wait=False):
         return
     try:
-        for line in registry.repair(client, name):
+        # Plain `dvc repro` does not take graft's lock: a registration younger than this
+        # may still be under way.
+        for line in registry.repair(client, name, min_age_seconds=REPAIR_AFTER_SECONDS):
             typer.secho(f"repaired: {line}", fg=typer.colors.YELLOW)
     finally:
         lock.release()

@@ -223,12 +223,18 @@ def champion_stack(moves: list[dict[str, Any]]) -> list[str]:
     return stack
 
 
-def repair(client, name: str) -> list[str]:
+def repair(client, name: str, min_age_seconds: float = 0.0) -> list[str]:
     """Finish or undo what a killed registration or alias move left behind; return one
-    line per repair. Call it only while no other registration runs on this model."""
+    line per repair. Leftovers younger than ``min_age_seconds`` are left alone: a caller
+    that cannot rule out a registration under way (``graft status`` beside a plain
+    ``dvc repro``) passes a few minutes; ``register`` itself, which the project's locks
+    serialise, passes 0."""
+    now = time.time()
     repaired = []
     for key, entry in _history_tags(client, name):
         if entry.get("state", "done") != "intended":
+            continue
+        if now - datetime.fromisoformat(entry["time"]).timestamp() < min_age_seconds:
             continue
         current = alias_version(client, name, entry["alias"])
         moved = (str(current.version) if current else None) == entry["to_version"]
@@ -237,7 +243,7 @@ def repair(client, name: str) -> list[str]:
         repaired.append(f"alias move {what}: " + ("it happened; recorded as done" if moved else "it never happened; recorded as aborted"))
     done = history(client, name, done_only=True)
     for mv in client.search_model_versions(f"name='{name}'"):
-        if mv.tags.get(STATE_TAG) != "pending":
+        if mv.tags.get(STATE_TAG) != "pending" or now - mv.creation_timestamp / 1000 < min_age_seconds:
             continue
         version = str(mv.version)
         if any(h["to_version"] == version for h in done):
