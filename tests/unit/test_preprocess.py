@@ -110,3 +110,26 @@ def test_a_split_with_one_class_is_refused_naming_it(tmp_path):
     params = PreprocessParams(image_size=16, val_fraction=0.2, test_fraction=0.2, resize="squash", seed=0)
     with pytest.raises(GraftError, match=r"the (val|test) split has 1 class \(a\)"):
         preprocess(manifest, list(classes), raw / "images.tar", params, "bicubic", out)
+
+
+def test_exif_rotation_and_16_bit_images_decode_as_seen():
+    """A phone photo stored sideways with an EXIF orientation, and a 16-bit grayscale
+    PNG using only part of its range, become the pixels a person sees."""
+    # 20 x 10 stored, red on the left half; orientation 6 means "rotate 90 degrees
+    # clockwise to view": viewed it is 10 wide and 20 tall, red on the top half.
+    stored = Image.new("RGB", (20, 10), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    arr = images.load_rgb_array(buf.getvalue(), 20, "nearest", "squash")
+    top, bottom = arr[:8].reshape(-1, 3).mean(0), arr[12:].reshape(-1, 3).mean(0)
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+    # 16-bit values 1000..3000 (of 65535): rescaled to the full 0..255, not clipped to black.
+    ramp = np.tile(np.linspace(1000, 3000, 16).astype(np.uint16), (16, 1))
+    sixteen = Image.fromarray(ramp)  # uint16: mode I;16
+    arr = images.load_rgb_array(_encode(sixteen), 16, "nearest", "squash")
+    assert arr[:, 0].max() == 0 and arr[:, -1].min() == 255
+    assert np.all(np.diff(arr[0, :, 0].astype(int)) >= 0)  # order kept
