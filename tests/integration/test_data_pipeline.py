@@ -57,3 +57,28 @@ def test_image_folder_runs_and_broken_one_stops_at_validate(project, tmp_path):
     assert report["success"] is False
     # The failed run left the previous prepared data untouched.
     assert (project / "data/prepared/train_x.npy").read_bytes() == prepared_before
+
+
+def test_a_new_class_between_two_real_runs_is_caught_until_allowed(project, tmp_path):
+    """The accepted snapshot (data/accepted.json, a persistent DVC output) carries over:
+    a class that appears after an accepted run fails validate, naming the class and the
+    setting, until validate.on_class_change says warn."""
+    src = make_image_folder(tmp_path / "imgs", classes=("ant", "bee"), per_class=12)
+    set_params(project, ingest={"source": "imagefolder", "path": str(src), "max_train_per_class": None},
+               preprocess={"image_size": 16})
+    assert dvc(project, "repro", "validate").returncode == 0
+    assert json.loads((project / "data/accepted.json").read_text())["classes"] == ["ant", "bee"]
+
+    make_image_folder(src, classes=("wasp",), per_class=12, seed0=500)
+    changed = dvc(project, "repro", "validate", check=False)
+    out = changed.stdout + changed.stderr
+    assert changed.returncode != 0
+    assert "same classes as the last accepted run" in out and "added: ['wasp'], removed: []" in out
+    assert "validate.on_class_change" in out
+    assert json.loads((project / "data/accepted.json").read_text())["classes"] == ["ant", "bee"]  # not accepted
+
+    set_params(project, validate={"on_class_change": "warn"})
+    allowed = dvc(project, "repro", "validate", check=False)
+    assert allowed.returncode == 0, allowed.stdout[-2000:]
+    assert "warning: same classes as the last accepted run" in allowed.stdout
+    assert json.loads((project / "data/accepted.json").read_text())["classes"] == ["ant", "bee", "wasp"]

@@ -166,6 +166,23 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert table[-1].split()[2:6] == ["champion", "v3", "v1", "ci-bot"] and "rollback" in table[-1]
     assert any(line.split()[2:5] == ["challenger", "v3", "(removed)"] for line in table)
 
+    # The gate's success path: with the bad v2 forced in, a gated promote of v1 passes,
+    # both scored on this workspace's test images.
+    assert graft(project, "promote", "2", "--force").exit_code == 0
+    res = graft(project, "promote", "1", "--reason", "back to the good one")
+    assert res.exit_code == 0, res.output
+    assert "beats the champion's" in res.output and "v1 is now champion (was v2)" in res.output
+    assert champion_accuracy_line(res.output) > 0.3  # the scored accuracy of v1, printed by the gate
+    last = reg.history(client, "graft-classifier")[-1]
+    assert (last["to_version"], last["from_version"]) == ("1", "2") and last["reason"].startswith("back to the good one: promoted by hand")
+
+
+def champion_accuracy_line(output):
+    """The candidate's accuracy from the gate's reason ("accuracy 0.4500 beats ...")."""
+    import re
+
+    return float(re.search(r"accuracy (\d\.\d+) beats", output).group(1))
+
 
 def test_validation_failure_stops_the_flow_at_validate(prefect_harness, project_run_env, tmp_path):
     from flows.training import StageFailed, training_pipeline
