@@ -385,10 +385,10 @@ def summary_markdown(summary: dict[str, Any] | None, error: BaseException | None
         lines += [f"Registry: `{d['model_name']}` v{d['version']} is **{d['alias']}**: {d['reason']}", ""]
     run = summary.get("run")
     if run and run.get("experiment_id"):
-        link = mlflow_run_link(summary.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
-                               run["experiment_id"], run["run_id"])  # fmt: skip
-        lines += [f"MLflow run: [{run['run_id']}]({link})"
-                  + ("" if link.startswith(str(summary.get("tracking_uri") or "-")) else " (serve it with `graft ui`)")]
+        uri = summary.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", "")
+        served = uri.startswith("http")  # a tracking server shows it; a local store needs `graft ui`
+        link = mlflow_run_link(uri, run["experiment_id"], run["run_id"])
+        lines += [f"MLflow run: [{run['run_id']}]({link})" + ("" if served else " (serve it with `graft ui`)")]
     return "\n".join(lines) + "\n"
 
 

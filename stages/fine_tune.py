@@ -476,7 +476,6 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from stages import tracking
-    from stages.config import read_params
     from stages.preprocess import load_split
 
     params = load_section(FineTuneParams, "fine_tune", args.params)
@@ -496,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name,
                           experiment_id=None if resume_run else experiment_id, **nest) as run:  # fmt: skip
         if not resume_run:
-            mlflow.log_params({k: str(v)[:500] for k, v in tracking.flatten(read_params(args.params)).items()})
+            tracking.log_params_file(args.params)
             mlflow.set_tags({**tracking.run_tags(), "pretrained_weights_sha256": cfg.weights_sha256 or "none",
                              "pretrained_source": cfg.source, "graft.stage": "pipeline"})
             tracking.log_datasets(args.prepared, {"train": "training", "val": "validation"})

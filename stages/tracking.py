@@ -112,6 +112,16 @@ def data_version(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
     return out
 
 
+def log_params_file(params_path: Path) -> None:
+    """All of params.yaml as the active run's params (flat ``section.key``; MLflow caps a
+    value at 500 characters)."""
+    import mlflow
+
+    from stages.config import read_params
+
+    mlflow.log_params({k: str(v)[:500] for k, v in flatten(read_params(params_path)).items()})
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in d.items():
@@ -177,7 +187,7 @@ def unreachable_message(exc: BaseException) -> str | None:
     return None
 
 
-def end_orphans(client, experiment_id: str, root: Path, keep: set[str] = frozenset()) -> list[str]:
+def end_orphans(client, experiment_id: str, root: Path) -> list[str]:
     """Mark FAILED the runs of this project still RUNNING from a run that died (killed,
     or its tracking server went away before it could say so). Call only while this
     project's lock is held, so no run of it is alive; a training run resumed later comes
@@ -185,8 +195,6 @@ def end_orphans(client, experiment_id: str, root: Path, keep: set[str] = frozens
     runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{PROJECT_TAG}` = '{root}'")
     ended = []
     for run in runs:
-        if run.info.run_id in keep:
-            continue
         client.set_tag(run.info.run_id, "graft.ended_by", "a later run of the project: this one was interrupted")
         client.set_terminated(run.info.run_id, "FAILED")
         ended.append(run.info.run_id)
@@ -208,8 +216,6 @@ def run_for(stage: str, run_id: str, params_path: Path) -> str:
     new result never lands on an old run."""
     import mlflow
 
-    from stages.config import read_params
-
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     parent = os.environ.get(PARENT_RUN_ENV)
@@ -222,10 +228,9 @@ def run_for(stage: str, run_id: str, params_path: Path) -> str:
     if current:
         return run_id
     training_run_id = run.data.tags.get("graft.training_run_id", run_id)
-    experiment_id = configure()
     nest = {"nested": True, "parent_run_id": parent} if parent else {}
-    with mlflow.start_run(run_name=f"{stage}-{run.info.run_name}", experiment_id=experiment_id, **nest) as new:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(read_params(params_path)).items()})
+    with mlflow.start_run(run_name=f"{stage}-{run.info.run_name}", experiment_id=run.info.experiment_id, **nest) as new:
+        log_params_file(params_path)
         mlflow.set_tags({**run_tags(), "graft.stage": stage, "graft.training_run_id": training_run_id,
                          "pretrained_weights_sha256": run.data.tags.get("pretrained_weights_sha256", "none"),
                          "mlflow.note.content": f"{stage} of the model trained in run {training_run_id}, restored "

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import dvc, project_env, requires_fashion_mnist, set_params
+from tests.conftest import project_env, requires_fashion_mnist, set_params
 from tests.integration.test_services import free_port, set_config
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
