@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: help setup data postgres browser run test clean servers servers-stop
+.PHONY: help setup data postgres browser run test bench clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -58,6 +58,10 @@ run: setup  ## set up, then run the pipeline through the flow, up to a registere
 
 test: setup postgres browser  ## set up, then run the whole test suite (slow integration tests included)
 	$(BIN)/python -m pytest
+
+bench: setup  ## run the benchmarks alone (about 45 min here), rewrite benchmarks/results-cpu.json and the README table
+	$(BIN)/python benchmarks/transfer.py --full --json benchmarks/results-cpu.json
+	$(BIN)/python benchmarks/report.py
 
 servers: setup  ## start the Prefect and MLflow servers on 127.0.0.1 (graft server start)
 	$(BIN)/graft server start

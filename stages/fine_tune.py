@@ -53,7 +53,7 @@ class FineTuneParams:
     crop_padding: int = 0  # augmentation: random crop after padding by this many pixels
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     channels_last: bool = True  # 1.5 to 2.7 times faster on CPU (stack-notes.md)
-    eval_batch_size: int = 256
+    eval_batch_size: int = modeling.EVAL_BATCH_SIZE  # the feature cache and validation
 
     def validate(self) -> None:
         checks = {
