@@ -10,6 +10,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Debian's PostgreSQL: the tests run the MLflow server on it too.
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 CHROMEDRIVER := $(shell command -v chromedriver)
+SSHD := $(wildcard /usr/sbin/sshd)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # dvc.yaml's stages call `python -m ...`: the venv's python must come first on PATH.
@@ -18,7 +19,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: help setup data postgres browser run test bench clean servers servers-stop
+.PHONY: help setup data postgres browser sshd run test bench clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -53,10 +54,17 @@ ifeq ($(PG_INITDB),)
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql
 endif
 
+sshd:  ## install Debian's OpenSSH server (for the DVC-over-SSH remote tests; the tests start their own)
+ifeq ($(SSHD),)
+	@echo "graft: installing the Debian package openssh-server"
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openssh-server
+endif
+
 run: setup  ## set up, then run the pipeline through the flow, up to a registered model
 	$(BIN)/graft run
 
-test: setup postgres browser  ## set up, then run the whole test suite (slow integration tests included)
+test: setup postgres browser sshd  ## set up, then run the whole test suite (slow integration tests included)
 	$(BIN)/python -m pytest
 
 bench: setup  ## run the benchmarks alone (about 45 min here), rewrite benchmarks/results-cpu.json and the README table

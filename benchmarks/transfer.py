@@ -107,7 +107,7 @@ def plain_loop_images_per_second(model, cfg, data: Split, batch_size: int, epoch
 def recompute_run_seconds(model, cfg, train_split: Split, val_split: Split, ft: FineTuneParams, epochs: int) -> list[float]:
     """Feature extraction without a cache: each epoch runs the frozen backbone again, over
     the train split (to train the head) and the val split (to evaluate it), at the batch
-    sizes graft uses. Returns each epoch's seconds."""
+    size graft's cache pass uses. Returns each epoch's seconds."""
     import torch
     import torch.nn.functional as F
 
@@ -130,8 +130,8 @@ def recompute_run_seconds(model, cfg, train_split: Split, val_split: Split, ft: 
             loss.backward()
             opt.step()
         with torch.inference_mode():
-            for s in range(0, len(val_split.y), ft.eval_batch_size):
-                head(features(val_split.x[s : s + ft.eval_batch_size]))
+            for s in range(0, len(val_split.y), ft.batch_size):
+                head(features(val_split.x[s : s + ft.batch_size]))
         seconds.append(time.perf_counter() - t0)
     return seconds
 
@@ -194,16 +194,21 @@ def measure_throughput(backbone, meta, tr: Split, va: Split, ft: FineTuneParams)
                     plain_runs.append(plain_loop_images_per_second(model, cfg, sub, ft.batch_size, 1, ft.lr))
                 else:
                     graft_runs.append(train(model, cfg, sub, small_val, p).history[0]["images_per_second"])
-        worst = max(spread(plain_runs), spread(graft_runs))
+        figures = throughput_figures(graft_runs, plain_runs)
         print(f"   throughput rounds of {n} images: graft {[round(g) for g in graft_runs]}, plain "
-              f"{[round(q) for q in plain_runs]}, spread {worst:.1%}", flush=True)  # fmt: skip
-        if worst < TARGET_SPREAD or n == len(tr.y):
+              f"{[round(q) for q in plain_runs]}, spread {figures['spread']:.1%}", flush=True)  # fmt: skip
+        if figures["spread"] < TARGET_SPREAD or n == len(tr.y):
             break
+    return {**figures, "rounds": ROUNDS, "round_images": n}
+
+
+def throughput_figures(graft_runs: list[float], plain_runs: list[float]) -> dict:
+    """Medians, their ratio, the larger of the two loops' round-to-round spreads, and
+    whether the ratio is parity (no further from 1 than that spread)."""
     plain, graft_ips = float(np.median(plain_runs)), float(np.median(graft_runs))
-    ratio = graft_ips / plain
+    ratio, worst = graft_ips / plain, max(spread(plain_runs), spread(graft_runs))
     return {"graft_images_per_second": graft_ips, "plain_loop_images_per_second": plain, "ratio": ratio,
-            "spread": worst, "parity": abs(ratio - 1) <= worst, "rounds": ROUNDS, "round_images": n,
-            "graft_runs": graft_runs, "plain_runs": plain_runs}  # fmt: skip
+            "spread": worst, "parity": abs(ratio - 1) <= worst, "graft_runs": graft_runs, "plain_runs": plain_runs}  # fmt: skip
 
 
 def measure_feature_cache(backbone, meta, tr: Split, va: Split, ft: FineTuneParams) -> dict:

@@ -125,9 +125,12 @@ def print_summary(summary: dict, root: Path) -> None:
     ran = [s for s, r in stages.items() if r == "ran"]
     restored = [s for s, r in stages.items() if r == "restored"]
     cached = [s for s, r in stages.items() if r == "cached"]
+    pulled = [s for s, r in stages.items() if r == "pulled"]
     typer.echo("")
     typer.secho("graft run: done", bold=True)
     typer.echo(f"  stages run:    {', '.join(ran) or 'none'}")
+    if pulled:
+        typer.echo(f"  stages restored from the remote: {', '.join(pulled)} (pulled from the DVC remote, not recomputed)")
     if restored:
         typer.echo(f"  stages restored: {', '.join(restored)} (outputs put back from DVC's cache, not recomputed)")
     typer.echo(f"  stages cached: {', '.join(cached) or 'none'} (unchanged inputs, skipped by DVC)")
@@ -139,6 +142,10 @@ def print_summary(summary: dict, root: Path) -> None:
         note = "" if "register" in ran else " (from the last run that registered; nothing new this time)"
         typer.echo(f"  registry: {d['model_name']} v{d['version']} is {d['alias']}{note}")
         typer.echo(f"    {d['reason']}")
+    pushed = summary.get("remote")
+    if pushed:
+        state = pushed["message"] if pushed["ok"] else f"PUSH FAILED: {pushed['message']} (the model stays registered; the next run pushes again)"
+        typer.echo(f"  DVC remote '{pushed['remote']}': {state}")
     typer.echo("  where to look:")
     typer.echo(f"    {root / 'reports'}/   metrics and plots (confusion matrix, reliability, mistakes)")
     typer.echo("    graft status          the registry's champion, challenger and history")
@@ -150,8 +157,11 @@ def status(project: Path = PROJECT) -> None:
     """Show the champion, challenger and latest model versions with their metrics, data versions, and when and why the aliases last moved."""
     from stages import registry
 
+    from flows import remote
+
     client, name = _registry(project)
     _repair(client, name, project.resolve())
+    typer.echo(remote.describe(project.resolve()))
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except Exception:
@@ -411,12 +421,13 @@ def server_stop(project: Path = PROJECT) -> None:
 
 @server_app.command("status")
 def server_status(project: Path = PROJECT) -> None:
-    """Whether each server runs and answers its health check."""
-    from flows import services
+    """Whether each server runs and answers its health check, and the shared DVC remote."""
+    from flows import remote, services
 
     for name, st in services.status(project.resolve()).items():
         state = "running" if st["running"] else ("not answering" if st.get("pid") else "stopped")
         typer.echo(f"  {name:<8} {state}" + (f"  UI {services.ui_url(st)}  API {st['url']}  pid {st['pid']}" if st.get("pid") else ""))
+    typer.echo(f"  {remote.describe(project.resolve())}")
 
 
 def _require_prefect_server(root: Path) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -132,8 +134,25 @@ def run_stage(root: str, stage: str, env: dict[str, str]):
         text=True, start_new_session=True,  # its own process group: a timeout kills the stage too
     )  # fmt: skip
     lines: list[str] = []
-    try:
+    # The output is read by a helper thread: Prefect's timeout reaches a task running in a
+    # worker thread as an exception injected between bytecodes, which a read blocked on a
+    # silent stage would never see. Waiting on the queue returns to Python every second.
+    output: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
         for raw in proc.stdout:  # type: ignore[union-attr]
+            output.put(raw)
+        output.put(None)
+
+    threading.Thread(target=pump, name=f"dvc-{stage}-output", daemon=True).start()
+    try:
+        while True:
+            try:
+                raw = output.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if raw is None:
+                break
             line = raw.rstrip("\n").rsplit("\r", 1)[-1].rstrip()  # last redraw of a progress bar
             if line and not line.lstrip().startswith(DVC_HINTS):
                 lines.append(line)
@@ -233,7 +252,7 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
     missing before anything runs, the ``GraftError``) as the state's data."""
     from prefect.runtime import flow_run
 
-    from flows import sensor
+    from flows import remote, sensor
     from flows.notify import notify
 
     logger = get_run_logger()
@@ -254,6 +273,8 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
         source = sensor.fingerprint(root)  # taken before the stages: a change during them is not missed
         summary = _run_pipeline(root, flow_run_id, logger)
         sensor.record_accepted(root, source)
+        # After the registry is settled: a failed push is reported, never fails the run.
+        summary["remote"] = remote.push(root, logger)
     except (StageFailed, GraftError) as e:
         # Bad input or a failed stage: its message was logged once; the flow ends Failed
         # without a traceback, carrying the exception for callers.
@@ -305,8 +326,16 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
 
     from stages import tracking
 
+    from flows import remote
+
     graph = pipeline(root)
-    planned = graph.downstream_of(set(stale_stages(root)))
+    stale = stale_stages(root)
+    # Outputs missing here but recorded in dvc.lock (a fresh clone, a clean worker): the
+    # DVC remote may hold them, and restoring beats recomputing.
+    pulled = remote.pull(root, stale, logger) if stale else []
+    if pulled:
+        stale = stale_stages(root)
+    planned = graph.downstream_of(set(stale))
     parent_id = None
     client = None
     if planned:
@@ -336,10 +365,14 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
             states[stage] = state
             if not state.is_completed():
                 failure = state.data if isinstance(state.data, StageFailed) else None
-                if failure is None:  # a timeout or a crash of the task itself
+                if failure is None and state.name == "TimedOut":  # run_stage killed the stage's process group
+                    failure = StageFailed(stage, 1, f"stopped after {opts.timeout_seconds:g} s, its processes with it "
+                                                    f"(graft.yaml: stages.{stage}.timeout_seconds)")  # fmt: skip
+                    logger.error("%s: %s", failure.headline, failure.message)
+                if failure is None:  # a crash of the task itself
                     state.result()  # raises it
                 raise failure
-            results[stage] = state.result()
+            results[stage] = "pulled" if stage in pulled and state.result() == "cached" else state.result()
     except BaseException:
         if client and parent_id:
             try:

@@ -30,6 +30,26 @@ class GraftError(Exception):
 # and the exit code and message are the stage's own.
 STATUS_ENV = "GRAFT_STAGE_STATUS"
 
+# Fault injection for the tests that kill a real stage at a chosen point, as `kill -9`
+# would. GRAFT_FAULT_ONCE names a marker file: the fault fires only while it is absent,
+# so a retry of the same stage (same environment) runs through.
+FAULT_ENV = "GRAFT_FAULT_POINT"
+FAULT_ONCE_ENV = "GRAFT_FAULT_ONCE"
+
+
+def fault_point(name: str) -> None:
+    """A named point in a stage; the process SIGKILLs itself there if GRAFT_FAULT_POINT names it."""
+    if os.environ.get(FAULT_ENV) != name:
+        return
+    once = os.environ.get(FAULT_ONCE_ENV)
+    if once:
+        if os.path.exists(once):
+            return
+        open(once, "w").close()
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
 
 def write_status(exit_code: int, message: str = "") -> None:
     path = os.environ.get(STATUS_ENV)

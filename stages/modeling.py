@@ -58,13 +58,7 @@ def to_input(batch: np.ndarray, cfg: ModelConfig, device, channels_last: bool = 
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-# Inference batch. On the 2-core CPU the backbone's forward pass at 64 px ran 890 to 1,190
-# images/s at 64 images a batch and 690 to 760 at 256 (the activations outgrow the cache):
-# a larger batch is slower there, and 64 still keeps a GPU busy for a model this size.
-EVAL_BATCH_SIZE = 64
-
-
-def predict_proba(model, images: np.ndarray, cfg: ModelConfig, device=None, batch_size: int = EVAL_BATCH_SIZE,
+def predict_proba(model, images: np.ndarray, cfg: ModelConfig, device=None, batch_size: int = 256,
                   channels_last: bool = True, desc: str | None = None) -> np.ndarray:
     """Class probabilities (N, C) for uint8 images, in eval mode, without gradients."""
     import torch

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from stages import fsio, registry
-from stages.common import GraftError, stage_main
+from stages.common import GraftError, fault_point, stage_main
 from stages.config import DEFAULT_PARAMS, load_section, read_params
 
 
@@ -162,7 +162,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, model_id=info.model_id,
                                      tags={**tags, registry.STATE_TAG: "pending"})  # fmt: skip
     version = str(mv.version)
-    registry.fault_point("after_create")
+    fault_point("after_create")
     try:
         registry.wait_until_ready(client, params.model_name, version)
         decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
@@ -179,7 +179,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
         client.set_model_version_tag(params.model_name, version, "graft.decision", json.dumps(decision.to_json()))
         client.update_model_version(params.model_name, version,
                                     description=describe(params.model_name, version, decision, metrics, tags))  # fmt: skip
-        registry.fault_point("after_tags")
+        fault_point("after_tags")
         registry.move_alias(client, params.model_name, alias, version, decision.reason, run_id)
         client.set_model_version_tag(params.model_name, version, registry.STATE_TAG, "ready")
     except BaseException as e:

@@ -25,12 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import GraftError
+from stages.common import GraftError, fault_point
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_PREFIX = "graft.alias_history."
 STATE_TAG = "graft.state"  # on a model version: pending until its alias is set, then ready
-FAULT_ENV = "GRAFT_FAULT_POINT"  # tests: SIGKILL this process at the named step
 
 
 # --- the gate (pure) ---------------------------------------------------------------------
@@ -112,15 +111,6 @@ def alias_version(client, name: str, alias: str):
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-
-
-def fault_point(name: str) -> None:
-    """A named step of a registration. The fault tests set ``GRAFT_FAULT_POINT`` to one
-    of them and the process kills itself there, as ``kill -9`` would."""
-    if os.environ.get(FAULT_ENV) == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _history_tags(client, name: str) -> list[tuple[str, dict[str, Any]]]:

@@ -23,3 +23,81 @@ def project_run_env(project, monkeypatch):
             monkeypatch.setenv(key, value)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     return project
+
+
+SSH_USER = "graft-remote"
+
+
+@pytest.fixture(scope="module")
+def sshd():
+    """A real OpenSSH server on a free loopback port (Debian's openssh-server), with a
+    dedicated user whose home is a fresh directory and key authentication only; started
+    and stopped here. Yields its user, port, client key, the user's home, and a client
+    HOME whose ~/.ssh/known_hosts trusts the server's host key (set HOME to it). Needs
+    root (sshd switches to the user), as on the build machine."""
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd_bin).exists() or os.geteuid() != 0:
+        pytest.skip("needs root and Debian's openssh-server (make sshd installs it)")
+    base = Path(tempfile.mkdtemp(prefix="graft-sshd-"))
+    base.chmod(0o755)  # the user must reach its home below it
+    home = base / "home"
+    try:
+        pwd.getpwnam(SSH_USER)
+        subprocess.run(["usermod", "--home", str(home), SSH_USER], check=True, capture_output=True)
+    except KeyError:
+        subprocess.run(["useradd", "--home-dir", str(home), "--shell", "/bin/sh", SSH_USER], check=True, capture_output=True)
+    # '*': no password, but not a locked account (sshd without PAM refuses locked ones).
+    subprocess.run(["usermod", "--password", "*", SSH_USER], check=True, capture_output=True)
+    user = pwd.getpwnam(SSH_USER)
+    (home / ".ssh").mkdir(parents=True)
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / key)], check=True)
+    (home / ".ssh" / "authorized_keys").write_text((base / "client_key.pub").read_text())
+    for path in (home, home / ".ssh", home / ".ssh" / "authorized_keys"):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    (home / ".ssh").chmod(0o700)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = base / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base / 'host_key'}\nPidFile {base / 'sshd.pid'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "AuthorizedKeysFile .ssh/authorized_keys\nUsePAM no\nStrictModes yes\n"
+        "Subsystem sftp internal-sftp\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # its privilege-separation directory
+    log = base / "sshd.log"
+    proc = subprocess.Popen([sshd_bin, "-D", "-E", str(log), "-f", str(config)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError(f"sshd did not start: {log.read_text() if log.exists() else ''}")
+    client_home = base / "client-home"
+    (client_home / ".ssh").mkdir(parents=True)
+    host_key = (base / "host_key.pub").read_text().split()
+    (client_home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    from types import SimpleNamespace
+
+    try:
+        yield SimpleNamespace(user=SSH_USER, port=port, key=base / "client_key", home=home, client_home=client_home,
+                              url=lambda path: f"ssh://{SSH_USER}@127.0.0.1:{port}{home / path}")  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        subprocess.run(["userdel", SSH_USER], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

@@ -7,10 +7,11 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.conftest import requires_fashion_mnist, set_params
+from tests.conftest import dvc, requires_fashion_mnist, set_params
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 
@@ -138,10 +139,30 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert str(reg.alias_version(client, "graft-classifier", "challenger").version) == "2"
     assert "replaces" not in third["decision"]["reason"]
 
-    # 5. Another losing candidate takes the challenger alias, and says so.
-    fourth = training_pipeline(project_dir=str(project), overrides=["fine_tune.seed=7"])
+    # 5. Another losing candidate (still the tiny learning rate) takes the challenger alias,
+    # and says so. Its two-epoch training is killed (SIGKILL) once, right after epoch 1's
+    # checkpoint: Prefect retries the stage, which resumes from the checkpoint (epoch 2
+    # only) and ends with the weights of an uninterrupted run.
+    fired = tmp_path / "fault-fired"
+    monkeypatch.setenv("GRAFT_FAULT_POINT", "fine_tune_after_epoch_1")
+    monkeypatch.setenv("GRAFT_FAULT_ONCE", str(fired))
+    fourth = training_pipeline(project_dir=str(project), overrides=["fine_tune.seed=7", "fine_tune.epochs=2"])
+    monkeypatch.delenv("GRAFT_FAULT_POINT")
+    assert fired.exists()  # the stage really was killed
     assert fourth["decision"]["version"] == "3" and fourth["decision"]["alias"] == "challenger"
     assert fourth["decision"]["replaces_challenger"] == "2" and "v3 replaces v2 as challenger" in fourth["decision"]["reason"]
+    tasks, _ = prefect_task_runs(fourth["flow_run_id"])
+    assert tasks["fine_tune"].run_count == 2 and tasks["fine_tune"].state.is_completed()
+    logs = prefect_logs(fourth["flow_run_id"])
+    assert "fine_tune: resuming after epoch 1" in logs
+    run3 = client.get_run(client.get_model_version("graft-classifier", "3").tags["mlflow_run_id"])
+    assert [m.step for m in client.get_metric_history(run3.info.run_id, "val_accuracy")] == [1, 2]  # each epoch once
+    assert not (project / ".graft/checkpoints/fine_tune.pt").exists()
+    resumed = weights(project / "models/fine_tuned")
+    res = dvc(project, "repro", "--force", "--single-item", "fine_tune", check=False)  # uninterrupted, same params
+    assert res.returncode == 0, res.stderr[-2000:]
+    uninterrupted = weights(project / "models/fine_tuned")
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
     # The gate refuses a worse version; --force promotes it (clearing its challenger alias,
     # recorded); rollback restores v1.
@@ -175,6 +196,29 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert champion_accuracy_line(res.output) > 0.3  # the scored accuracy of v1, printed by the gate
     last = reg.history(client, "graft-classifier")[-1]
     assert (last["to_version"], last["from_version"]) == ("1", "2") and last["reason"].startswith("back to the good one: promoted by hand")
+
+
+def weights(model_dir):
+    from stages import modeling
+
+    return torch.load(model_dir / modeling.WEIGHTS, map_location="cpu", weights_only=True)
+
+
+def prefect_logs(flow_run_id) -> str:
+    """The flow run's log messages, from the Prefect API (after sending what is queued)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return "\n".join(log.message for log in asyncio.run(read()))
 
 
 def champion_accuracy_line(output):
@@ -224,3 +268,54 @@ def test_a_rerun_that_reuses_a_cached_model_logs_into_a_run_of_its_own(prefect_h
     assert run.data.metrics["test_accuracy"] == pytest.approx(first["metrics"]["accuracy"])
     # The old run keeps exactly its own registration.
     assert client.get_run(v1.run_id).data.tags["graft.registered_version"] == "graft-classifier/1"
+
+
+def test_a_stage_past_its_timeout_is_stopped_with_its_whole_process_group(prefect_harness, project_run_env):
+    """graft.yaml's timeout stops the stage and everything it started: here an ingest
+    command that starts a child process and then never ends."""
+    import time
+
+    import psutil
+    import yaml
+
+    from flows.training import StageFailed, training_pipeline
+
+    project = project_run_env
+    set_params(project, **TINY)
+    (project / "hang.py").write_text(
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "open('hang.pids', 'w').write(f'{os.getpid()} {child.pid}')\n"
+        "time.sleep(600)\n"
+    )
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    original_cmd, spec["stages"]["ingest"]["cmd"] = spec["stages"]["ingest"]["cmd"], "python hang.py"
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    config = yaml.safe_load((project / "graft.yaml").read_text())
+    config["stages"]["ingest"] = {"timeout_seconds": 8, "retries": 0}
+    (project / "graft.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    t0 = time.monotonic()
+    state = training_pipeline(project_dir=str(project), return_state=True)
+    assert state.is_failed() and time.monotonic() - t0 < 120
+    with pytest.raises(StageFailed) as e:
+        state.result()
+    assert e.value.stage == "ingest" and "stages.ingest.timeout_seconds" in str(e.value)
+    pids = [int(p) for p in (project / "hang.pids").read_text().split()]
+    assert len(pids) == 2
+
+    def gone(pid):
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 15
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(gone(p) for p in pids), [p for p in pids if not gone(p)]
+    # DVC is left usable (no stale lock): with its real command back, the stage runs.
+    spec["stages"]["ingest"]["cmd"] = original_cmd
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    res = dvc(project, "repro", "--single-item", "ingest", check=False)
+    assert res.returncode == 0, res.stderr[-2000:]

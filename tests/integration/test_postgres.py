@@ -52,42 +52,48 @@ def postgres():
 
 
 @needs_pg
-def test_mlflow_server_on_postgres(project, postgres, tmp_path):
+def test_mlflow_server_on_postgres(project, postgres, tmp_path, monkeypatch):
+    """graft's own register stage (its pyfunc, the gate, the alias history) against a
+    tracking server whose store is PostgreSQL."""
     import mlflow
-    import pandas as pd
+    import numpy as np
 
     from flows import services
     from stages import registry
+    from stages.register import RegisterParams, load_test_images, register
+    from tests.integration.test_register import build_candidate
     from tests.integration.test_services import set_config
 
+    model_dir, raw, prepared = build_candidate(tmp_path)
     set_config(project, servers={"prefect": {"port": free_port()},
                                  "mlflow": {"port": free_port(), "backend_store_uri": postgres}})  # fmt: skip
     started = services.start(project)
     previous_uri = mlflow.get_tracking_uri()
     try:
         assert started["mlflow"]["store"] == postgres
-        client = mlflow.MlflowClient(tracking_uri=started["mlflow"]["url"])
-        mlflow.set_tracking_uri(started["mlflow"]["url"])
+        url = started["mlflow"]["url"]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        client = mlflow.MlflowClient(tracking_uri=url)
         exp = client.create_experiment("pg-check")
-
-        class Echo(mlflow.pyfunc.PythonModel):
-            def predict(self, context, model_input, params=None):
-                return model_input
-
         with mlflow.start_run(experiment_id=exp) as run:
             mlflow.log_metric("accuracy", 0.5)
-            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), input_example=pd.DataFrame({"x": [1, 2]}),
-                                           pip_requirements=["mlflow"])  # fmt: skip
-        client.create_registered_model("pg-model")
-        versions = [client.create_model_version("pg-model", info.model_uri, run_id=run.info.run_id, model_id=info.model_id).version
-                    for _ in range(2)]
-        registry.move_alias(client, "pg-model", "champion", str(versions[0]), "first")
-        registry.move_alias(client, "pg-model", "champion", str(versions[1]), "better")
-        assert str(client.get_model_version_by_alias("pg-model", "champion").version) == str(versions[1])
-        assert [h["to_version"] for h in registry.history(client, "pg-model")] == [str(v) for v in versions]
-        assert client.get_run(run.info.run_id).data.metrics["accuracy"] == 0.5
-        loaded = mlflow.pyfunc.load_model("models:/pg-model@champion")
-        assert loaded.predict(pd.DataFrame({"x": [3]}))["x"].tolist() == [3]
+        params = RegisterParams(model_name="pg-model", min_accuracy=0.0, min_improvement=0.0)
+        first, v1 = register(model_dir, raw, prepared, params, run.info.run_id, {"git_commit": "abc"}, {"accuracy": 0.5})
+        second, v2 = register(model_dir, raw, prepared, params, run.info.run_id, {"git_commit": "abc"}, {"accuracy": 0.5})
+        assert first.promote and (v1, v2) == ("1", "2")
+        # The same network twice: equal accuracy on the same images, the gate's paired test included.
+        assert second.candidate_accuracy == second.champion_accuracy == first.candidate_accuracy
+        champion = "2" if second.promote else "1"
+        assert str(registry.alias_version(client, "pg-model", "champion").version) == champion
+        assert [h["to_version"] for h in registry.history(client, "pg-model")][0] == "1"
+        assert client.get_model_version("pg-model", "1").tags["git_commit"] == "abc"
+        encoded, truth = load_test_images(raw, prepared)
+        import pandas as pd
+
+        served = mlflow.pyfunc.load_model("models:/pg-model@champion").predict(pd.DataFrame({"image": encoded}))
+        accuracy = float(np.mean(served["class"].to_numpy() == np.asarray(truth)))
+        assert accuracy == pytest.approx(first.candidate_accuracy)
     finally:
         services.stop(project)
         mlflow.set_tracking_uri(previous_uri)

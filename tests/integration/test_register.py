@@ -16,15 +16,9 @@ pytestmark = pytest.mark.slow
 NAME = "unit-model"
 
 
-@pytest.fixture
-def candidate(tmp_path, monkeypatch):
-    import mlflow
-
-    from stages import tracking
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "unit")
-    tracking.configure(tmp_path)
+def build_candidate(tmp_path):
+    """A two-class image folder ingested and prepared at 32 px, and the pretrained network
+    with a new (untrained) head saved as a graft model: a candidate without training."""
     src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=8)
     raw, prepared, model_dir = tmp_path / "raw", tmp_path / "prepared", tmp_path / "model"
     raw.mkdir(), prepared.mkdir()
@@ -34,6 +28,19 @@ def candidate(tmp_path, monkeypatch):
     model, cfg = load_pretrained(LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0"),
                                  fsio.read_json(prepared / "meta.json"), 0)  # fmt: skip
     modeling.save(model_dir, model, cfg)
+    return model_dir, raw, prepared
+
+
+@pytest.fixture
+def candidate(tmp_path, monkeypatch):
+    import mlflow
+
+    from stages import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "unit")
+    tracking.configure(tmp_path)
+    model_dir, raw, prepared = build_candidate(tmp_path)
     with mlflow.start_run() as run:
         pass
     return model_dir, raw, prepared, run.info.run_id
@@ -58,3 +65,40 @@ def test_failure_after_version_created_is_undone(candidate, monkeypatch):
     assert str(registry.alias_version(client, NAME, "champion").version) == "1"
     assert registry.alias_version(client, NAME, "challenger") is None
     assert len(registry.history(client, NAME)) == 1
+
+
+def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):
+    """A champion served at another size (a ViT that only accepts 224 px, so feeding it the
+    candidate's 32 px would raise) is scored on the same encoded test images, resized its
+    own way: the gate's figures equal each model's accuracy at its own preprocessing."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from stages import images
+    from stages.register import load_test_images
+
+    model_dir, raw, prepared, run_id = candidate
+    candidate_model, candidate_cfg = modeling.load(model_dir)
+    vit_cfg = replace(candidate_cfg, architecture="vit_tiny_patch16_224", image_size=224, resize="center_crop",
+                      interpolation="bilinear", source="scratch:vit_tiny_patch16_224", weights_sha256=None)  # fmt: skip
+    vit = modeling.create(vit_cfg)
+    champion_dir = model_dir.parent / "vit-champion"
+    modeling.save(champion_dir, vit, vit_cfg)
+    params = RegisterParams(model_name=NAME, min_accuracy=0.0, min_improvement=0.0)
+    first, _ = register(champion_dir, raw, prepared, params, run_id, {}, {})
+    assert first.promote
+    decision, version = register(model_dir, raw, prepared, params, run_id, {}, {})
+
+    encoded, truth = load_test_images(raw, prepared)
+
+    def accuracy(model, cfg):
+        x = np.stack([images.load_rgb_array(b, cfg.image_size, cfg.interpolation, cfg.resize) for b in encoded])
+        predicted = np.asarray(cfg.classes)[modeling.predict_proba(model, x, cfg).argmax(1)]
+        return float(np.mean(predicted == np.asarray(truth)))
+
+    with pytest.raises(Exception, match="224"):  # the champion really cannot take 32 px
+        modeling.predict_proba(vit.eval(), np.zeros((1, 32, 32, 3), np.uint8), vit_cfg)
+    assert decision.n == len(truth)
+    assert decision.champion_accuracy == pytest.approx(accuracy(vit.eval(), vit_cfg))
+    assert decision.candidate_accuracy == pytest.approx(accuracy(candidate_model, candidate_cfg))

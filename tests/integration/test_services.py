@@ -2,6 +2,7 @@
 started as graft's background services on free loopback ports, a deployment with a cron
 schedule, a run triggered through it, the data sensor, overlapping runs, webhooks."""
 
+import datetime
 import json
 import os
 import signal
@@ -85,10 +86,30 @@ def servers(project):
         assert services.group_members(st["pid"]) == [], f"processes left behind by {st}"
 
 
+def wait_for_scheduled_run(deployment: str, timeout: float):
+    """The deployment's first flow run, once it has ended (polling the Prefect API)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    async def runs():
+        async with get_client() as client:
+            dep = await client.read_deployment_by_name(deployment)
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ended = [r for r in asyncio.run(runs()) if r.state and r.state.is_final()]
+        if ended:
+            return ended[0]
+        time.sleep(3)
+    raise AssertionError(f"no run of {deployment} ended within {timeout:.0f} s")
+
+
 def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
     import mlflow
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows import services
@@ -96,7 +117,12 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
 
     src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=14)
     set_params(project, ingest={"source": "imagefolder", "path": str(src), "max_train_per_class": None}, **TINY)
-    set_config(project, schedule={"cron": "0 4 * * *"})
+    # A cron a minute or two away: the schedule itself fires the run (Prefect's scheduler
+    # creates it, `graft serve` picks it up), not run_deployment.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    fire = (now + datetime.timedelta(minutes=1 if now.second < 40 else 2)).replace(second=0, microsecond=0)
+    cron = f"{fire.minute} {fire.hour} * * *"
+    set_config(project, schedule={"cron": cron, "timezone": "UTC"})
     st = services.status(project)
     assert st["prefect"]["running"] and st["mlflow"]["running"]
     env = {**project_env(project), **services.client_env(project)}
@@ -114,14 +140,15 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
 
         import asyncio
 
-        assert asyncio.run(schedule_of(f"graft-training/{train_name}")) == ["0 4 * * *"]
+        assert asyncio.run(schedule_of(f"graft-training/{train_name}")) == [cron]
 
         # `graft serve` runs the deployments' runs in its own process.
         serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--project", str(project)],
                                  cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True)  # fmt: skip
         try:
-            run = run_deployment(f"graft-training/{train_name}", timeout=400, poll_interval=2)
+            run = wait_for_scheduled_run(f"graft-training/{train_name}", timeout=(fire - now).total_seconds() + 400)
+            assert run.auto_scheduled and run.expected_start_time == fire
             assert run.state.is_completed(), run.state
         finally:
             os.killpg(serve.pid, signal.SIGINT)

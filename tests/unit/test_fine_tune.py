@@ -242,7 +242,7 @@ def test_diverging_training_stops_at_the_first_non_finite_loss(tmp_path, data):
 
 def test_feature_extraction_runs_the_backbone_once_not_every_epoch(data):
     """The cache is the point of feature extraction: the backbone sees the train and val
-    images once (in eval batches), however many epochs the head trains."""
+    images once (in training-size batches), however many epochs the head trains."""
     import math
 
     train_split, val_split = data
@@ -252,5 +252,5 @@ def test_feature_extraction_runs_the_backbone_once_not_every_epoch(data):
     p = replace(BASE, mode="feature_extraction", epochs=4, channels_last=False, patience=9)
     result = train(model, cfg, train_split, val_split, p)
     assert len(result.history) == 4
-    once = math.ceil(len(train_split.y) / p.eval_batch_size) + math.ceil(len(val_split.y) / p.eval_batch_size)
+    once = math.ceil(len(train_split.y) / p.batch_size) + math.ceil(len(val_split.y) / p.batch_size)
     assert len(calls) == once

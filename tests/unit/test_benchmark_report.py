@@ -1,0 +1,84 @@
+"""The README's benchmark figures come from benchmarks/results-cpu.json, which only the
+benchmark writes: the table must be that file's rendering, and the file must hold what
+the benchmark measures (its machine fields included) and agree with its own raw runs."""
+
+import copy
+import importlib.util
+import json
+import re
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+RESULTS = ROOT / "benchmarks" / "results-cpu.json"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def results():
+    return json.loads(RESULTS.read_text())
+
+
+def test_readme_table_is_the_rendering_of_the_results_file(results):
+    report = load("report")
+    assert report.current_block((ROOT / "README.md").read_text()) == report.render(results), (
+        "README.md's benchmark table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
+    )
+
+
+def test_results_describe_the_machine_they_were_measured_on(results):
+    m = results["machine"]
+    for key in ("cpu", "platform", "torch", "timm", "python", "graft_commit"):
+        assert isinstance(m[key], str) and m[key], key
+    assert m["usable_cores"] >= 1 and m["torch_threads"] >= 1 and m["logical_cores"] >= m["usable_cores"]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", m["date"])
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", m["graft_commit"])
+
+
+def test_throughput_figures_agree_with_their_own_rounds(results):
+    transfer = load("transfer")
+    t = results["throughput"]
+    assert len(t["graft_runs"]) == len(t["plain_runs"]) == t["rounds"] and t["rounds"] % 2 == 0
+    again = transfer.throughput_figures(t["graft_runs"], t["plain_runs"])
+    for key in ("graft_images_per_second", "plain_loop_images_per_second", "ratio", "spread", "parity"):
+        assert again[key] == pytest.approx(t[key]), key
+
+
+def test_parity_is_claimed_only_within_the_spread():
+    transfer = load("transfer")
+    level = transfer.throughput_figures([100, 101, 99, 100], [99, 100, 101, 100])
+    assert level["parity"] and level["spread"] == pytest.approx(0.02)
+    faster = transfer.throughput_figures([110, 111, 109, 110], [99, 100, 101, 100])
+    assert not faster["parity"] and faster["ratio"] == pytest.approx(1.10)
+
+
+def test_the_table_says_parity_faster_or_slower_from_the_figures(results):
+    report = load("report")
+    t = copy.deepcopy(results)
+    t["throughput"].update(ratio=1.10, spread=0.02, parity=False)
+    assert "1.10: faster (round-to-round spread 2.0%" in report.render(t)
+    t["throughput"].update(ratio=1.01, spread=0.02, parity=True)
+    assert "1.01: parity" in report.render(t)
+
+
+def test_the_scratch_baseline_is_the_sweep_run_with_the_best_validation_accuracy(results):
+    s = results["scratch"]
+    best = max(s["sweep"], key=lambda r: r["val_accuracy"])
+    assert s["lr"] == best["lr"] and s["test_accuracy"] == best["test_accuracy"]
+    assert s["mode"] == "full" and s["lr_decay"] == 1.0 and len(s["sweep"]) >= 3
+
+
+def test_feature_cache_ratios_are_their_measured_times(results):
+    f = results["feature_extraction"]
+    assert f["epoch_speedup"] == pytest.approx(f["recompute_epoch_seconds"] / f["cached_epoch_seconds"])
+    assert f["end_to_end_speedup"] == pytest.approx(f["recompute_end_to_end_seconds"] / f["end_to_end_seconds"])
+    assert f["cache_seconds"] < f["end_to_end_seconds"]  # the cache build is part of the run's time
