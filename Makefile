@@ -27,10 +27,10 @@ help:  ## list the targets
 setup: $(STAMP) data  ## create .venv, install graft and the default dataset
 
 # pip's find-links on this machine warns once per package: the filter keeps the log readable.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@echo "graft: creating $(VENV) and installing graft (a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | { grep -v '^WARNING: Location' || true; }
 	touch $@
 
 data: $(FASHION_MNIST)  ## install Fashion-MNIST (Debian package dataset-fashion-mnist)

@@ -407,7 +407,8 @@ def summary_markdown(summary: dict[str, Any] | None, error: BaseException | None
         advice = error.advice() if isinstance(error, StageFailed) else "fix what the message names, then run again"
         return f"# graft run: failed at {where}\n\n```\n{error}\n```\n\nWhat to do: {advice}.\n"
     assert summary is not None
-    rows = "\n".join(f"| {s} | {r} |" for s, r in summary["stages"].items())
+    words = {"pulled": "restored from the remote", "restored": "restored from DVC's cache"}
+    rows = "\n".join(f"| {s} | {words.get(r, r)} |" for s, r in summary["stages"].items())
     lines = ["# graft run: done", "", "| stage | outcome |", "|---|---|", rows, ""]
     m = summary.get("metrics")
     if m:
@@ -416,6 +417,9 @@ def summary_markdown(summary: dict[str, Any] | None, error: BaseException | None
     d = summary.get("decision")
     if d:
         lines += [f"Registry: `{d['model_name']}` v{d['version']} is **{d['alias']}**: {d['reason']}", ""]
+    pushed = summary.get("remote")
+    if pushed:
+        lines += [f"DVC remote `{pushed['remote']}`: " + (pushed["message"] if pushed["ok"] else f"**push failed**: {pushed['message']}"), ""]
     run = summary.get("run")
     if run and run.get("experiment_id"):
         uri = summary.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", "")

@@ -3,6 +3,7 @@ DVC and real MLflow (SQLite under the project copy), on a tiny Fashion-MNIST sli
 
 import csv
 import json
+import subprocess
 import tarfile
 
 import numpy as np
@@ -22,6 +23,7 @@ TINY = dict(
     register={"min_accuracy": 0.3, "min_improvement": 0.0},
 )
 cli = CliRunner()
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
 def graft(project, *args):
@@ -61,10 +63,17 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     project = project_run_env
     set_params(project, **TINY)
     monkeypatch.setenv("GRAFT_USER", "ci-bot")  # who moves aliases, as the history records it
+    storage = tmp_path / "remote-storage"  # the team's DVC remote: a directory (a shared disk)
+    assert dvc(project, "remote", "add", "-d", "shared", str(storage)).returncode == 0
 
-    # 1. The first run trains and registers version 1 as champion.
+    # 1. The first run trains and registers version 1 as champion, then pushes what it
+    # produced to the DVC remote, run-cache included.
     first = training_pipeline(project_dir=str(project))
     assert set(first["stages"].values()) == {"ran"}
+    assert first["remote"]["ok"] and first["remote"]["remote"] == "shared" and "pushed" in first["remote"]["message"]
+    pushed = files_under(storage)
+    assert any("runs" in p.parts for p in pushed)  # DVC's run-cache went too
+    assert "in sync" in dvc(project, "status", "--cloud").stdout
     assert first["decision"]["version"] == "1" and first["decision"]["alias"] == "champion"
     client, reg = registry(project)
     v1 = reg.alias_version(client, "graft-classifier", "champion")
@@ -125,10 +134,30 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
         assert r["class"] == ours[sample]["predicted"]
         assert float(r["probability"]) == pytest.approx(float(ours[sample]["confidence"]), abs=1e-4)
 
+    # A teammate: a fresh clone of this commit (code, params, dvc.lock, reports) on the same
+    # registry, with an empty DVC cache and no data, restores every stage from the remote
+    # and trains nothing (no MLflow run at all).
+    subprocess.run([*GIT, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "trained"], cwd=project, check=True)
+    clone = tmp_path / "teammate"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    assert not (clone / "data/prepared").exists() and not (clone / ".dvc/cache").exists()
+    all_runs = lambda: client.search_runs([e.experiment_id for e in client.search_experiments()])  # noqa: E731
+    runs_before = len(all_runs())
+    restored = training_pipeline(project_dir=str(clone))
+    assert set(restored["stages"].values()) == {"pulled"}, restored["stages"]
+    assert (clone / "models/fine_tuned/weights.pt").read_bytes() == (project / "models/fine_tuned/weights.pt").read_bytes()
+    assert len(all_runs()) == runs_before and len(client.search_model_versions("name='graft-classifier'")) == 1
+    assert restored["remote"]["ok"]
+
     # 3. Nothing changed: every stage is cached and nothing new is registered.
     second = training_pipeline(project_dir=str(project))
     assert set(second["stages"].values()) == {"cached"}
     assert len(client.search_model_versions("name='graft-classifier'")) == 1
+
+    # The remote breaks (its path now runs under a file) before the next run.
+    (tmp_path / "a-file").write_text("")
+    assert dvc(project, "remote", "modify", "shared", "url", str(tmp_path / "a-file" / "store")).returncode == 0
 
     # 4. A worse model (a learning rate too small to learn) stays challenger.
     third = training_pipeline(project_dir=str(project), overrides=["fine_tune.lr=0.0000001", "fine_tune.epochs=1"])
@@ -138,6 +167,14 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert str(reg.alias_version(client, "graft-classifier", "champion").version) == "1"
     assert str(reg.alias_version(client, "graft-classifier", "challenger").version) == "2"
     assert "replaces" not in third["decision"]["reason"]
+    # The push failed: the run still succeeded with its model registered, and says where
+    # and what to do; `graft status` says so too. The next run pushes again.
+    assert not third["remote"]["ok"] and "DVC remote 'shared'" in third["remote"]["message"]
+    assert "dvc push --run-cache" in third["remote"]["message"]
+    res = graft(project, "status")
+    assert f"DVC remote: 'shared' ({tmp_path / 'a-file' / 'store'})" in res.output and "last push FAILED" in res.output
+    assert dvc(project, "remote", "modify", "shared", "url", str(storage)).returncode == 0
+    assert "in sync" not in dvc(project, "status", "--cloud").stdout
 
     # 5. Another losing candidate (still the tiny learning rate) takes the challenger alias,
     # and says so. Its two-epoch training is killed (SIGKILL) once, right after epoch 1's
@@ -151,6 +188,7 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert fired.exists()  # the stage really was killed
     assert fourth["decision"]["version"] == "3" and fourth["decision"]["alias"] == "challenger"
     assert fourth["decision"]["replaces_challenger"] == "2" and "v3 replaces v2 as challenger" in fourth["decision"]["reason"]
+    assert fourth["remote"]["ok"] and "in sync" in dvc(project, "status", "--cloud").stdout
     tasks, _ = prefect_task_runs(fourth["flow_run_id"])
     assert tasks["fine_tune"].run_count == 2 and tasks["fine_tune"].state.is_completed()
     logs = prefect_logs(fourth["flow_run_id"])
@@ -196,6 +234,10 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert champion_accuracy_line(res.output) > 0.3  # the scored accuracy of v1, printed by the gate
     last = reg.history(client, "graft-classifier")[-1]
     assert (last["to_version"], last["from_version"]) == ("1", "2") and last["reason"].startswith("back to the good one: promoted by hand")
+
+
+def files_under(path):
+    return sorted(p for p in path.rglob("*") if p.is_file())
 
 
 def weights(model_dir):
