@@ -112,6 +112,19 @@ def push(root: Path, logger) -> dict[str, Any] | None:
     return _record(root, remote, True, message)
 
 
+def _only_missing(changes: list) -> bool:
+    """True when DVC's changes for a stage are all missing outputs (and missing deps,
+    the outputs of stages upstream), at least one of them an output of its own."""
+    if not any(isinstance(c, dict) and "changed outs" in c for c in changes):
+        return False
+    for change in changes:
+        if not isinstance(change, dict) or set(change) - {"changed outs", "changed deps"}:
+            return False  # changed code, command or params: a pull cannot help
+        if any(state not in _MISSING for paths in change.values() for state in paths.values()):
+            return False
+    return True
+
+
 def missing_outputs(root: Path, stages: list[str]) -> list[str]:
     """Of these stages, those DVC sees as changed only because outputs are missing here
     (not because their code, deps or params changed): a pull can restore them."""
@@ -119,17 +132,7 @@ def missing_outputs(root: Path, stages: list[str]) -> list[str]:
 
     with Repo(str(root)) as repo:
         status = repo.status(targets=[f"{root / 'dvc.yaml'}:{s}" for s in stages])
-    found = []
-    for key, changes in status.items():
-        name = key.rsplit(":", 1)[-1]
-        outs = [c["changed outs"] for c in changes if isinstance(c, dict) and "changed outs" in c]
-        other = [c for c in changes if not (isinstance(c, dict) and set(c) <= {"changed outs", "changed deps"})]
-        deps = [c["changed deps"] for c in changes if isinstance(c, dict) and "changed deps" in c]
-        if other or not outs:
-            continue
-        if all(v in _MISSING for o in outs for v in o.values()) and all(v in _MISSING for d in deps for v in d.values()):
-            found.append(name)
-    return found
+    return [key.rsplit(":", 1)[-1] for key, changes in status.items() if _only_missing(changes)]
 
 
 def pull(root: Path, stages: list[str], logger) -> list[str]:

@@ -333,8 +333,7 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
     # Outputs missing here but recorded in dvc.lock (a fresh clone, a clean worker): the
     # DVC remote may hold them, and restoring beats recomputing.
     pulled = remote.pull(root, stale, logger) if stale else []
-    if pulled:
-        stale = stale_stages(root)
+    stale = [s for s in stale if s not in pulled]  # pull() has just asked DVC about each of them
     planned = graph.downstream_of(set(stale))
     parent_id = None
     client = None
