@@ -132,7 +132,7 @@ def print_summary(summary: dict, root: Path) -> None:
     if pulled:
         typer.echo(f"  stages restored from the remote: {', '.join(pulled)} (pulled from the DVC remote, not recomputed)")
     if restored:
-        typer.echo(f"  stages restored: {', '.join(restored)} (outputs put back from DVC's cache, not recomputed)")
+        typer.echo(f"  stages restored: {', '.join(restored)} (outputs put back from DVC's run-cache, here or on the remote: not recomputed)")
     typer.echo(f"  stages cached: {', '.join(cached) or 'none'} (unchanged inputs, skipped by DVC)")
     m = summary.get("metrics")
     if m:
@@ -439,24 +439,114 @@ def _require_prefect_server(root: Path) -> None:
 
 @app.command()
 def schedule(
-    sensor: bool = typer.Option(True, "--sensor/--no-sensor", help="also deploy the data sensor (retrain when data changes)"),
-    pool: Optional[str] = typer.Option(None, help="a Prefect work pool: its workers run the deployments instead of `graft serve`"),
+    sensor: bool = typer.Option(True, "--sensor/--no-sensor", help="also deploy the data sensor (retrain when data changes); not with --pool"),
+    pool: Optional[str] = typer.Option(None, help="a Prefect work pool (created if missing): its workers, on any machine, "
+                                       "clone the code, pull the data and run the retraining instead of `graft serve`"),
+    repo: Optional[str] = typer.Option(None, help="with --pool: the git repository workers clone (default: this copy's origin)"),
+    branch: Optional[str] = typer.Option(None, help="with --pool: the branch workers run (default: the current one)"),
+    commit: Optional[str] = typer.Option(None, help="with --pool: pin the workers to this commit instead of a branch"),
     project: Path = PROJECT,
 ) -> None:
-    """Create (or update) the Prefect deployments that retrain on schedule.cron and check the data on sensor.cron (graft.yaml). Run them with `graft serve`, or with workers of --pool."""
+    """Create (or update) the Prefect deployments that retrain on schedule.cron and check the data on sensor.cron (graft.yaml). Run them here with `graft serve`, or anywhere with workers of --pool (`prefect worker start --pool P`, from graft's environment)."""
     root = project.resolve()
     _require_prefect_server(root)
-    from flows.deploy import deployments, schedule_config
+    from flows import deploy
+    from stages.common import GraftError
 
-    sched, sens = schedule_config(root)
-    for d in deployments(root, sensor=sensor):
+    sched, sens = deploy.schedule_config(root)
+    if pool:
+        from flows import remote
+        from stages import tracking
+
+        if remote.default_remote(root) is None:
+            _fail("a worker's checkout is temporary: its data and models must go to a DVC remote. Add one "
+                  "(`dvc remote add -d NAME URL`, commit .dvc/config, push), then schedule again")  # fmt: skip
+        try:
+            checkout = deploy.checkout_for(root, repo, branch, commit)
+            d = deploy.pool_deployment(root, pool, checkout, os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(root))
+        except GraftError as e:
+            _fail(str(e))
+        if deploy.ensure_pool(pool):
+            typer.echo(f"work pool {pool!r} created (process workers)")
+        deploy.ensure_crash_detection(root)
         d.apply(work_pool_name=pool)
+        typer.echo(f"deployment {d.flow_name}/{d.name}: cron '{sched.cron}' ({sched.timezone}), on pool {pool!r}")
+        typer.echo(f"  workers clone {checkout}, pull the DVC data, log to {d.job_variables['env']['MLFLOW_TRACKING_URI']}")
+        if sensor:
+            typer.echo("  (the data sensor is not deployed to workers: it compares the source with this copy's last "
+                       "accepted run; serve it here with `graft serve`)")  # fmt: skip
+        typer.echo(f"start a worker on any machine, from graft's environment: prefect worker start --pool {pool}")
+        return
+    for d in deploy.deployments(root, sensor=sensor):
+        d.apply()
         cron = sched.cron if d.flow_name == "graft-training" else sens.cron
         typer.echo(f"deployment {d.flow_name}/{d.name}: cron '{cron}' ({sched.timezone})")
-    if pool:
-        typer.echo(f"start a worker where the project lives: prefect worker start --pool {pool}")
-    else:
-        typer.echo("run the scheduled runs with `graft serve` (keeps running; Ctrl-C stops it)")
+    typer.echo("run the scheduled runs with `graft serve` (keeps running; Ctrl-C stops it)")
+
+
+@app.command()
+def pull(
+    version: Optional[str] = typer.Option(None, "--version", "-v", help="a registered version ('champion', 'challenger' or a "
+                                          "number): first put the dvc.lock of the run that produced it here"),
+    install: bool = typer.Option(False, "--install", help="first install what pyproject.toml requires and this environment "
+                                 "lacks (a worker's pull step does)"),
+    project: Path = PROJECT,
+) -> None:
+    """Fetch the pipeline's data and models from the DVC remote without running anything: the outputs dvc.lock records, and the run-cache with which `graft run` restores stages that other copies (a worker, a teammate) already ran."""
+    _quiet_defaults()
+    root = project.resolve()
+    from flows import remote
+    from stages.common import GraftError
+
+    try:
+        if install:
+            from flows.environment import install_missing
+
+            install_missing(root, echo=typer.echo)
+        if version is not None:
+            _checkout_version_lock(root, version)
+        result = remote.pull_all(root)
+        restored = remote.restore_from_run_cache(root)
+    except GraftError as e:
+        _fail(str(e))
+    from flows.training import stale_stages
+
+    typer.echo(f"DVC remote {result['remote']}: {result['fetched']} file(s) fetched, {result['changed']} output(s) checked out")
+    if restored:
+        typer.echo(f"  restored from the run-cache: {', '.join(restored)}")
+    stale = stale_stages(root)
+    typer.echo(f"  still to run or restore: {', '.join(stale)} (`graft run` restores those the run-cache knows)" if stale
+               else "  every stage is up to date: `graft run` has nothing to do")  # fmt: skip
+
+
+def _checkout_version_lock(root: Path, version: str) -> None:
+    """Write to ``root/dvc.lock`` the lock file that the flow run behind a registered version
+    logged to MLflow: afterwards `dvc pull` fetches exactly that version's data and model."""
+    import tempfile
+
+    import mlflow
+
+    from flows.training import PIPELINE_ARTIFACTS
+    from stages import fsio
+    from stages.common import GraftError
+    from stages.registry import alias_version
+
+    client, name = _registry(root)
+    mv = client.get_model_version(name, version) if version.isdigit() else alias_version(client, name, version)
+    if mv is None:
+        raise GraftError(f"{name} has no version {version!r}; `graft status` lists the versions and aliases")
+    run = client.get_run(mv.run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if not parent:
+        raise GraftError(f"{name} v{mv.version} (run {mv.run_id}) was not trained by a graft flow run: no pipeline record to pull")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=parent, artifact_path=f"{PIPELINE_ARTIFACTS}/dvc.lock", dst_path=tmp)
+        except Exception as e:
+            raise GraftError(f"{name} v{mv.version}: its flow run {parent} kept no dvc.lock ({e}); it predates this feature") from e
+        fsio.write_bytes(root / "dvc.lock", Path(local).read_bytes())
+    commit = run.data.tags.get("mlflow.source.git.commit", "unknown")
+    typer.echo(f"dvc.lock of {name} v{mv.version} (flow run {parent}, git commit {commit}) written to {root / 'dvc.lock'}")
 
 
 @app.command()

@@ -1,5 +1,12 @@
 """Deployments of graft's flows: the cron schedules from graft.yaml, served in-process
-(``graft serve``) or run by a Prefect worker from a work pool."""
+(``graft serve``) or run by Prefect workers of a work pool on other machines.
+
+A work-pool deployment carries no path of this machine: its pull steps (Prefect's own
+``git_clone``, then ``graft pull --install`` in the clone) give whichever worker picks a
+run up a clean working copy of the pushed code, its missing dependencies and the DVC
+data the remote holds; the run logs to the MLflow tracking server (artifacts through
+the server) and pushes its outputs to the DVC remote.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 from flows.config import read_config
+from stages.common import GraftError
 from stages.config import parse
+
+TRAINING_ENTRYPOINT = "flows/training.py:training_pipeline"  # relative to the repository root
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,26 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class SensorConfig:
     cron: str = "*/30 * * * *"
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """How a worker's run proves it is alive: a heartbeat every ``heartbeat_seconds``
+    (Prefect accepts no less than 30); none for ``crashed_after_seconds`` and the server
+    marks the run Crashed (its worker or machine died)."""
+
+    heartbeat_seconds: int = 30
+    crashed_after_seconds: int = 90
+
+    def __post_init__(self):
+        if self.heartbeat_seconds < 30:
+            raise GraftError("graft.yaml: workers.heartbeat_seconds must be at least 30 (Prefect's minimum)")
+        if self.crashed_after_seconds <= self.heartbeat_seconds:
+            raise GraftError("graft.yaml: workers.crashed_after_seconds must exceed workers.heartbeat_seconds")
+
+
+def workers_config(root: Path) -> WorkersConfig:
+    return parse(WorkersConfig, read_config(root).get("workers") or {}, "workers")
 
 
 def schedule_config(root: Path) -> tuple[ScheduleConfig, SensorConfig]:
@@ -68,3 +98,178 @@ def deployments(root: Path, sensor: bool = True):
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """The code a worker runs: a git repository URL and a branch or a commit."""
+
+    repository: str
+    branch: str | None = None
+    commit: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.repository} at {'commit ' + self.commit if self.commit else 'branch ' + str(self.branch)}"
+
+
+def _git(root: Path, *args: str) -> str:
+    import subprocess
+
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GraftError(f"git {' '.join(args)} failed in {root}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def checkout_for(root: Path, repository: str | None = None, branch: str | None = None,
+                 commit: str | None = None) -> Checkout:  # fmt: skip
+    """What workers clone: ``repository`` (default: this copy's ``origin``) at ``commit``,
+    or at ``branch`` (default: the current branch). The branch or commit must already be
+    on that repository: a worker sees only what was pushed."""
+    if repository is None:
+        try:
+            repository = _git(root, "remote", "get-url", "origin")
+        except GraftError:
+            raise GraftError("workers clone the code from a git repository they can reach: this copy has no `origin`; "
+                             "push it to one (`git remote add origin URL && git push -u origin HEAD`) or pass --repo URL") from None  # fmt: skip
+    if commit is None and branch is None:
+        branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+        if branch == "HEAD":
+            raise GraftError("this copy is on a detached HEAD: pass --branch NAME or --commit SHA for the workers")
+    ref = commit or branch
+    if commit is None:
+        if not _git(root, "ls-remote", "--heads", repository, str(branch)):
+            raise GraftError(f"branch {branch!r} is not on {repository}: push it first (`git push origin {branch}`), "
+                             "workers clone only what the repository has")  # fmt: skip
+    else:
+        advertised = _git(root, "ls-remote", repository)
+        if commit not in advertised and not _git_has_commit(root, repository, commit):
+            raise GraftError(f"commit {ref} is not on {repository}: push it first")
+    return Checkout(repository, branch, commit)
+
+
+def _git_has_commit(root: Path, repository: str, commit: str) -> bool:
+    """Whether ``repository`` has ``commit`` (not only branch tips): fetched without checkout."""
+    import subprocess
+
+    proc = subprocess.run(["git", "fetch", "--quiet", "--depth=1", repository, commit], cwd=root, capture_output=True)
+    return proc.returncode == 0
+
+
+def pull_steps(checkout: Checkout) -> list[dict]:
+    """Prefect pull steps: clone the code, then (in the clone) install what the worker's
+    environment lacks and pull the DVC data the remote holds. The flow run then starts in
+    the clone (Prefect changes to the directory the steps return)."""
+    clone: dict = {"id": "clone", "repository": checkout.repository}
+    if checkout.commit:
+        clone["commit_sha"] = checkout.commit
+    else:
+        clone["branch"] = checkout.branch
+    return [
+        {"prefect.deployments.steps.git_clone": clone},
+        {"prefect.deployments.steps.run_shell_script": {
+            # `python` of the worker's environment (start the worker from graft's venv);
+            # -m runs the clone's own code, not the one installed with the worker.
+            "script": "python -m flows.cli pull --install --project .",
+            "directory": "{{ clone.directory }}",
+            "stream_output": True,
+        }},
+    ]  # fmt: skip
+
+
+def _with_steps(checkout: Checkout):
+    """Prefect's GitRepository storage, with graft's preparation step after the clone."""
+    from prefect.runner.storage import GitRepository
+
+    class GraftCheckout(GitRepository):
+        def to_pull_step(self):  # what RunnerDeployment.apply writes as the pull steps
+            return pull_steps(checkout)
+
+    return GraftCheckout(url=checkout.repository, branch=checkout.branch, commit_sha=checkout.commit)
+
+
+def pool_deployment(root: Path, pool: str, checkout: Checkout, tracking_uri: str):
+    """The retraining deployment for workers of ``pool``: clone, prepare, run the flow in
+    the clone with the schedule's overrides, log to ``tracking_uri`` (a server: a worker
+    cannot reach this machine's files)."""
+    from prefect.schedules import Cron
+
+    from flows.training import training_pipeline
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise GraftError("a worker on another machine cannot write to this copy's MLflow store "
+                         f"({tracking_uri}): start the tracking server (`graft server start`) or set "
+                         "MLFLOW_TRACKING_URI to one the workers can reach")  # fmt: skip
+    sched, _ = schedule_config(root)
+    train_name, _ = deployment_names(root)
+    d = training_pipeline.to_deployment(
+        name=train_name,
+        schedule=Cron(sched.cron, timezone=sched.timezone),
+        parameters={"project_dir": ".", "overrides": list(sched.overrides), "concurrency": sched.concurrency},
+        concurrency_limit=1,
+        description=f"Retrain graft project {root.name} from {checkout}, on workers of pool {pool!r}",
+        tags=["graft", "worker"],
+        job_variables={"env": {
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "DVC_NO_ANALYTICS": "1",
+            # A run whose machine dies stops sending these; the server then marks it Crashed.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(workers_config(root).heartbeat_seconds),
+        }},
+    )  # fmt: skip
+    d.storage = _with_steps(checkout)
+    d.entrypoint = TRAINING_ENTRYPOINT
+    return d
+
+
+def ensure_pool(pool: str) -> bool:
+    """Create the work pool (process workers) unless it exists; True when created."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            return True
+
+
+CRASH_AUTOMATION = "graft: mark flow runs Crashed when their heartbeats stop"
+
+
+def ensure_crash_detection(root: Path) -> None:
+    """A Prefect automation that marks a flow run Crashed when it stops sending heartbeats
+    (its worker or machine died), instead of leaving it Running forever and its
+    deployment's concurrency slot taken: Prefect's own recipe for runs whose process
+    cannot report its own end. One per server; recreated when graft.yaml's grace changes."""
+    from datetime import timedelta
+
+    from prefect import get_client
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    grace = workers_config(root).crashed_after_seconds
+    with get_client(sync_client=True) as client:
+        for existing in client.read_automations_by_name(CRASH_AUTOMATION):
+            if getattr(existing.trigger, "within", None) == timedelta(seconds=grace):
+                return
+            client.delete_automation(existing.id)
+    Automation(
+        name=CRASH_AUTOMATION,
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},  # fmt: skip
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=grace),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {grace} s: its worker or machine died")],  # fmt: skip
+    ).create()

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = Path(".graft") / "remote.json"
+# dvc.lock files of runs whose push failed: their objects stay in the local cache and go
+# with the next push that works, even when a later run has replaced them in the workspace
+# (`dvc push` alone sends only what the current dvc.lock names).
+PENDING_DIR = Path(".graft") / "unpushed"
 # DVC status entries meaning "the outputs are not in this workspace", as opposed to
 # changed code, deps or params: only those stages are worth a pull.
 _MISSING = ("deleted", "not in cache")
@@ -93,8 +97,9 @@ def error_message(remote: Remote, e: BaseException) -> str:
 
 
 def push(root: Path, logger) -> dict[str, Any] | None:
-    """Push the workspace's DVC-tracked outputs and the run-cache to the default remote.
-    Returns the recorded state (None without a remote); never raises for the remote."""
+    """Push the workspace's DVC-tracked outputs and the run-cache to the default remote,
+    and the outputs of earlier runs whose push failed. Returns the recorded state (None
+    without a remote); never raises for the remote: a failure is recorded and queued."""
     remote = default_remote(root)
     if remote is None:
         return None
@@ -102,14 +107,57 @@ def push(root: Path, logger) -> dict[str, Any] | None:
 
     try:
         with Repo(str(root)) as repo:
-            count = repo.push(run_cache=True)
+            count = push_pending(root, repo) + repo.push(run_cache=True)
     except Exception as e:  # DVC raises many kinds here (network, auth, full disk): all are reported
+        queued = queue_pending(root)
         message = error_message(remote, e)
         logger.warning("push failed: %s", message)
-        return _record(root, remote, False, message)
+        return _record(root, remote, False, message + (f" ({queued} run(s) waiting to be pushed)" if queued else ""))
     message = f"{count} file(s) pushed" if count else "the remote already had everything"
     logger.info("DVC remote %s: %s", remote, message)
     return _record(root, remote, True, message)
+
+
+def _lock_objects(lock_text: str) -> list:
+    """The cached objects a dvc.lock names (every stage's outputs; directories as their
+    ``.dir`` manifests, which DVC's transfer expands to their files)."""
+    import yaml
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    lock = yaml.safe_load(lock_text) or {}
+    objs = []
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("md5"):
+                objs.append(HashInfo(out.get("hash", "md5"), out["md5"]))
+    return objs
+
+
+def queue_pending(root: Path) -> int:
+    """Keep this run's dvc.lock until a push succeeds; return how many runs wait."""
+    from stages import fsio
+
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        data = lock.read_bytes()
+        fsio.write_bytes(root / PENDING_DIR / f"{fsio.sha256_bytes(data)[:16]}.lock", data)
+    return len(list((root / PENDING_DIR).glob("*.lock")))
+
+
+def push_pending(root: Path, repo) -> int:
+    """Push the objects of queued runs (oldest first); a run leaves the queue once all its
+    objects are on the remote. Raises if the remote refuses any."""
+    files = sorted((root / PENDING_DIR).glob("*.lock"), key=lambda f: f.stat().st_mtime)
+    sent = 0
+    for f in files:
+        # An object gone from the local cache (`dvc gc`) cannot be sent: not a reason to keep failing.
+        objs = [o for o in _lock_objects(f.read_text()) if repo.cache.local.exists(o.value)]
+        result = repo.cloud.push(objs)
+        if result.failed:
+            raise RuntimeError(f"{len(result.failed)} object(s) of the run recorded in {f} could not be pushed")
+        sent += len(result.transferred)
+        f.unlink()
+    return sent
 
 
 def _only_missing(changes: list) -> bool:
@@ -133,6 +181,25 @@ def missing_outputs(root: Path, stages: list[str]) -> list[str]:
     with Repo(str(root)) as repo:
         status = repo.status(targets=[f"{root / 'dvc.yaml'}:{s}" for s in stages])
     return [key.rsplit(":", 1)[-1] for key, changes in status.items() if _only_missing(changes)]
+
+
+def pull_run_cache(root: Path, logger) -> bool:
+    """Fetch the remote's run-cache (``dvc pull --run-cache``: small YAML records of every
+    stage run pushed there, by any machine). With it, ``dvc repro --pull`` restores a stage
+    that another copy ran, even one whose dvc.lock never reached git (a worker's run).
+    Returns whether it worked; a failure is reported and the stages simply run here."""
+    remote = default_remote(root)
+    if remote is None:
+        return False
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            repo.stage_cache.pull(None)
+    except Exception as e:
+        logger.warning("could not read the run-cache, the stages run here instead: %s", error_message(remote, e))
+        return False
+    return True
 
 
 def pull(root: Path, stages: list[str], logger) -> list[str]:
@@ -160,4 +227,48 @@ def pull(root: Path, stages: list[str], logger) -> list[str]:
     restored = [s for s in stages if s not in still]
     if restored:
         logger.info("DVC remote %s: restored %s", remote, ", ".join(restored))
+    return restored
+
+
+def pull_all(root: Path) -> dict[str, Any]:
+    """``dvc pull --run-cache --allow-missing``: every output dvc.lock records that the
+    remote holds, and the remote's run-cache (so `graft run` restores what other copies
+    ran). Raises GraftError, naming the remote, when there is none or it fails."""
+    from dvc.repo import Repo
+
+    from stages.common import GraftError
+
+    remote = default_remote(root)
+    if remote is None:
+        raise GraftError(f"{root}: no default DVC remote to pull from; add one with `dvc remote add -d NAME URL`")
+    try:
+        with Repo(str(root)) as repo:
+            stats = repo.pull(run_cache=True, allow_missing=True) or {}
+    except Exception as e:
+        raise GraftError(error_message(remote, e)) from e
+    return {"remote": remote, "fetched": stats.get("fetched", 0),
+            "changed": sum(len(stats.get(k) or []) for k in ("added", "modified"))}  # fmt: skip
+
+
+def restore_from_run_cache(root: Path) -> list[str]:
+    """Check out, without running anything, the outputs of every stale stage that DVC's
+    run-cache knows (what `dvc repro` does before it would run a stage's command): a
+    stage another copy ran with the same code, params and inputs. Goes in pipeline order,
+    since a stage's key needs its inputs in place. Returns the stages restored."""
+    from dvc.repo import Repo
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    from flows.training import pipeline
+
+    restored = []
+    with Repo(str(root)) as repo, repo.lock:
+        for name in pipeline(root).order:
+            stage = repo.stage.collect(f"{root / 'dvc.yaml'}:{name}")[0]
+            if not stage.status():
+                continue
+            try:
+                repo.stage_cache.restore(stage, pull=True)
+            except (RunCacheNotFoundError, FileNotFoundError):  # no record, or an input is missing
+                continue
+            restored.append(name)
     return restored

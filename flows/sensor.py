@@ -25,10 +25,20 @@ def fingerprint(root: Path) -> dict[str, Any]:
     the run it triggers fails with ingest's own message."""
     from stages.common import GraftError
     from stages.config import load_section
-    from stages.ingest import IngestParams, source_files, source_path
+    from stages import sources
+    from stages.ingest import IngestParams, source_files, source_path, url_files
 
     params = load_section(IngestParams, "ingest", root / "params.yaml")
     h = hashlib.sha256()
+    if sources.is_url(params.path):  # the same listing, through DVC's filesystem for the URL
+        try:
+            entries = url_files(params)
+        except GraftError as e:
+            h.update(f"error\0{e}".encode())
+            return {"path": params.path, "files": 0, "fingerprint": h.hexdigest(), "error": str(e)}
+        for rel, info in sorted(entries.items()):
+            h.update(f"{rel}\0{info['size']}\0{info['version']}\n".encode())
+        return {"path": params.path, "files": len(entries), "fingerprint": h.hexdigest()}
     try:
         src, files, classes = source_files(params, root)
     except GraftError as e:

@@ -31,6 +31,8 @@ from stages.common import BAD_INPUT_EXIT, STATUS_ENV, GraftError
 DVC_HINTS = ("Use `dvc push`", "To track the changes with git", "To enable auto staging", "dvc config core.autostage",
              "git add ")  # fmt: skip
 STATUS_DIR = Path(".graft") / "stages"  # where each stage writes how it ended (STATUS_ENV)
+REGISTER_STAGE = "register"  # the stage that creates model versions
+PIPELINE_ARTIFACTS = "pipeline"  # the flow's MLflow run keeps dvc.lock and params.yaml here
 
 
 class StageFailed(RuntimeError):
@@ -119,17 +121,18 @@ def _retry_condition(task_, task_run, state) -> bool:
 
 
 @task(retry_condition_fn=_retry_condition)
-def run_stage(root: str, stage: str, env: dict[str, str]):
+def run_stage(root: str, stage: str, env: dict[str, str], from_remote: bool = False):
     """Run one DVC stage (``dvc repro --single-item``) if DVC finds it stale; its output
     goes to the Prefect log. Returns ``ran``, ``restored`` (DVC put the outputs back
-    from its cache without running the stage's code), or a ``Cached`` state."""
+    from its run-cache without running the stage's code), or a ``Cached`` state.
+    ``from_remote``: the run-cache may also come from the DVC remote (``--pull``)."""
     logger = get_run_logger()
     if not stale_stages(Path(root), [stage]):
         return Completed(message=f"DVC: stage '{stage}' unchanged, skipped", name="Cached", data="cached")
     status_file = Path(root) / STATUS_DIR / f"{stage}.json"
     status_file.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+        [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--pull"] if from_remote else []), stage],
         cwd=root, env={**env, STATUS_ENV: str(status_file)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,  # its own process group: a timeout kills the stage too
     )  # fmt: skip
@@ -334,15 +337,22 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
     # DVC remote may hold them, and restoring beats recomputing.
     pulled = remote.pull(root, stale, logger) if stale else []
     stale = [s for s in stale if s not in pulled]  # pull() has just asked DVC about each of them
+    # Stages still stale may have run elsewhere (a worker's run, whose dvc.lock stayed
+    # there): with the remote's run-cache, DVC restores them instead of running them.
+    from_remote = remote.pull_run_cache(root, logger) if stale else False
     planned = graph.downstream_of(set(stale))
     parent_id = None
     client = None
     if planned:
         experiment_id = tracking.configure(root)
         client = mlflow.MlflowClient()
-        tags = {**tracking.run_tags(root, data=False), "graft.kind": "flow", "mlflow.runName": f"flow-{flow_run.name or 'local'}"}
+        tags = {**tracking.run_tags(root, data=False), "graft.kind": "flow", "mlflow.runName": f"flow-{flow_run.name or 'local'}",
+                **({"prefect_flow_run_id": flow_run_id} if flow_run_id else {})}  # fmt: skip
         for orphan in tracking.end_orphans(client, experiment_id, root):
             logger.warning("MLflow run %s of an interrupted earlier run was still RUNNING: marked FAILED", orphan)
+        for orphan in end_runs_of_ended_flows(client, experiment_id, flow_run_id):
+            logger.warning("MLflow run %s belongs to a flow run that ended without closing it (its worker died): "
+                           "marked FAILED", orphan)  # fmt: skip
         parent_id = client.create_run(experiment_id, tags=tags).info.run_id
         logger.info("stages to run: %s (changed in DVC's view, and what depends on them); MLflow parent run %s",
                     ", ".join(planned), parent_id)  # fmt: skip
@@ -359,8 +369,12 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
                 name=f"dvc-{stage}", retries=opts.retries, retry_delay_seconds=opts.retry_delay_seconds,
                 timeout_seconds=opts.timeout_seconds,
             )  # fmt: skip
+            if stage == REGISTER_STAGE and stage in planned and remote.default_remote(root) is not None:
+                # What the new version will reference goes to the remote before it exists;
+                # a failed push is queued and retried by every later push.
+                remote.push(root, logger)
             # wait_for: the upstream stages' states, so Prefect's run graph is DVC's graph.
-            state = runner(str(root), stage, env, wait_for=[states[u] for u in graph.upstream[stage]], return_state=True)
+            state = runner(str(root), stage, env, from_remote, wait_for=[states[u] for u in graph.upstream[stage]], return_state=True)
             states[stage] = state
             if not state.is_completed():
                 failure = state.data if isinstance(state.data, StageFailed) else None
@@ -389,8 +403,44 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
         for k in ("accuracy", "macro_f1", "ece"):
             if k in metrics:
                 client.log_metric(parent_id, f"test_{k}", float(metrics[k]))
+        # The run's complete DVC record: with it, any clone can fetch this run's exact data
+        # and model from the DVC remote (`graft pull --version`), even when this copy's
+        # dvc.lock never reaches git (a worker's clean checkout).
+        client.log_artifact(parent_id, str(root / "dvc.lock"), PIPELINE_ARTIFACTS)
+        client.log_artifact(parent_id, str(root / "params.yaml"), PIPELINE_ARTIFACTS)
         client.set_terminated(parent_id, "FINISHED")
     return summary
+
+
+def end_runs_of_ended_flows(client, experiment_id: str, current: str | None) -> list[str]:
+    """Mark FAILED the MLflow runs still RUNNING whose Prefect flow run has ended: a worker
+    that died mid-run (its flow run marked Crashed by the server) left them open, in a
+    checkout on another machine that no later run will see (so the per-project check in
+    ``tracking.end_orphans`` cannot find them)."""
+    from uuid import UUID
+
+    from prefect import get_client
+
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'")
+    ids = {r.data.tags.get("prefect_flow_run_id") for r in runs} - {None, current}
+    if not ids:
+        return []
+    ended = set()
+    with get_client(sync_client=True) as prefect:
+        for fid in ids:
+            try:
+                state = prefect.read_flow_run(UUID(fid)).state
+            except Exception:  # a run of another Prefect server (a local `graft run`): not ours to judge
+                continue
+            if state is not None and state.is_final():
+                ended.add(fid)
+    out = []
+    for r in runs:
+        if r.data.tags.get("prefect_flow_run_id") in ended:
+            client.set_tag(r.info.run_id, "graft.ended_by", "a later run: its Prefect flow run had ended (crashed)")
+            client.set_terminated(r.info.run_id, "FAILED")
+            out.append(r.info.run_id)
+    return out
 
 
 def mlflow_run_link(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
@@ -406,7 +456,7 @@ def summary_markdown(summary: dict[str, Any] | None, error: BaseException | None
         advice = error.advice() if isinstance(error, StageFailed) else "fix what the message names, then run again"
         return f"# graft run: failed at {where}\n\n```\n{error}\n```\n\nWhat to do: {advice}.\n"
     assert summary is not None
-    words = {"pulled": "restored from the remote", "restored": "restored from DVC's cache"}
+    words = {"pulled": "restored from the remote", "restored": "restored from DVC's run-cache"}
     rows = "\n".join(f"| {s} | {words.get(r, r)} |" for s, r in summary["stages"].items())
     lines = ["# graft run: done", "", "| stage | outcome |", "|---|---|", rows, ""]
     m = summary.get("metrics")

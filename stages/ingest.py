@@ -14,11 +14,12 @@ Files that cannot be decoded are kept and recorded with their error, so that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from stages import fsio, images
+from stages import fsio, images, sources
 from stages.common import GraftError, progress, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
 
@@ -109,9 +110,43 @@ def source_path(params: IngestParams, root: Path | None = None) -> Path:
     return path if path.is_absolute() or root is None else root / path
 
 
+def url_files(params: IngestParams) -> dict[str, dict]:
+    """For a URL source: the files ingest reads there ({path relative to the URL: its size
+    and version}), the Fashion-MNIST idx files or the visible image files of a class-folder
+    tree. Raises, naming the URL, when they are not there."""
+    entries = sources.listing(params.path)
+    if params.source == "fashion-mnist":
+        wanted = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+        missing = [n for n in wanted if n not in entries]
+        if missing:
+            raise GraftError(f"ingest.path: {params.path}: Fashion-MNIST files not found there ({', '.join(missing)})")
+        return {n: entries[n] for n in wanted}
+    found = {rel: info for rel, info in entries.items()
+             if not any(part.startswith(".") for part in rel.split("/"))
+             and Path(rel).suffix.lower() in images.IMAGE_EXTENSIONS and "/" in rel}  # fmt: skip
+    if not found:
+        raise GraftError(f"ingest.path: {params.path}: no images in class sub-folders there "
+                         f"(looked for {', '.join(images.IMAGE_EXTENSIONS)})")  # fmt: skip
+    return found
+
+
+@contextlib.contextmanager
+def readable_source(params: IngestParams, root: Path | None = None) -> Iterator[Path]:
+    """The source as a local folder: ``ingest.path`` itself, or, for a URL, a temporary
+    copy of the files ingest reads there (removed afterwards)."""
+    if sources.is_url(params.path):
+        with sources.local_copy(params.path, sorted(url_files(params))) as local:
+            yield local
+    else:
+        yield source_path(params, root)
+
+
 def check_source(params: IngestParams, root: Path | None = None) -> None:
     """Fail early, naming ``ingest.path`` and what to set, when the source is not there.
     Cheap (no file is read): the orchestrator calls it before handing over to DVC."""
+    if sources.is_url(params.path):
+        url_files(params)
+        return
     path = source_path(params, root)
     (_check_fashion_mnist if params.source == "fashion-mnist" else _check_imagefolder)(path)
 
@@ -287,18 +322,18 @@ def write_snapshot(chosen: list[Candidate], classes: tuple[str, ...], out_dir: P
 
 def ingest(params: IngestParams, out_dir: Path) -> tuple[pd.DataFrame, tuple[str, ...], list[str]]:
     """Read the source, subsample, write the snapshot into ``out_dir``."""
-    root = source_path(params)
-    if params.source == "fashion-mnist":
-        source = read_fashion_mnist(root)
-    else:
-        source = read_imagefolder(root)
-    classes = params.classes if params.classes is not None else source.classes
-    chosen = subsample(
-        source.candidates,
-        {"train": params.max_train_per_class, "test": params.max_test_per_class},
-        params.seed,
-    )
-    manifest = write_snapshot(chosen, classes, out_dir)
+    with readable_source(params) as root:
+        if params.source == "fashion-mnist":
+            source = read_fashion_mnist(root)
+        else:
+            source = read_imagefolder(root)
+        classes = params.classes if params.classes is not None else source.classes
+        chosen = subsample(
+            source.candidates,
+            {"train": params.max_train_per_class, "test": params.max_test_per_class},
+            params.seed,
+        )
+        manifest = write_snapshot(chosen, classes, out_dir)
     manifest.to_csv(out_dir / "manifest.csv", index=False, lineterminator="\n")
     fsio.write_json(out_dir / "classes.json", list(classes))
     return manifest, classes, source.ignored

@@ -134,7 +134,7 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
         assert r["class"] == ours[sample]["predicted"]
         assert float(r["probability"]) == pytest.approx(float(ours[sample]["confidence"]), abs=1e-4)
 
-    # A teammate: a fresh clone of this commit (code, params, dvc.lock, reports) on the same
+    # A teammate: a fresh clone of this commit (code, params, dvc.lock) on the same
     # registry, with an empty DVC cache and no data, restores every stage from the remote
     # and trains nothing (no MLflow run at all).
     subprocess.run([*GIT, "add", "-A"], cwd=project, check=True)
@@ -173,6 +173,8 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert "dvc push --run-cache" in third["remote"]["message"]
     res = graft(project, "status")
     assert f"DVC remote: 'shared' ({tmp_path / 'a-file' / 'store'})" in res.output and "last push FAILED" in res.output
+    assert "1 run(s) waiting to be pushed" in third["remote"]["message"]
+    v2_model = lock_md5(project, "fine_tune", "models/fine_tuned")  # referenced by v2, on no remote yet
     assert dvc(project, "remote", "modify", "shared", "url", str(storage)).returncode == 0
     assert "in sync" not in dvc(project, "status", "--cloud").stdout
 
@@ -189,6 +191,10 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert fourth["decision"]["version"] == "3" and fourth["decision"]["alias"] == "challenger"
     assert fourth["decision"]["replaces_challenger"] == "2" and "v3 replaces v2 as challenger" in fourth["decision"]["reason"]
     assert fourth["remote"]["ok"] and "in sync" in dvc(project, "status", "--cloud").stdout
+    # v2's model, replaced in the workspace before any push worked, went with this push too.
+    assert lock_md5(project, "fine_tune", "models/fine_tuned") != v2_model
+    assert (storage / "files/md5" / v2_model[:2] / v2_model[2:]).is_file()
+    assert not list((project / ".graft/unpushed").glob("*"))
     tasks, _ = prefect_task_runs(fourth["flow_run_id"])
     assert tasks["fine_tune"].run_count == 2 and tasks["fine_tune"].state.is_completed()
     logs = prefect_logs(fourth["flow_run_id"])
@@ -234,6 +240,13 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert champion_accuracy_line(res.output) > 0.3  # the scored accuracy of v1, printed by the gate
     last = reg.history(client, "graft-classifier")[-1]
     assert (last["to_version"], last["from_version"]) == ("1", "2") and last["reason"].startswith("back to the good one: promoted by hand")
+
+
+def lock_md5(project, stage, path):
+    import yaml
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
 
 
 def files_under(path):

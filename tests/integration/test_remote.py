@@ -51,3 +51,56 @@ def test_an_ssh_remote_carries_the_bytes_through_a_real_sshd(sshd, project, tmp_
     state = remote.push(project, logger)
     assert not state["ok"] and "DVC remote 'team'" in state["message"] and "dvc remote modify --local team" in state["message"]
     assert (project / "data/prepared/train_x.npy").exists()
+
+
+def test_an_ssh_url_source_is_read_through_dvc_and_tracked_as_a_dependency(sshd, project, tmp_path, monkeypatch):
+    """`ingest.path: ssh://...`: ingest reads the images through DVC's SSH filesystem, DVC
+    records the URL as the stage's dependency (a change there reruns ingest), and the data
+    sensor lists the source the same way. A path that is not there fails, naming it."""
+    import json
+    import os
+    import pwd
+    import shutil
+
+    from flows import sensor
+    from stages.common import GraftError
+    from stages.config import load_section
+    from stages.ingest import IngestParams, check_source
+    from tests.conftest import make_image_folder, write_image
+
+    home = tmp_path / "home"  # this machine's user: the key at ssh's default place, the host known
+    (home / ".ssh").mkdir(parents=True)
+    shutil.copy(sshd.key, home / ".ssh" / "id_ed25519")
+    (home / ".ssh" / "id_ed25519").chmod(0o600)
+    shutil.copy(sshd.client_home / ".ssh" / "known_hosts", home / ".ssh" / "known_hosts")
+    monkeypatch.setenv("HOME", str(home))
+    images = make_image_folder(sshd.home / "images", classes=("cat", "dog"), per_class=11)
+    owner = pwd.getpwnam(sshd.user)
+    for p in [images, *images.rglob("*")]:
+        os.chown(p, owner.pw_uid, owner.pw_gid)
+    url = sshd.url("images")
+    set_params(project, ingest={"source": "imagefolder", "path": url, "max_train_per_class": None})
+
+    before = sensor.fingerprint(project)
+    assert before["files"] == 22 and "error" not in before
+    res = dvc(project, "repro", "ingest", check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    manifest = (project / "data/raw/manifest.csv").read_text().splitlines()
+    assert len(manifest) == 23 and any(",cat/img_000.jpg," in row for row in manifest)
+    assert json.loads((project / "data/raw/classes.json").read_text()) == ["cat", "dog"]
+    import yaml
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert any(d["path"] == url for d in lock["stages"]["ingest"]["deps"])
+    assert "ingest" not in dvc(project, "status", "ingest").stdout
+
+    # A new image at the source: DVC sees the changed dependency, the sensor a new fingerprint.
+    write_image(images / "dog" / "new.png", seed=999)
+    os.chown(images / "dog" / "new.png", owner.pw_uid, owner.pw_gid)
+    assert "changed deps" in dvc(project, "status", "ingest").stdout
+    after = sensor.fingerprint(project)
+    assert after["files"] == 23 and after["fingerprint"] != before["fingerprint"]
+
+    set_params(project, ingest={"path": sshd.url("no-such-folder")})
+    with pytest.raises(GraftError, match="no-such-folder: no such file or directory"):
+        check_source(load_section(IngestParams, "ingest", project / "params.yaml"), project)
