@@ -96,10 +96,11 @@ def error_message(remote: Remote, e: BaseException) -> str:
             f"`graft run`")  # fmt: skip
 
 
-def push(root: Path, logger) -> dict[str, Any] | None:
+def push(root: Path, logger, run_id: str | None = None) -> dict[str, Any] | None:
     """Push the workspace's DVC-tracked outputs and the run-cache to the default remote,
     and the outputs of earlier runs whose push failed. Returns the recorded state (None
-    without a remote); never raises for the remote: a failure is recorded and queued."""
+    without a remote); never raises for the remote: a failure is recorded and queued
+    (under ``run_id``, so that a run that pushes twice is queued once)."""
     remote = default_remote(root)
     if remote is None:
         return None
@@ -109,7 +110,7 @@ def push(root: Path, logger) -> dict[str, Any] | None:
         with Repo(str(root)) as repo:
             count = push_pending(root, repo) + repo.push(run_cache=True)
     except Exception as e:  # DVC raises many kinds here (network, auth, full disk): all are reported
-        queued = queue_pending(root)
+        queued = queue_pending(root, run_id)
         message = error_message(remote, e)
         logger.warning("push failed: %s", message)
         return _record(root, remote, False, message + (f" ({queued} run(s) waiting to be pushed)" if queued else ""))
@@ -133,14 +134,14 @@ def _lock_objects(lock_text: str) -> list:
     return objs
 
 
-def queue_pending(root: Path) -> int:
+def queue_pending(root: Path, run_id: str | None = None) -> int:
     """Keep this run's dvc.lock until a push succeeds; return how many runs wait."""
     from stages import fsio
 
     lock = root / "dvc.lock"
     if lock.is_file():
         data = lock.read_bytes()
-        fsio.write_bytes(root / PENDING_DIR / f"{fsio.sha256_bytes(data)[:16]}.lock", data)
+        fsio.write_bytes(root / PENDING_DIR / f"{run_id or fsio.sha256_bytes(data)[:16]}.lock", data)
     return len(list((root / PENDING_DIR).glob("*.lock")))
 
 

@@ -1,6 +1,7 @@
 """Prefect and MLflow servers as background services of a project.
 
-``graft server start`` launches each server on 127.0.0.1 in its own process group, with
+``graft server start`` launches each server (on 127.0.0.1 unless graft.yaml says
+``servers.<name>.host``) in its own process group, with
 its pid, URL and log under ``.graft/servers/``, and waits for its health check;
 ``stop`` ends the whole process group (workers included), so nothing is left behind.
 """
@@ -28,11 +29,13 @@ NAMES = ("prefect", "mlflow")
 @dataclass(frozen=True)
 class PrefectServer:
     port: int = 4200
+    host: str = "127.0.0.1"  # the address it listens on; 0.0.0.0: every interface (other machines)
 
 
 @dataclass(frozen=True)
 class MlflowServer:
     port: int = 5000
+    host: str = "127.0.0.1"
     backend_store_uri: str | None = None  # null: the project's SQLite file
 
 
@@ -40,6 +43,22 @@ def server_config(root: Path) -> tuple[PrefectServer, MlflowServer]:
     section = read_config(root).get("servers", {}) or {}
     return (parse(PrefectServer, section.get("prefect") or {}, "servers.prefect"),
             parse(MlflowServer, section.get("mlflow") or {}, "servers.mlflow"))  # fmt: skip
+
+
+def public_host(host: str) -> str:
+    """The address other machines use for a server listening on ``host``: itself, or for
+    every interface (0.0.0.0, ::) this machine's address on its default route (a private
+    IP, which MLflow's DNS-rebinding guard accepts by default)."""
+    import socket
+
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.254.254.254", 1))  # no packet is sent: this only picks the interface
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostname()
 
 
 def _state_file(root: Path, name: str) -> Path:
@@ -70,28 +89,38 @@ def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dict[
 
     bin_dir = Path(sys.executable).parent
     store = mlflow_.backend_store_uri or tracking.default_tracking_uri(root)
+    p_url, m_url = (f"http://{public_host(prefect.host)}:{prefect.port}", f"http://{public_host(mlflow_.host)}:{mlflow_.port}")
     return {
         "prefect": {
-            "cmd": [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect.port)],
+            "cmd": [str(bin_dir / "prefect"), "server", "start", "--host", prefect.host, "--port", str(prefect.port)],
             # The server's own database lives in the project, not in ~/.prefect.
             # The UI's own API address defaults to port 4200 whatever --port says: without
             # PREFECT_UI_API_URL the pages of a server on another port show nothing.
             "env": {"PREFECT_HOME": str(root / ".graft" / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_API_URL": "", "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect.port}/api"},  # fmt: skip
-            "url": f"http://127.0.0.1:{prefect.port}/api",
-            "health": f"http://127.0.0.1:{prefect.port}/api/health",
+                    "PREFECT_API_URL": "", "PREFECT_UI_API_URL": f"{p_url}/api"},  # fmt: skip
+            "url": f"{p_url}/api",
+            "health": f"{p_url}/api/health",
         },
         "mlflow": {
-            "cmd": [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_.port),
+            "cmd": [sys.executable, "-m", "mlflow", "server", "--host", mlflow_.host, "--port", str(mlflow_.port),
                     "--backend-store-uri", store, "--artifacts-destination", str(root / "mlruns" / "artifacts"),
-                    "--workers", "1"],  # fmt: skip
+                    "--workers", "1", *_allowed_hosts(mlflow_)],  # fmt: skip
             # No background job runner: start-up drops from about 16 s to about 4 s.
             "env": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            "url": f"http://127.0.0.1:{mlflow_.port}",
-            "health": f"http://127.0.0.1:{mlflow_.port}/health",
+            "url": m_url,
+            "health": f"{m_url}/health",
             "store": store,
         },
     }
+
+
+def _allowed_hosts(server: MlflowServer) -> list[str]:
+    """MLflow answers only requests whose Host header it trusts (its guard against DNS
+    rebinding): on a shared host, the name other machines use, beside the loopback ones."""
+    if server.host in ("127.0.0.1", "localhost"):
+        return []  # MLflow's default (localhost and private addresses) covers it
+    names = {public_host(server.host), server.host, "localhost", "127.0.0.1"} - {"0.0.0.0", "::", ""}
+    return ["--allowed-hosts", ",".join(sorted(f"{n}{p}" for n in names for p in ("", f":{server.port}")))]
 
 
 def ui_url(state: dict[str, Any]) -> str:

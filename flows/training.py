@@ -277,7 +277,7 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
         summary = _run_pipeline(root, flow_run_id, logger)
         sensor.record_accepted(root, source)
         # After the registry is settled: a failed push is reported, never fails the run.
-        summary["remote"] = remote.push(root, logger)
+        summary["remote"] = remote.push(root, logger, run_id=flow_run_id)
     except (StageFailed, GraftError) as e:
         # Bad input or a failed stage: its message was logged once; the flow ends Failed
         # without a traceback, carrying the exception for callers.
@@ -372,7 +372,7 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
             if stage == REGISTER_STAGE and stage in planned and remote.default_remote(root) is not None:
                 # What the new version will reference goes to the remote before it exists;
                 # a failed push is queued and retried by every later push.
-                remote.push(root, logger)
+                remote.push(root, logger, run_id=flow_run_id)
             # wait_for: the upstream stages' states, so Prefect's run graph is DVC's graph.
             state = runner(str(root), stage, env, from_remote, wait_for=[states[u] for u in graph.upstream[stage]], return_state=True)
             states[stage] = state

@@ -55,7 +55,7 @@ def listing(url: str) -> dict[str, dict[str, Any]]:
         if not fs.exists(base):
             raise GraftError(f"ingest.path: {url}: no such file or directory on the remote side. Set ingest.path "
                              "to an existing folder (`graft run --set ingest.path=...`)")  # fmt: skip
-        found = fs.find(base, detail=True)
+        found = fs.fs.find(base, detail=True)  # the fsspec filesystem: DVC's wrapper yields names only
     except GraftError:
         raise
     except Exception as e:

@@ -28,6 +28,18 @@ def project_run_env(project, monkeypatch):
 SSH_USER = "graft-remote"
 
 
+def _kill_user_processes(user: str) -> None:
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["username"]) if p.info["username"] == user]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 @pytest.fixture(scope="module")
 def sshd():
     """A real OpenSSH server on a free loopback port (Debian's openssh-server), with a
@@ -51,6 +63,8 @@ def sshd():
     home = base / "home"
     try:
         pwd.getpwnam(SSH_USER)
+        # Sessions of an earlier server (a client's connection pool keeps them open) hold the user.
+        _kill_user_processes(SSH_USER)
         subprocess.run(["usermod", "--home", str(home), SSH_USER], check=True, capture_output=True)
     except KeyError:
         subprocess.run(["useradd", "--home-dir", str(home), "--shell", "/bin/sh", SSH_USER], check=True, capture_output=True)
@@ -99,5 +113,6 @@ def sshd():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        _kill_user_processes(SSH_USER)  # its sessions too
         subprocess.run(["userdel", SSH_USER], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)

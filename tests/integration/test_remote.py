@@ -52,6 +52,17 @@ def test_an_ssh_remote_carries_the_bytes_through_a_real_sshd(sshd, project, tmp_
     assert not state["ok"] and "DVC remote 'team'" in state["message"] and "dvc remote modify --local team" in state["message"]
     assert (project / "data/prepared/train_x.npy").exists()
 
+    # Unreachable (nothing listens on the port any more): the same, and the run is queued.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    assert dvc(project, "remote", "modify", "team", "url", sshd.url("dvc-store").replace(f":{sshd.port}", f":{closed}")).returncode == 0
+    state = remote.push(project, logger)
+    assert not state["ok"] and "DVC remote 'team'" in state["message"] and "reachable" in state["message"]
+    assert "1 run(s) waiting to be pushed" in state["message"] and (project / "data/prepared/train_x.npy").exists()
+
 
 def test_an_ssh_url_source_is_read_through_dvc_and_tracked_as_a_dependency(sshd, project, tmp_path, monkeypatch):
     """`ingest.path: ssh://...`: ingest reads the images through DVC's SSH filesystem, DVC

@@ -108,3 +108,59 @@ def test_webhook_receives_payload_and_failures_are_not_fatal(tmp_path, monkeypat
         server.shutdown()
     monkeypatch.setenv("GRAFT_WEBHOOK_URL", "http://127.0.0.1:9/nothing-listens")
     assert notify(tmp_path, "run_failed", {"stage": "x"}) is False
+
+
+def test_servers_on_every_interface_advertise_an_address_other_machines_can_use(tmp_path):
+    from flows import services
+
+    (tmp_path / "graft.yaml").write_text("servers:\n  prefect: {host: 0.0.0.0, port: 4300}\n  mlflow: {host: 0.0.0.0, port: 5300}\n")
+    specs = services.commands(tmp_path, *services.server_config(tmp_path))
+    public = services.public_host("0.0.0.0")
+    assert public not in ("0.0.0.0", "127.0.0.1")
+    assert specs["prefect"]["url"] == f"http://{public}:4300/api" and specs["mlflow"]["url"] == f"http://{public}:5300"
+    cmd = specs["mlflow"]["cmd"]
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    allowed = cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    assert f"{public}:5300" in allowed and "localhost:5300" in allowed
+    (tmp_path / "graft.yaml").write_text("servers:\n  mlflow: {port: 5300}\n")
+    local = services.commands(tmp_path, *services.server_config(tmp_path))["mlflow"]
+    assert local["url"] == "http://127.0.0.1:5300" and "--allowed-hosts" not in local["cmd"]
+
+
+def test_a_worker_installs_only_what_its_environment_lacks(tmp_path):
+    from flows.environment import requirements, unmet
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\ndependencies = ["pyyaml>=1", "pyyaml<1", "no-such-package-graft>=1", '
+        '"pyyaml>=1; sys_platform == \'no-such-os\'"]\n'
+    )
+    assert unmet(requirements(tmp_path)) == ["pyyaml<1", "no-such-package-graft>=1"]
+    assert unmet(requirements(ROOT)) == []  # this environment runs graft itself
+
+
+def test_a_checkout_for_workers_must_be_on_the_repository_they_clone(tmp_path):
+    import subprocess
+
+    from flows.deploy import checkout_for, pull_steps
+    from stages.common import GraftError
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    origin, work = tmp_path / "origin.git", tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    (work / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=work, check=True)
+    with pytest.raises(GraftError, match="no `origin`"):
+        checkout_for(work)
+    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=work, check=True)
+    with pytest.raises(GraftError, match="branch 'main' is not on"):
+        checkout_for(work)
+    subprocess.run(["git", "push", "-q", "origin", "main"], cwd=work, check=True)
+    checkout = checkout_for(work)
+    assert (checkout.repository, checkout.branch, checkout.commit) == (str(origin), "main", None)
+    clone, prepare = pull_steps(checkout)
+    assert clone["prefect.deployments.steps.git_clone"]["branch"] == "main"
+    assert prepare["prefect.deployments.steps.run_shell_script"]["directory"] == "{{ clone.directory }}"
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True).stdout.strip()
+    assert pull_steps(checkout_for(work, commit=sha))[0]["prefect.deployments.steps.git_clone"]["commit_sha"] == sha
