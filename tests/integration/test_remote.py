@@ -44,7 +44,8 @@ def test_an_ssh_remote_carries_the_bytes_through_a_real_sshd(sshd, project, tmp_
     assert set(restored) == {"ingest", "validate", "preprocess", "load_pretrained"}
     assert (clone / "data/prepared/train_x.npy").read_bytes() == (project / "data/prepared/train_x.npy").read_bytes()
 
-    # A wrong key: the message names the remote and what to do, and nothing local is lost.
+    # A wrong key, an unreachable host: the message names the remote and what to do,
+    # nothing local is lost, and the run waits to be pushed.
     wrong = tmp_path / "wrong_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
     assert dvc(project, "remote", "modify", "--local", "team", "keyfile", str(wrong)).returncode == 0
