@@ -145,15 +145,31 @@ def queue_pending(root: Path, run_id: str | None = None) -> int:
     return len(list((root / PENDING_DIR).glob("*.lock")))
 
 
+def _with_contents(repo, objs: list) -> list:
+    """``objs`` and, for each directory, its files: DVC's transfer sends a directory's
+    files only when they are listed beside its ``.dir`` manifest, and a remote holding a
+    manifest is taken to hold the whole directory. An object gone from the local cache
+    (`dvc gc`) is left out; DVC then withholds its directory's manifest too."""
+    from dvc_data.hashfile.tree import Tree
+
+    cache = repo.cache.local
+    out = []
+    for obj in objs:
+        if not cache.exists(obj.value):
+            continue
+        out.append(obj)
+        if obj.isdir:
+            out.extend(oid for _, _, oid in Tree.load(cache, obj))
+    return out
+
+
 def push_pending(root: Path, repo) -> int:
     """Push the objects of queued runs (oldest first); a run leaves the queue once all its
     objects are on the remote. Raises if the remote refuses any."""
     files = sorted((root / PENDING_DIR).glob("*.lock"), key=lambda f: f.stat().st_mtime)
     sent = 0
     for f in files:
-        # An object gone from the local cache (`dvc gc`) cannot be sent: not a reason to keep failing.
-        objs = [o for o in _lock_objects(f.read_text()) if repo.cache.local.exists(o.value)]
-        result = repo.cloud.push(objs)
+        result = repo.cloud.push(_with_contents(repo, _lock_objects(f.read_text())))
         if result.failed:
             raise RuntimeError(f"{len(result.failed)} object(s) of the run recorded in {f} could not be pushed")
         sent += len(result.transferred)

@@ -193,7 +193,9 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert fourth["remote"]["ok"] and "in sync" in dvc(project, "status", "--cloud").stdout
     # v2's model, replaced in the workspace before any push worked, went with this push too.
     assert lock_md5(project, "fine_tune", "models/fine_tuned") != v2_model
-    assert (storage / "files/md5" / v2_model[:2] / v2_model[2:]).is_file()
+    manifest = storage / "files/md5" / v2_model[:2] / v2_model[2:]
+    assert manifest.is_file()  # and every file of the directory with it, not the manifest alone
+    assert all((storage / "files/md5" / e["md5"][:2] / e["md5"][2:]).is_file() for e in json.loads(manifest.read_text()))
     assert not list((project / ".graft/unpushed").glob("*"))
     tasks, _ = prefect_task_runs(fourth["flow_run_id"])
     assert tasks["fine_tune"].run_count == 2 and tasks["fine_tune"].state.is_completed()

@@ -44,8 +44,8 @@ def test_an_ssh_remote_carries_the_bytes_through_a_real_sshd(sshd, project, tmp_
     assert set(restored) == {"ingest", "validate", "preprocess", "load_pretrained"}
     assert (clone / "data/prepared/train_x.npy").read_bytes() == (project / "data/prepared/train_x.npy").read_bytes()
 
-    # A wrong key, an unreachable host: the message names the remote and what to do,
-    # nothing local is lost, and the run waits to be pushed.
+    # A wrong key, an unreachable host, a full disk: the message names the remote and what
+    # to do, nothing local is lost, and the run waits to be pushed.
     wrong = tmp_path / "wrong_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
     assert dvc(project, "remote", "modify", "--local", "team", "keyfile", str(wrong)).returncode == 0
@@ -63,6 +63,22 @@ def test_an_ssh_remote_carries_the_bytes_through_a_real_sshd(sshd, project, tmp_
     state = remote.push(project, logger)
     assert not state["ok"] and "DVC remote 'team'" in state["message"] and "reachable" in state["message"]
     assert "1 run(s) waiting to be pushed" in state["message"] and (project / "data/prepared/train_x.npy").exists()
+
+    # Full: a directory remote on a 256 KB tmpfs (where this machine lets root mount one).
+    # The queued run's directories go with their files or not at all: a manifest alone
+    # would make DVC take the whole directory as pushed.
+    full = tmp_path / "full-disk"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], capture_output=True).returncode == 0:
+        try:
+            assert dvc(project, "remote", "add", "-d", "small", str(full / "store")).returncode == 0
+            state = remote.push(project, logger)
+            assert not state["ok"] and "DVC remote 'small'" in state["message"], state["message"]
+            assert "1 run(s) waiting to be pushed" in state["message"]
+            assert not list((full / "store").rglob("*.dir"))
+            assert (project / "data/prepared/train_x.npy").exists()
+        finally:
+            subprocess.run(["umount", str(full)], capture_output=True)
 
 
 def test_an_ssh_url_source_is_read_through_dvc_and_tracked_as_a_dependency(sshd, project, tmp_path, monkeypatch):
