@@ -88,8 +88,11 @@ def save(out_dir: Path, model, cfg: ModelConfig, extra: dict[str, Any] | None = 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with fsio.atomic_path(out_dir / WEIGHTS) as tmp:
-        torch.save(state, tmp)
+    # Through a file object: given a path, torch.save names the archive's inner folder
+    # after the (random) temporary file, and equal weights got different bytes and DVC
+    # hashes on every run, so no other machine's run-cache entry could ever match.
+    with fsio.atomic_path(out_dir / WEIGHTS) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     fsio.write_json(out_dir / CONFIG, {**cfg.__dict__, **(extra or {})})
 
 

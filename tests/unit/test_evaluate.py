@@ -97,3 +97,19 @@ def test_evaluate_refuses_a_model_with_non_finite_outputs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "non-finite outputs (NaN or inf)" in err and "fine_tune.lr" in err
     assert not (tmp_path / "reports" / "metrics.json").exists()
+
+
+def test_saved_weights_are_byte_identical_for_equal_models(tmp_path):
+    """Equal weights, equal files: the DVC hash of a model directory depends on its content
+    only (not on the temporary file name it was written through)."""
+    import timm
+
+    from stages import modeling
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+    cfg = modeling.ModelConfig(architecture="tf_efficientnet_lite0", classes=["a", "b", "c"], drop_rate=0.0, image_size=16,
+                               mean=[0.5] * 3, std=[0.5] * 3, interpolation="bicubic", resize="squash", source="scratch",
+                               weights_sha256=None)  # fmt: skip
+    for out in ("a", "b"):
+        modeling.save(tmp_path / out, model, cfg)
+    assert (tmp_path / "a" / modeling.WEIGHTS).read_bytes() == (tmp_path / "b" / modeling.WEIGHTS).read_bytes()
