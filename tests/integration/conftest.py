@@ -28,16 +28,22 @@ def project_run_env(project, monkeypatch):
 SSH_USER = "graft-remote"
 
 
-def _kill_user_processes(user: str) -> None:
+def kill_all(procs: list, timeout: float = 30) -> None:
+    """SIGKILL these psutil processes (those already gone are skipped) and reap them."""
     import psutil
 
-    procs = [p for p in psutil.process_iter(["username"]) if p.info["username"] == user]
     for p in procs:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=10)
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+def _kill_user_processes(user: str) -> None:
+    import psutil
+
+    kill_all([p for p in psutil.process_iter(["username"]) if p.info["username"] == user], timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import copy_project, requires_fashion_mnist, set_params
+from tests.integration.conftest import kill_all
 from tests.integration.test_flow_registry import TINY
 from tests.integration.test_services import free_port, set_config
 
@@ -96,13 +97,7 @@ def kill_machine(proc: subprocess.Popen) -> None:
     """SIGKILL a worker and every process below it (DVC's stages run in groups of their own)."""
     import psutil
 
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
+    kill_all([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)])
     proc.wait()
 
 
