@@ -33,16 +33,20 @@ def _quiet_defaults() -> None:
 
 def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:
     """Point Prefect and MLflow at the project's servers when they run (before Prefect
-    is imported, which reads its settings once); say so."""
+    is imported, which reads its settings once), with this machine's credentials; say so."""
     from flows import services
+    from stages.common import GraftError
 
-    env = services.client_env(root)
+    try:
+        env = services.client_env(root)
+    except GraftError as e:  # a secrets file others can read, say
+        _fail(str(e))
     for key, value in env.items():
         if not os.environ.get(key):
             os.environ[key] = value
-            if not quiet:
+            if not quiet and key not in services.CLIENT_KEYS:  # credentials are never echoed
                 typer.echo(f"using the running server: {key}={value}")
-    if not env and not quiet:
+    if not {"PREFECT_API_URL", "MLFLOW_TRACKING_URI"} & set(env) and not quiet:
         typer.echo("no graft servers running: using Prefect's temporary local server and the MLflow store in mlruns/")
     return env
 
@@ -64,7 +68,10 @@ def _registry(project: Path):
     if not (root / "params.yaml").is_file():
         _fail(f"{root}: no params.yaml here; run graft from the project directory or pass --project")
     _use_servers(root, quiet=True)
-    tracking.configure(root)
+    try:
+        tracking.configure(root)
+    except Exception as e:
+        _fail(tracking.refused_message(e) or tracking.unreachable_message(e) or f"{type(e).__name__}: {e}")
     name = load_section(RegisterParams, "register", root / "params.yaml").model_name
     return mlflow.MlflowClient(), name
 
@@ -111,7 +118,9 @@ def run(
         except (ParamsError, GraftError) as e:
             _fail(str(e), BAD_INPUT_EXIT)
         except Exception as e:
-            _fail(f"the pipeline failed: {type(e).__name__}: {e}")
+            from stages.tracking import refused_message
+
+            _fail(refused_message(e) or f"the pipeline failed: {type(e).__name__}: {e}")
         _fail(f"the pipeline ended in state {state.name}")
     summary = state.result()
     if summary.get("skipped"):
@@ -224,6 +233,7 @@ def promote(
     from stages.register import RegisterParams, load_test_images, score
 
     client, name = _registry(project)
+    _require_champion_permission(client, name)
     _repair(client, name, project.resolve())
     try:
         client.get_model_version(name, version)
@@ -265,6 +275,7 @@ def rollback(
     from stages import registry
 
     client, name = _registry(project)
+    _require_champion_permission(client, name)
     _repair(client, name, project.resolve())
     current = registry.alias_version(client, name, registry.CHAMPION)
     if current is None:
@@ -278,6 +289,20 @@ def rollback(
     previous = stack[-2]
     registry.move_alias(client, name, registry.CHAMPION, previous, f"{reason} (from v{current.version})", kind="rollback")
     typer.echo(f"{name}: champion rolled back from v{current.version} to v{previous}")
+
+
+def _require_champion_permission(client, name: str) -> None:
+    """Refuse, before anything is scored or written, a champion move the tracking server
+    says this user may not make."""
+    from stages import registry
+    from stages.common import GraftError
+
+    try:
+        allowed, why = registry.may_move_champion(client, name)
+    except GraftError as e:
+        _fail(str(e))
+    if not allowed:
+        _fail(f"{why}; nothing was changed")
 
 
 REPAIR_AFTER_SECONDS = 600  # a registration takes seconds to a minute: older leftovers are wrecks
@@ -361,6 +386,7 @@ def ui(
 
     from flows import services
     from stages import tracking
+    from stages.secrets import mask_url
 
     root = project.resolve()
     running = services.status(root)["mlflow"]
@@ -373,10 +399,10 @@ def ui(
         except OSError:
             _fail(f"port {port} on 127.0.0.1 is in use by another program; choose another with `graft ui --port N`")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(root)
-    typer.echo(f"MLflow UI for {uri}\n  open http://127.0.0.1:{port} in a browser; Ctrl-C stops it")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    typer.echo(f"MLflow UI for {mask_url(uri)}\n  open http://127.0.0.1:{port} in a browser; Ctrl-C stops it")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # The store through MLflow's variable: a command line is visible to every user (`ps`).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": uri}
     try:
         code = subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
@@ -391,7 +417,12 @@ app.add_typer(server_app, name="server")
 
 
 @server_app.command("start")
-def server_start(project: Path = PROJECT) -> None:
+def server_start(
+    host: Optional[str] = typer.Option(None, "--host", help="address both servers listen on, for this start (default: "
+                                       "servers.<name>.host in graft.yaml, 127.0.0.1); beyond loopback they ask for "
+                                       "credentials (`graft server init-auth`)"),
+    project: Path = PROJECT,
+) -> None:
     """Start the Prefect and MLflow servers in the background (ports and stores from graft.yaml) and wait until both answer."""
     from flows import services
     from stages.common import GraftError
@@ -399,7 +430,7 @@ def server_start(project: Path = PROJECT) -> None:
     root = project.resolve()
     typer.echo("starting the Prefect and MLflow servers (a few seconds)...")
     try:
-        started = services.start(root)
+        started = services.start(root, host=host)
     except GraftError as e:
         _fail(str(e))
     for name, st in started.items():
@@ -407,6 +438,9 @@ def server_start(project: Path = PROJECT) -> None:
     typer.echo("open in a browser:")
     for name, st in started.items():
         typer.echo(f"  {name:<8} UI  {services.ui_url(st)}")
+    if any(st.get("auth") for st in started.values()):
+        typer.echo("both ask for credentials: Prefect its auth string (PREFECT_API_AUTH_STRING), MLflow a user "
+                   "(`graft server user add`); this machine's are in .graft/secrets.yaml")  # fmt: skip
     typer.echo("`graft run`, `graft schedule` and `graft serve` now use them; `graft server stop` stops them.")
 
 
@@ -426,8 +460,137 @@ def server_status(project: Path = PROJECT) -> None:
 
     for name, st in services.status(project.resolve()).items():
         state = "running" if st["running"] else ("not answering" if st.get("pid") else "stopped")
-        typer.echo(f"  {name:<8} {state}" + (f"  UI {services.ui_url(st)}  API {st['url']}  pid {st['pid']}" if st.get("pid") else ""))
+        extra = ""
+        if st.get("pid"):
+            extra = f"  UI {services.ui_url(st)}  API {st['url']}  pid {st['pid']}"
+            extra += "  (credentials required)" if st.get("auth") else "  (no credentials asked)"
+            extra += f"  store {st['store']}" if st.get("store") else ""
+        typer.echo(f"  {name:<8} {state}{extra}")
     typer.echo(f"  {remote.describe(project.resolve())}")
+
+
+@server_app.command("init-auth")
+def server_init_auth(project: Path = PROJECT) -> None:
+    """Generate the servers' credentials (MLflow's admin password and CSRF key, Prefect's auth string) into .graft/secrets.yaml, mode 0600; those already there are kept. Needed before the servers listen beyond 127.0.0.1."""
+    from stages import secrets
+
+    root = project.resolve()
+    current = secrets.read_file(root)
+    new = {}
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        if key not in current:
+            new[key] = secrets.new_password()
+    if "PREFECT_SERVER_API_AUTH_STRING" not in current:
+        new["PREFECT_SERVER_API_AUTH_STRING"] = f"graft:{secrets.new_password()}"
+    path = secrets.write_file(root, new)
+    typer.echo(f"{path} (mode 600): " + (f"generated {', '.join(new)}" if new else "every server credential was already there"))
+    typer.echo("next: `graft server start --host 0.0.0.0` (or servers.<name>.host in graft.yaml), then "
+               "`graft server user add NAME --permission EDIT` for each teammate; they set MLFLOW_TRACKING_USERNAME, "
+               "MLFLOW_TRACKING_PASSWORD and PREFECT_API_AUTH_STRING (the value of PREFECT_SERVER_API_AUTH_STRING) "
+               "in their environment or their own .graft/secrets.yaml")  # fmt: skip
+
+
+user_app = typer.Typer(help="MLflow users of an authenticating server and what they may do: READ (see runs and "
+                       "models), EDIT (run the pipeline: log runs, register versions, set the challenger), "
+                       "MANAGE (also move the champion: promote, rollback, the pipeline's promotions).",
+                       no_args_is_help=True)  # fmt: skip
+server_app.add_typer(user_app, name="user")
+
+
+class Permission(str, Enum):
+    READ = "READ"
+    EDIT = "EDIT"
+    MANAGE = "MANAGE"
+    NO_PERMISSIONS = "NO_PERMISSIONS"
+
+
+def _admin_client(root: Path):
+    """MLflow's user-management client for the project's server, as its admin."""
+    from flows import services
+    from stages import secrets
+
+    url = services.client_env(root).get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not url.startswith(("http://", "https://")):
+        _fail("no MLflow server to manage users on: start one with `graft server start` (or set MLFLOW_TRACKING_URI)")
+    password = secrets.get(root, "MLFLOW_AUTH_ADMIN_PASSWORD")
+    if not password:
+        _fail("managing users needs the admin's password: MLFLOW_AUTH_ADMIN_PASSWORD in the environment or in "
+              ".graft/secrets.yaml (on the servers' machine: `graft server init-auth`)")  # fmt: skip
+    os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or secrets.ADMIN_USER
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    from mlflow.server.auth.client import AuthServiceClient
+
+    return AuthServiceClient(url)
+
+
+def _grant(root: Path, auth, username: str, permission: str) -> list[str]:
+    """``permission`` for ``username`` on the project's experiment and registered model
+    (created here, as the admin, when they do not exist yet)."""
+    granted = []
+    client, name = _registry(root)
+    from stages import tracking
+
+    experiment_id = tracking.configure(root)
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, description="Registered by graft's register stage.")
+    for kind, resource in (("experiment", experiment_id), ("registered_model", name)):
+        auth.grant_user_permission(username, kind, resource, permission)
+        granted.append(f"{kind} {tracking.experiment_name() if kind == 'experiment' else name}")
+    return granted
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 12:
+        _fail("choose a password of at least 12 characters")
+    return password
+
+
+@user_app.command("add")
+def user_add(
+    username: str = typer.Argument(..., help="the new user's name"),
+    permission: Permission = typer.Option(Permission.EDIT, help="what the user may do on the project's experiment and registered model"),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="read the password from the first line of "
+                                        "standard input (scripts) instead of asking twice; never pass it as an argument"),
+    project: Path = PROJECT,
+) -> None:
+    """Create an MLflow user on the project's server (as its admin) and grant it PERMISSION on the project's experiment and registered model."""
+    root = project.resolve()
+    auth = _admin_client(root)
+    password = _read_password(password_stdin)
+    try:
+        auth.create_user(username, password)
+    except Exception as e:
+        _fail(f"cannot create user {username}: {_first_line(e)}")
+    granted = _grant(root, auth, username, permission.value)
+    typer.echo(f"user {username} created with {permission.value} on {' and '.join(granted)}")
+
+
+@user_app.command("grant")
+def user_grant(
+    username: str = typer.Argument(..., help="an existing user"),
+    permission: Permission = typer.Option(..., help="what the user may do from now on"),
+    project: Path = PROJECT,
+) -> None:
+    """Change what USERNAME may do on the project's experiment and registered model."""
+    root = project.resolve()
+    auth = _admin_client(root)
+    try:
+        auth.get_user(username)
+    except Exception as e:
+        _fail(f"no user {username} on this server ({_first_line(e)}); create it with `graft server user add`")
+    granted = _grant(root, auth, username, permission.value)
+    typer.echo(f"user {username} now has {permission.value} on {' and '.join(granted)}")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _require_prefect_server(root: Path) -> None:

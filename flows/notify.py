@@ -1,23 +1,33 @@
 """Notifications: a log line always, and a JSON POST to a webhook when one is configured
-(``notifications.webhook_url`` in graft.yaml, or ``GRAFT_WEBHOOK_URL``). A webhook that
-fails is logged and never fails the run."""
+(``GRAFT_WEBHOOK_URL``, in the environment or in the git-ignored ``.graft/secrets.yaml``:
+the URL of a Slack or Teams webhook is itself the credential, so it never goes into
+graft.yaml, and logs show only its host). A webhook that fails is logged and never fails
+the run."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from flows.config import read_config
+from stages import secrets
 
 log = logging.getLogger("graft.notify")
 
 
-def webhook_url(root: Path) -> str | None:
-    return os.environ.get("GRAFT_WEBHOOK_URL") or (read_config(root).get("notifications", {}) or {}).get("webhook_url")
+def webhook_url(root: Path, logger=None) -> str | None:
+    if (read_config(root).get("notifications", {}) or {}).get("webhook_url"):
+        (logger or log).error("graft.yaml's notifications.webhook_url is not used: a webhook URL is a secret and graft.yaml "
+                              "is in git; move it to GRAFT_WEBHOOK_URL in .graft/secrets.yaml (mode 0600) or the "
+                              "environment, then rotate the webhook: it is in git's history")  # fmt: skip
+    try:
+        return secrets.get(root, "GRAFT_WEBHOOK_URL")
+    except Exception as e:  # a secrets file others can read: say so, never fail the run
+        (logger or log).error("graft notification: %s", e)
+        return None
 
 
 def notify(root: Path, event: str, payload: dict[str, Any], logger=None) -> bool:
@@ -27,14 +37,14 @@ def notify(root: Path, event: str, payload: dict[str, Any], logger=None) -> bool
     what = ", ".join(f"{k}={payload[k]}" for k in ("model_name", "version", "stage", "flow_run_name") if payload.get(k))
     level = logging.ERROR if event.endswith("failed") else logging.INFO
     logger.log(level, "graft notification: %s (%s)", event, what or root)
-    url = webhook_url(root)
+    url = webhook_url(root, logger)
     if not url:
         return False
-    request = urllib.request.Request(url, data=json.dumps(body, default=str).encode(), method="POST",
+    request = urllib.request.Request(url, data=secrets.mask_url(json.dumps(body, default=str)).encode(), method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": "graft"})  # fmt: skip
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             return 200 <= r.status < 300
-    except Exception as e:
-        logger.error("graft notification to %s failed: %s", url, e)
+    except Exception as e:  # the error text may quote the URL: only its host is shown
+        logger.error("graft notification to %s failed: %s", secrets.url_host(url), secrets.redact(str(e), [url]))
         return False

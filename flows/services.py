@@ -4,6 +4,12 @@
 ``servers.<name>.host``) in its own process group, with
 its pid, URL and log under ``.graft/servers/``, and waits for its health check;
 ``stop`` ends the whole process group (workers included), so nothing is left behind.
+
+A server that other machines can reach asks for credentials, with each server's own
+mechanism: MLflow's basic-auth app (users, and permissions per experiment and registered
+model) and Prefect's server auth string. Loopback needs none unless ``servers.auth`` says
+so. Credentials reach the servers through their environment, never their command line
+(``ps`` shows every user the command lines), and the state files hold no secret.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from flows.config import read_config
+from stages import secrets
 from stages.common import GraftError
 from stages.config import parse
 
@@ -36,13 +43,64 @@ class PrefectServer:
 class MlflowServer:
     port: int = 5000
     host: str = "127.0.0.1"
-    backend_store_uri: str | None = None  # null: the project's SQLite file
+    backend_store_uri: str | None = None  # null: the project's SQLite file (a password: secrets only)
+    default_permission: str = "READ"  # with authentication: what a user may do where nobody granted more
 
 
-def server_config(root: Path) -> tuple[PrefectServer, MlflowServer]:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+AUTH_KEYS = {"prefect": ("PREFECT_SERVER_API_AUTH_STRING",),
+             "mlflow": ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")}  # fmt: skip
+PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
+
+
+def server_config(root: Path, host: str | None = None) -> tuple[PrefectServer, MlflowServer]:
+    """Both servers' settings; ``host`` (``graft server start --host``) overrides both."""
     section = read_config(root).get("servers", {}) or {}
-    return (parse(PrefectServer, section.get("prefect") or {}, "servers.prefect"),
-            parse(MlflowServer, section.get("mlflow") or {}, "servers.mlflow"))  # fmt: skip
+    prefect = parse(PrefectServer, section.get("prefect") or {}, "servers.prefect")
+    mlflow_ = parse(MlflowServer, section.get("mlflow") or {}, "servers.mlflow")
+    if host:
+        prefect, mlflow_ = replace(prefect, host=host), replace(mlflow_, host=host)
+    if mlflow_.backend_store_uri and secrets.mask_url(mlflow_.backend_store_uri) != mlflow_.backend_store_uri:
+        raise GraftError("servers.mlflow.backend_store_uri in graft.yaml holds a password, and graft.yaml is in git: "
+                         "remove it there and set MLFLOW_BACKEND_STORE_URI in the environment or in "
+                         f"{secrets.SECRETS_FILE} (mode 0600); then change that password, it may be in git's history")  # fmt: skip
+    if mlflow_.default_permission not in PERMISSIONS:
+        raise GraftError(f"servers.mlflow.default_permission: {mlflow_.default_permission!r} is not one of {', '.join(PERMISSIONS)}")
+    return prefect, mlflow_
+
+
+def auth_required(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> bool:
+    """Credentials are asked whenever a server listens beyond this machine, or when
+    ``servers.auth`` is true (loopback shared by several users, or a reverse proxy)."""
+    forced = (read_config(root).get("servers", {}) or {}).get("auth", False)
+    if not isinstance(forced, bool):
+        raise GraftError(f"servers.auth in graft.yaml: expected true or false, got {forced!r}")
+    return forced or prefect.host not in LOOPBACK or mlflow_.host not in LOOPBACK
+
+
+def check_auth(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dict[str, str]:
+    """The servers' credentials when authentication is required (empty when not); refuse
+    to go on, saying how, when some are missing."""
+    if not auth_required(root, prefect, mlflow_):
+        return {}
+    creds = secrets.resolved(root)
+    missing = [k for keys in AUTH_KEYS.values() for k in keys if k not in creds]
+    if missing:
+        where = ", ".join(f"servers.{n}.host is {s.host}" for n, s in (("prefect", prefect), ("mlflow", mlflow_))
+                          if s.host not in LOOPBACK) or "servers.auth is true"  # fmt: skip
+        raise GraftError(f"refusing to start the servers without authentication ({where}: anyone who reaches the "
+                         f"port could read every run and move the champion). Missing: {', '.join(missing)}. "
+                         "`graft server init-auth` generates them into .graft/secrets.yaml (mode 0600); or set them in "
+                         "the environment. Then add users with `graft server user add NAME --permission READ|EDIT|MANAGE`.")  # fmt: skip
+    return creds
+
+
+def store_uri(root: Path, mlflow_: MlflowServer) -> str:
+    """The MLflow server's store: MLFLOW_BACKEND_STORE_URI (environment or secrets file:
+    it may hold a password), else graft.yaml's, else the project's SQLite file."""
+    from stages import tracking
+
+    return secrets.get(root, "MLFLOW_BACKEND_STORE_URI") or mlflow_.backend_store_uri or tracking.default_tracking_uri(root)
 
 
 def public_host(host: str) -> str:
@@ -83,14 +141,14 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dict[str, dict[str, Any]]:
-    """How each server is started, where its API is, and how to ask it if it is up."""
-    from stages import tracking
-
+def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer, creds: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """How each server is started, where its API is, and how to ask it if it is up.
+    ``creds`` (from :func:`check_auth`): start them with authentication."""
+    creds = creds or {}
     bin_dir = Path(sys.executable).parent
-    store = mlflow_.backend_store_uri or tracking.default_tracking_uri(root)
+    store = store_uri(root, mlflow_)
     p_url, m_url = (f"http://{public_host(prefect.host)}:{prefect.port}", f"http://{public_host(mlflow_.host)}:{mlflow_.port}")
-    return {
+    specs = {
         "prefect": {
             "cmd": [str(bin_dir / "prefect"), "server", "start", "--host", prefect.host, "--port", str(prefect.port)],
             # The server's own database lives in the project, not in ~/.prefect.
@@ -99,19 +157,46 @@ def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dict[
             "env": {"PREFECT_HOME": str(root / ".graft" / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_API_URL": "", "PREFECT_UI_API_URL": f"{p_url}/api"},  # fmt: skip
             "url": f"{p_url}/api",
-            "health": f"{p_url}/api/health",
+            "health": f"{p_url}/api/health",  # answered without credentials (Prefect's own exemption)
         },
         "mlflow": {
             "cmd": [sys.executable, "-m", "mlflow", "server", "--host", mlflow_.host, "--port", str(mlflow_.port),
-                    "--backend-store-uri", store, "--artifacts-destination", str(root / "mlruns" / "artifacts"),
+                    "--artifacts-destination", str(root / "mlruns" / "artifacts"),
                     "--workers", "1", *_allowed_hosts(mlflow_)],  # fmt: skip
-            # No background job runner: start-up drops from about 16 s to about 4 s.
-            "env": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            # No background job runner: start-up drops from about 16 s to about 4 s. The store
+            # goes through MLflow's own variable: on the command line `ps` would show its password.
+            "env": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": store},
             "url": m_url,
-            "health": f"{m_url}/health",
-            "store": store,
+            "health": f"{m_url}/health",  # unprotected in MLflow's auth app too
+            "store": secrets.mask_url(store),
         },
     }
+    if creds:
+        specs["prefect"]["env"]["PREFECT_SERVER_API_AUTH_STRING"] = creds["PREFECT_SERVER_API_AUTH_STRING"]
+        specs["mlflow"]["cmd"] += ["--app-name", "basic-auth"]
+        specs["mlflow"]["env"].update({
+            "MLFLOW_AUTH_CONFIG_PATH": str(_auth_config(root, mlflow_)),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": creds["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+        })
+    return specs
+
+
+def _auth_config(root: Path, mlflow_: MlflowServer) -> Path:
+    """MLflow's auth settings file (no secret in it: the admin password comes through the
+    environment). Its users and grants live in a SQLite file beside it, on this machine."""
+    from stages import fsio
+
+    folder = root / ".graft" / "mlflow"
+    path = folder / "basic_auth.ini"
+    fsio.write_text(path, "\n".join([
+        "[mlflow]",
+        f"default_permission = {mlflow_.default_permission}",
+        f"database_uri = sqlite:///{folder / 'basic_auth.db'}",
+        f"admin_username = {os.environ.get('MLFLOW_AUTH_ADMIN_USERNAME') or secrets.ADMIN_USER}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+    ]) + "\n")  # fmt: skip
+    return path
 
 
 def _allowed_hosts(server: MlflowServer) -> list[str]:
@@ -146,13 +231,15 @@ def status(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def start(root: Path, timeout: float = 90.0) -> dict[str, dict[str, Any]]:
-    """Start whichever server is not running yet; wait until both answer their health checks."""
+def start(root: Path, timeout: float = 90.0, host: str | None = None) -> dict[str, dict[str, Any]]:
+    """Start whichever server is not running yet; wait until both answer their health checks.
+    ``host`` overrides graft.yaml's for both; beyond loopback they need credentials."""
     from stages import fsio
 
     root = root.resolve()
-    prefect, mlflow_ = server_config(root)
-    specs = commands(root, prefect, mlflow_)
+    prefect, mlflow_ = server_config(root, host)
+    creds = check_auth(root, prefect, mlflow_)
+    specs = commands(root, prefect, mlflow_, creds)
     (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
     if specs["mlflow"]["store"].startswith("sqlite:///"):
         Path(specs["mlflow"]["store"].removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +261,7 @@ def start(root: Path, timeout: float = 90.0) -> dict[str, dict[str, Any]]:
             proc = subprocess.Popen(spec["cmd"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         state = {"pid": proc.pid, "url": spec["url"], "health": spec["health"], "log": str(log_path),
-                 "started": time.time(), **({"store": spec["store"]} if "store" in spec else {})}  # fmt: skip
+                 "started": time.time(), "auth": bool(creds), **({"store": spec["store"]} if "store" in spec else {})}  # fmt: skip
         fsio.write_json(_state_file(root, name), state)
         started[name] = state
     deadline = time.monotonic() + timeout
@@ -243,12 +330,19 @@ def stop(root: Path) -> list[str]:
     return stopped
 
 
+CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
+
+
 def client_env(root: Path) -> dict[str, str]:
-    """PREFECT_API_URL and MLFLOW_TRACKING_URI of the running servers (empty if none)."""
+    """PREFECT_API_URL and MLFLOW_TRACKING_URI of the running servers (none if none run),
+    and this machine's client credentials where it has some (a teammate's servers too)."""
+    root = root.resolve()
     env = {}
-    st = status(root.resolve())
+    st = status(root)
     if st["prefect"]["running"]:
         env["PREFECT_API_URL"] = st["prefect"]["url"]
     if st["mlflow"]["running"]:
         env["MLFLOW_TRACKING_URI"] = st["mlflow"]["url"]
+    creds = secrets.resolved(root)
+    env.update({k: creds[k] for k in CLIENT_KEYS if k in creds})
     return env

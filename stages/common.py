@@ -81,8 +81,14 @@ def stage_main(fn: F) -> F:
             write_status(code, "" if isinstance(e.code, int) or e.code is None else str(e.code))
             raise
         except Exception as e:
-            from stages.tracking import unreachable_message
+            from stages.tracking import refused_message, unreachable_message
 
+            refused = refused_message(e)
+            if refused is not None:  # a login or a grant is missing: no retry helps
+                write_status(BAD_INPUT_EXIT, refused)
+                if not os.environ.get(STATUS_ENV):
+                    print(f"\nerror: {refused}", file=sys.stderr, flush=True)
+                raise SystemExit(BAD_INPUT_EXIT) from None
             message = unreachable_message(e)
             if message is None:
                 write_status(1, f"{type(e).__name__}: {e}")

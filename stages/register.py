@@ -167,6 +167,11 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
         registry.wait_until_ready(client, params.model_name, version)
         decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
                                    params.gate, incompatible, candidate_version=version)  # fmt: skip
+        if decision.promote:  # the gate says champion; the server says whether this user may crown it
+            allowed, why = registry.may_move_champion(client, params.model_name)
+            if not allowed:
+                decision.promote = False
+                decision.reason += f"; but {why}: it waits as challenger for `graft promote {version}`"
         alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
         if not decision.promote:
             # One challenger at a time: the newest candidate that did not win takes the alias.

@@ -131,13 +131,71 @@ def history(client, name: str, done_only: bool = False) -> list[dict[str, Any]]:
 
 
 def current_user() -> str:
-    """Who moved an alias: ``GRAFT_USER`` when set (a service account, a CI job), else the OS user."""
+    """Who moved an alias: the MLflow user a tracking server authenticated (it refused the
+    request otherwise), else ``GRAFT_USER`` (a service account, a CI job), else the OS user."""
     import getpass
 
+    import mlflow
+
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") and mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return os.environ["MLFLOW_TRACKING_USERNAME"]
     try:
         return os.environ.get("GRAFT_USER") or getpass.getuser()
     except Exception:  # no name for this uid (a bare container)
         return f"uid {os.getuid()}"
+
+
+# --- who may move the champion --------------------------------------------------------------
+
+CHAMPION_PERMISSION = "MANAGE"  # EDIT registers versions and sets the challenger; crowning one is a manager's call
+
+
+class NotAllowed(GraftError):
+    """The authenticated user lacks the permission an alias move needs."""
+
+
+def permission_on_model(client, name: str) -> tuple[str, str] | None:
+    """(user, permission) on registered model ``name`` as the tracking server's own
+    authorization resolves it (MLflow's basic-auth app: grants, roles, its default), or
+    None where nobody is authenticated (a local store, a server without authentication)."""
+    from mlflow.utils.rest_utils import http_request
+
+    from stages.tracking import host_creds
+
+    creds = host_creds(client)
+    if creds is None:
+        return None
+    me = http_request(creds, "/api/2.0/mlflow/users/current", "GET")
+    if me.status_code == 404:  # no auth app on this server
+        return None
+    if me.status_code != 200:
+        raise GraftError(f"the tracking server refused to say who is logged in (HTTP {me.status_code}): "
+                         "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")  # fmt: skip
+    user = me.json()["user"]
+    if user.get("is_admin"):
+        return user["username"], "MANAGE"  # the admin passes every check
+    got = http_request(creds, "/api/3.0/mlflow/users/permissions/get", "GET",
+                       params={"username": user["username"], "resource_type": "registered_model", "resource_id": name})  # fmt: skip
+    if got.status_code != 200:
+        raise GraftError(f"the tracking server did not answer what {user['username']} may do on {name} (HTTP {got.status_code})")
+    return user["username"], got.json()["permission"]
+
+
+def may_move_champion(client, name: str) -> tuple[bool, str]:
+    """Whether this user may move ``champion`` of ``name``, and if not, a message that
+    says who, what is needed and how to get it."""
+    found = permission_on_model(client, name)
+    if found is None or found[1] == CHAMPION_PERMISSION:
+        return True, ""
+    user, permission = found
+    return False, (f"{user} is not allowed to move the champion of {name} (needs {CHAMPION_PERMISSION}, has {permission}); "
+                   f"an admin grants it with `graft server user grant {user} --permission {CHAMPION_PERMISSION}`")  # fmt: skip
+
+
+def require_champion_permission(client, name: str) -> None:
+    allowed, why = may_move_champion(client, name)
+    if not allowed:
+        raise NotAllowed(why)
 
 
 def _entry(alias: str, previous, version: str | None, reason: str, run_id: str | None, kind: str) -> dict[str, Any]:
@@ -159,7 +217,10 @@ def _set_entry(client, name: str, key: str, entry: dict[str, Any]) -> None:
 
 
 def _apply(client, name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Write ``entry`` ahead, move (or remove) the alias, mark the entry done."""
+    """Write ``entry`` ahead, move (or remove) the alias, mark the entry done. A champion
+    move the user may not make is refused before anything is written."""
+    if entry["alias"] == CHAMPION:
+        require_champion_permission(client, name)
     key = f"{HISTORY_PREFIX}{len(_history_tags(client, name)):06d}"
     _set_entry(client, name, key, entry)
     fault_point("after_history")

@@ -45,9 +45,17 @@ def configure(root: Path | None = None) -> str:
     sure the experiment exists; return its id. Call from ``main()``, never at import."""
     import mlflow
 
+    from stages import secrets
+
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     root = (root or Path.cwd()).resolve()
+    # A server that asks for credentials gets this machine's (environment first, then the
+    # git-ignored secrets file), for a stage run by plain `dvc repro` as for the flow.
+    creds = secrets.resolved(root)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        if key in creds:
+            os.environ.setdefault(key, creds[key])
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +76,18 @@ def configure(root: Path | None = None) -> str:
     # The fluent API (mlflow.start_run) would otherwise log into experiment 0, "Default".
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def host_creds(client=None):
+    """MLflow's request credentials for the tracking server (``client``'s, or the current
+    one); None for a local store."""
+    import mlflow
+    from mlflow.utils.credentials import get_default_host_creds
+
+    uri = client.tracking_uri if client is not None else mlflow.get_tracking_uri()
+    if not str(uri).startswith(("http://", "https://")):
+        return None
+    return get_default_host_creds(uri)
 
 
 def experiment_name() -> str:
@@ -119,7 +139,10 @@ def log_params_file(params_path: Path) -> None:
 
     from stages.config import read_params
 
-    mlflow.log_params({k: str(v)[:500] for k, v in flatten(read_params(params_path)).items()})
+    from stages.secrets import mask_url
+
+    # A source URL may carry a password (https://user:password@host/...): never into the store.
+    mlflow.log_params({k: mask_url(str(v))[:500] for k, v in flatten(read_params(params_path)).items()})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -136,11 +159,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_tags(root: Path | None = None, data: bool = True) -> dict[str, str]:
     """What every run carries: the code version, the data version (``data``), and the
     Prefect flow run that started it."""
+    from stages.secrets import mask_url
+
     root = (root or Path.cwd()).resolve()
     tags = {**git_info(root), **(data_version(root / "dvc.lock") if data else {}), PROJECT_TAG: str(root)}
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
-    return tags
+    return {k: mask_url(v) for k, v in tags.items()}
 
 
 def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Path("dvc.lock")) -> None:
@@ -153,10 +178,11 @@ def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Pat
     import pandas as pd
 
     from stages import fsio
+    from stages.secrets import mask_url
 
     version = data_version(lock_path)
     digest = version.get("data_version", "").removesuffix(".dir") or None
-    source = version.get("data.source", "").rsplit("@", 1)[0] or str(prepared.resolve())
+    source = mask_url(version.get("data.source", "").rsplit("@", 1)[0]) or str(prepared.resolve())
     classes = np.asarray(fsio.read_json(prepared / "meta.json")["classes"])
     for split, context in contexts.items():
         frame = pd.DataFrame({"id": np.load(prepared / f"{split}_ids.npy"),
@@ -172,6 +198,8 @@ def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Pat
 def unreachable_message(exc: BaseException) -> str | None:
     """A message for a person when ``exc`` means the tracking server did not answer (None
     otherwise): where it was, and the two ways out."""
+    from stages.secrets import mask_url
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         return None
@@ -181,8 +209,34 @@ def unreachable_message(exc: BaseException) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if any(sign in str(e) for sign in signs):
-            return (f"tracking server at {uri} unreachable: start it with `graft server start` or unset "
+            return (f"tracking server at {mask_url(uri)} unreachable: start it with `graft server start` or unset "
                     "MLFLOW_TRACKING_URI (training keeps its checkpoint: the rerun resumes and logs what was missed)")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def refused_message(exc: BaseException) -> str | None:
+    """A message for a person when ``exc`` means the tracking server refused the request
+    (wrong or missing credentials, or a permission the user lacks); None otherwise.
+    Retrying does not help: the answer is a login or a grant."""
+    from stages.secrets import mask_url
+
+    uri = mask_url(os.environ.get("MLFLOW_TRACKING_URI", "") or "?")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if "error code 401" in text or "You are not authenticated" in text:
+            who = f"the password of MLflow user {user}" if user else "a request without credentials"
+            return (f"the tracking server at {uri} refused {who}: set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD in the environment or .graft/secrets.yaml (an admin creates users "
+                    "with `graft server user add NAME`)")  # fmt: skip
+        if "PERMISSION_DENIED" in text or "error code 403" in text:
+            return (f"the tracking server at {uri} does not allow MLflow user {user or '?'} to do this "
+                    f"({text.strip().splitlines()[0][:200]}); running the pipeline needs EDIT on the experiment and "
+                    f"the registered model: an admin grants it with `graft server user grant {user or 'NAME'} "
+                    "--permission EDIT`")  # fmt: skip
         e = e.__cause__ or e.__context__
     return None
 
