@@ -195,6 +195,9 @@ def _auth_config(root: Path, mlflow_: MlflowServer) -> Path:
         f"database_uri = sqlite:///{folder / 'basic_auth.db'}",
         f"admin_username = {os.environ.get('MLFLOW_AUTH_ADMIN_USERNAME') or secrets.ADMIN_USER}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        # Each request otherwise re-derives the password's PBKDF2 hash. With one worker the
+        # cache is never stale: a password change through the API clears it there.
+        "auth_cache_ttl_seconds = 60",
     ]) + "\n")  # fmt: skip
     return path
 
