@@ -648,6 +648,40 @@ def schedule(
 
 
 @app.command()
+def secret(
+    key: str = typer.Argument(..., help="the variable's name, e.g. MLFLOW_TRACKING_PASSWORD (`graft secret --list` names them all)"),
+    stdin: bool = typer.Option(False, "--stdin", help="read the value from the first line of standard input instead of asking"),
+    project: Path = PROJECT,
+) -> None:
+    """Store a credential in .graft/secrets.yaml (mode 0600, git-ignored), asked without echo: never typed on a command line or into `export`, where shell history and `ps` keep it."""
+    from stages import secrets
+
+    if key not in secrets.KEYS:
+        _fail(f"{key} is not a credential graft reads; known: " + "; ".join(f"{k} ({w})" for k, w in secrets.KEYS.items()))
+    value = sys.stdin.readline().rstrip("\n") if stdin else typer.prompt(key, hide_input=True)
+    if not value:
+        _fail("an empty value: nothing stored")
+    path = secrets.write_file(project.resolve(), {key: value})
+    typer.echo(f"{key} stored in {path} (mode 600)" + (f"; the environment's {key} still wins over it" if os.environ.get(key) else ""))
+
+
+@app.command()
+def worker(
+    pool: str = typer.Option(..., "--pool", help="the Prefect work pool to take runs from (`graft schedule --pool`)"),
+    project: Path = PROJECT,
+) -> None:
+    """Start a Prefect process worker on this machine with this project's credentials (.graft/secrets.yaml or the environment), so that the runs it starts reach the servers; Ctrl-C stops it."""
+    _quiet_defaults()
+    _use_servers(project.resolve(), quiet=True)
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("a worker takes its runs from a Prefect server: set PREFECT_API_URL (e.g. http://10.0.0.5:4200/api)")
+    prefect = Path(sys.executable).parent / "prefect"
+    typer.echo(f"starting a Prefect worker for pool {pool} on {os.environ['PREFECT_API_URL']}"
+               + (" with credentials" if os.environ.get("PREFECT_API_AUTH_STRING") else ""))  # fmt: skip
+    os.execv(str(prefect), [str(prefect), "worker", "start", "--pool", pool])  # credentials go in the environment
+
+
+@app.command()
 def pull(
     version: Optional[str] = typer.Option(None, "--version", "-v", help="a registered version ('champion', 'challenger' or a "
                                           "number): first put the dvc.lock of the run that produced it here"),

@@ -153,9 +153,10 @@ def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer, creds: d
             "cmd": [str(bin_dir / "prefect"), "server", "start", "--host", prefect.host, "--port", str(prefect.port)],
             # The server's own database lives in the project, not in ~/.prefect.
             # The UI's own API address defaults to port 4200 whatever --port says: without
-            # PREFECT_UI_API_URL the pages of a server on another port show nothing.
+            # PREFECT_UI_API_URL the pages of a server on another port show nothing. One set
+            # by the user wins (the public https URL of a TLS proxy in front).
             "env": {"PREFECT_HOME": str(root / ".graft" / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_API_URL": "", "PREFECT_UI_API_URL": f"{p_url}/api"},  # fmt: skip
+                    "PREFECT_API_URL": "", "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or f"{p_url}/api"},  # fmt: skip
             "url": f"{p_url}/api",
             "health": f"{p_url}/api/health",  # answered without credentials (Prefect's own exemption)
         },
