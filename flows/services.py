@@ -250,12 +250,17 @@ def start(root: Path, timeout: float = 90.0, host: str | None = None) -> dict[st
     started = {}
     for name in NAMES:
         current = status(root)[name]
+        spec = specs[name]
         if current["running"]:
+            if current["url"] != spec["url"] or current.get("auth", False) != bool(creds):
+                # Never leave a server running without credentials that should now ask for them.
+                raise GraftError(f"the {name} server already runs at {current['url']} "
+                                 f"({'with' if current.get('auth') else 'without'} credentials), not as graft.yaml and "
+                                 "--host now ask; `graft server stop` first, then start it again")  # fmt: skip
             started[name] = current
             continue
         if current.get("pid") and _alive(current["pid"]):
             kill_group(current["pid"])
-        spec = specs[name]
         if healthy(spec["health"], timeout=1.0):
             raise GraftError(f"port of {spec['url']} is already served by another process; change servers.{name}.port in graft.yaml")
         log_path = root / STATE_DIR / f"{name}.log"

@@ -304,29 +304,6 @@ def test_validation_failure_stops_the_flow_at_validate(prefect_harness, project_
     assert json.loads((project / "reports/validation.json").read_text())["success"] is False
 
 
-def test_a_rerun_that_reuses_a_cached_model_logs_into_a_run_of_its_own(prefect_harness, project_run_env):
-    """fine_tune and evaluate unchanged, register rerun (its params changed): the new
-    version lands on a new run, nested under this flow run and linking the run that
-    trained the model, never on the old run."""
-    from flows.training import training_pipeline
-
-    project = project_run_env
-    set_params(project, **TINY)
-    first = training_pipeline(project_dir=str(project))
-    client, reg = registry(project)
-    v1 = client.get_model_version("graft-classifier", "1")
-    again = training_pipeline(project_dir=str(project), overrides=["register.alpha=0.01"])
-    assert again["stages"]["register"] == "ran" and again["stages"]["evaluate"] == "cached"
-    v2 = client.get_model_version("graft-classifier", again["decision"]["version"])
-    assert v2.run_id != v1.run_id
-    run = client.get_run(v2.run_id)
-    assert run.data.tags["graft.training_run_id"] == v1.run_id == v2.tags["training_run_id"]
-    assert run.data.tags["mlflow.parentRunId"] == again["mlflow_parent_run_id"] != first["mlflow_parent_run_id"]
-    assert run.data.metrics["test_accuracy"] == pytest.approx(first["metrics"]["accuracy"])
-    # The old run keeps exactly its own registration.
-    assert client.get_run(v1.run_id).data.tags["graft.registered_version"] == "graft-classifier/1"
-
-
 def test_a_stage_past_its_timeout_is_stopped_with_its_whole_process_group(prefect_harness, project_run_env):
     """graft.yaml's timeout stops the stage and everything it started: here an ingest
     command that starts a child process and then never ends."""

@@ -137,7 +137,7 @@ def team(tmp_path_factory):
         status = graft(project, "server", "status", log=outputs)
         creds = secrets.read_file(project)
         state = services.status(project)
-        yield SimpleNamespace(project=project, pg=pg, ps=ps, marks=marks, run=run, outputs=outputs, status=status,
+        yield SimpleNamespace(images=images, project=project, pg=pg, ps=ps, marks=marks, run=run, outputs=outputs, status=status,
                               creds=creds, carol=carol, state=state, hook_url=hook_url,
                               dave={"MLFLOW_TRACKING_USERNAME": "dave", "MLFLOW_TRACKING_PASSWORD": marks.dave})  # fmt: skip
     finally:
@@ -172,6 +172,20 @@ def test_both_apis_refuse_requests_without_credentials(team):
     # Health checks stay open (both servers' own choice): monitoring needs no secret.
     assert _request(team.state["mlflow"]["health"]) == 200 and _request(team.state["prefect"]["health"]) == 200
     assert "credentials required" in team.status.stdout
+    # Running servers are never taken for ones with other settings: a start that would ask
+    # for no credentials is refused, not answered with the authenticating servers (nor the reverse).
+    import yaml
+
+    config = team.project / "graft.yaml"
+    original = config.read_text()
+    cfg = yaml.safe_load(original)
+    cfg["servers"]["auth"] = False
+    config.write_text(yaml.safe_dump(cfg))
+    try:
+        again = graft(team.project, "server", "start", log=team.outputs)
+    finally:
+        config.write_text(original)
+    assert again.returncode == 1 and "already runs at" in again.stderr and "(with credentials)" in again.stderr
 
 
 def test_run_with_credentials_registers_a_champion_in_postgres(team):
@@ -211,6 +225,52 @@ def test_a_read_only_user_cannot_move_the_champion(team):
         assert f"dave is not allowed to move the champion of {MODEL} (needs MANAGE, has READ)" in res.stderr
         assert "Traceback" not in res.stderr
     assert after == before and before[0] == {"champion": "1"}
+
+
+def test_run_output_is_clean_and_a_register_rerun_logs_into_a_run_of_its_own(team):
+    """`graft run` as a person reads it; then only register's params change: fine_tune and
+    evaluate come from DVC's cache, and the new version lands on a new MLflow run that
+    links the run that trained the model, never on the old run."""
+    import mlflow
+
+    out = team.run.stdout + team.run.stderr
+    assert "graft run: done" in out
+    # One line per thing that happened: no DVC hints per stage, no progress-bar redraws,
+    # no CloudPickle warning, no artifact download bars, no credential echoed.
+    for noise in ("dvc push", "To track the changes with git", "%|", "cloudpickle", "CloudPickle", "Downloading artifacts",
+                  "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"):  # fmt: skip
+        assert noise not in out, noise
+    assert out.count("stages to run: ingest, validate, preprocess, load_pretrained, fine_tune, evaluate, register") == 1
+
+    again = graft(team.project, "run", "--set", "register.alpha=0.01", env=team.carol, log=team.outputs)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "stages run:    register" in again.stdout
+    client = mlflow.MlflowClient(tracking_uri=team.state["mlflow"]["url"])
+    os.environ.update(team.carol)
+    try:
+        v1, v2 = (client.get_model_version(MODEL, v) for v in ("1", "2"))
+        run = client.get_run(v2.run_id)
+        old = client.get_run(v1.run_id)
+    finally:
+        for key in team.carol:
+            os.environ.pop(key, None)
+    assert v2.run_id != v1.run_id and run.data.tags["graft.training_run_id"] == v1.run_id == v2.tags["training_run_id"]
+    assert run.data.metrics["test_accuracy"] == old.data.metrics["test_accuracy"]
+    assert old.data.tags["graft.registered_version"] == f"{MODEL}/1"  # the old run keeps exactly its own registration
+
+
+def test_bad_data_stops_the_run_at_validate_and_says_it_once(team):
+    """The source gains an empty class and a corrupt file: stop at validate, exit 2."""
+    (team.images / "empty").mkdir()
+    (team.images / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    res = graft(team.project, "run", env=team.carol, log=team.outputs)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    assert out.count("cat/broken.png: error=") == 1 and out.count("empty: count=0") == 1
+    assert "Traceback" not in out and "NoneType: None" not in out
+    assert "graft run: stage 'validate' failed: bad input (exit code 2)" in out and "what to do:" in out
+    # The failure went to the webhook too, which failed, and was reported by its host only.
+    assert "graft notification to http://127.0.0.1:" in out
 
 
 def test_no_secret_in_command_lines_files_logs_or_stores(team):
