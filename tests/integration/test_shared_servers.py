@@ -110,7 +110,8 @@ def team(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("team")
     marks = SimpleNamespace(pg=f"pgpw{uuid.uuid4().hex}", hook=f"hookpath{uuid.uuid4().hex}",
-                            carol=f"carolpw{uuid.uuid4().hex}", dave=f"davepw{uuid.uuid4().hex}")  # fmt: skip
+                            carol=f"carolpw{uuid.uuid4().hex}", dave=f"davepw{uuid.uuid4().hex}",
+                            erin=f"erinpw{uuid.uuid4().hex}")  # fmt: skip
     pg = Postgres(Path(tempfile.mkdtemp(prefix="graft-pg-")))
     ps, outputs = None, []
     project = copy_project(base / "project")
@@ -128,7 +129,8 @@ def team(tmp_path_factory):
                                      "GRAFT_WEBHOOK_URL": hook_url})  # fmt: skip
         started = graft(project, "server", "start", log=outputs)
         assert started.returncode == 0, started.stdout + started.stderr
-        for user, permission, password in (("carol", "MANAGE", marks.carol), ("dave", "READ", marks.dave)):
+        for user, permission, password in (("carol", "MANAGE", marks.carol), ("dave", "READ", marks.dave),
+                                           ("erin", "EDIT", marks.erin)):
             added = graft(project, "server", "user", "add", user, "--permission", permission, "--password-stdin",
                           stdin=password + "\n", log=outputs)  # fmt: skip
             assert added.returncode == 0, added.stdout + added.stderr
@@ -139,7 +141,8 @@ def team(tmp_path_factory):
         state = services.status(project)
         yield SimpleNamespace(images=images, project=project, pg=pg, ps=ps, marks=marks, run=run, outputs=outputs, status=status,
                               creds=creds, carol=carol, state=state, hook_url=hook_url,
-                              dave={"MLFLOW_TRACKING_USERNAME": "dave", "MLFLOW_TRACKING_PASSWORD": marks.dave})  # fmt: skip
+                              dave={"MLFLOW_TRACKING_USERNAME": "dave", "MLFLOW_TRACKING_PASSWORD": marks.dave},
+                              erin={"MLFLOW_TRACKING_USERNAME": "erin", "MLFLOW_TRACKING_PASSWORD": marks.erin})  # fmt: skip
     finally:
         services.stop(project)
         if ps is not None:
@@ -228,9 +231,10 @@ def test_a_read_only_user_cannot_move_the_champion(team):
 
 
 def test_run_output_is_clean_and_a_register_rerun_logs_into_a_run_of_its_own(team):
-    """`graft run` as a person reads it; then only register's params change: fine_tune and
-    evaluate come from DVC's cache, and the new version lands on a new MLflow run that
-    links the run that trained the model, never on the old run."""
+    """`graft run` as a person reads it; then a user with EDIT (enough to run the pipeline)
+    changes only register's params: fine_tune and evaluate come from DVC's cache, and the
+    new version lands on a new MLflow run that links the run that trained the model, never
+    on the old run."""
     import mlflow
 
     out = team.run.stdout + team.run.stderr
@@ -242,9 +246,9 @@ def test_run_output_is_clean_and_a_register_rerun_logs_into_a_run_of_its_own(tea
         assert noise not in out, noise
     assert out.count("stages to run: ingest, validate, preprocess, load_pretrained, fine_tune, evaluate, register") == 1
 
-    again = graft(team.project, "run", "--set", "register.alpha=0.01", env=team.carol, log=team.outputs)
+    again = graft(team.project, "run", "--set", "register.alpha=0.01", env=team.erin, log=team.outputs)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "stages run:    register" in again.stdout
+    assert "stages run:    register" in again.stdout and f"{MODEL} v2 is challenger" in again.stdout
     client = mlflow.MlflowClient(tracking_uri=team.state["mlflow"]["url"])
     os.environ.update(team.carol)
     try:
@@ -277,7 +281,7 @@ def test_no_secret_in_command_lines_files_logs_or_stores(team):
     """Runs last in the module: stops the servers, then searches everywhere."""
     from prefect.client.orchestration import get_client
 
-    marks = [team.marks.pg, team.marks.hook, team.marks.carol, team.marks.dave,
+    marks = [team.marks.pg, team.marks.hook, team.marks.carol, team.marks.dave, team.marks.erin,
              team.creds["MLFLOW_AUTH_ADMIN_PASSWORD"], team.creds["MLFLOW_FLASK_SERVER_SECRET_KEY"],
              team.creds["PREFECT_SERVER_API_AUTH_STRING"].split(":", 1)[1]]  # fmt: skip
 
