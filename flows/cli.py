@@ -7,6 +7,7 @@ SQLite store under ``mlruns/`` when it is unset.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from enum import Enum
@@ -193,6 +194,10 @@ def status(project: Path = PROJECT) -> None:
         acc = f"{float(t['test_accuracy']):.4f}" if "test_accuracy" in t else "?"
         typer.echo(f"  {label:<10} v{mv.version}  test accuracy {acc}  data {t.get('data_version', '?')[:12]}  "
                    f"commit {t.get('git_commit', '?')[:10]}  run {t.get('mlflow_run_id', '?')[:12]}")  # fmt: skip
+        if t.get("graft.reproduced"):
+            r = json.loads(t["graft.reproduced"])
+            typer.echo(f"             reproduced {r['date']}: {r['verdict']}" + (f" (run {r['run_id'][:12]})" if r.get("run_id") else "")
+                       + (f": {r['why'].splitlines()[0]}" if r.get("why") else ""))  # fmt: skip
         if label != "latest":
             moves = [h for h in hist if h["alias"] == label and h["to_version"] == str(mv.version)]
             if moves:
@@ -303,6 +308,41 @@ def _require_champion_permission(client, name: str) -> None:
         _fail(str(e))
     if not allowed:
         _fail(f"{why}; nothing was changed")
+
+
+@app.command()
+def reproduce(
+    model_ref: str = typer.Argument("champion", metavar="MODEL_REF",
+                                    help="champion, challenger, a version number, NAME@ALIAS or NAME/VERSION"),
+    keep: bool = typer.Option(False, "--keep", help="keep the temporary worktree (to inspect the rerun)"),
+    project: Path = PROJECT,
+) -> None:
+    """Rerun the pipeline that produced a registered version (its commit and uncommitted diff, its params.yaml, its data snapshot by hash, its pretrained weights) up to evaluate, in a temporary git worktree, and compare inputs, weights and metrics.
+
+    Exit codes: 0 identical (or within the documented tolerance), 1 differs, 2 cannot reproduce (says what is missing). The aliases are never touched; the outcome is recorded on the version (`graft status` shows it)."""
+    import time
+
+    from flows import reproduce as rep
+    from stages.common import BAD_INPUT_EXIT
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client, default_name = _registry(project)
+    started = time.monotonic()
+    try:
+        name, version = rep.resolve_ref(client, default_name, model_ref)
+        outcome, rows, run_id = rep.reproduce(project.resolve(), client, name, version, typer.echo, keep=keep)
+    except rep.CannotReproduce as e:
+        _fail(f"cannot reproduce: {e}", BAD_INPUT_EXIT)
+    for line in rep.table(rows):
+        typer.echo(f"  {line}")
+    minutes = (time.monotonic() - started) / 60
+    color = {rep.IDENTICAL: typer.colors.GREEN, rep.WITHIN: typer.colors.YELLOW}.get(outcome, typer.colors.RED)
+    typer.secho(f"{name} v{version}: {outcome} (reproduction run {run_id}, {minutes:.1f} min)", fg=color, bold=True)
+    if outcome == rep.WITHIN:
+        typer.echo("  every input identical, figures within tolerance (docs: README, 'Reproducing a model'): "
+                   "expected on other hardware only")  # fmt: skip
+    if outcome == rep.DIFFERS:
+        raise typer.Exit(1)
 
 
 REPAIR_AFTER_SECONDS = 600  # a registration takes seconds to a minute: older leftovers are wrecks

@@ -504,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.set_tags({**tracking.run_tags(), "pretrained_weights_sha256": cfg.weights_sha256 or "none",
                              "pretrained_source": cfg.source, "graft.stage": "pipeline"})
             tracking.log_datasets(args.prepared, {"train": "training", "val": "validation"})
+            tracking.log_lineage(args.params)
         else:
             resumed_logging(run.info.run_id, previous.get("history", []), parent)
             for extra in ("reports/validation.json", "reports/preprocess.json"):
@@ -537,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         # Summaries get their own names (fit_*): the per-epoch series keep theirs, so no
         # chart mixes one value per epoch with a one-off figure.
         mlflow.log_metrics({f"fit_{k}": float(v) for k, v in summary.items()})
+        # What `graft reproduce` compares a rerun's weights with, byte for byte.
+        mlflow.set_tag(tracking.WEIGHTS_TAG, fsio.sha256_file(args.out / modeling.WEIGHTS))
         mlflow.log_artifact(str(args.history), "training")
         mlflow.log_artifact(str(args.plot), "training")
     args.checkpoint.unlink(missing_ok=True)  # the final model is saved; nothing to resume

@@ -165,6 +165,8 @@ def run_tags(root: Path | None = None, data: bool = True) -> dict[str, str]:
     tags = {**git_info(root), **(data_version(root / "dvc.lock") if data else {}), PROJECT_TAG: str(root)}
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    if os.environ.get(REPRODUCTION_ENV):
+        tags[REPRODUCTION_TAG] = os.environ[REPRODUCTION_ENV]
     return {k: mask_url(v) for k, v in tags.items()}
 
 
@@ -253,6 +255,45 @@ def end_orphans(client, experiment_id: str, root: Path) -> list[str]:
         client.set_terminated(run.info.run_id, "FAILED")
         ended.append(run.info.run_id)
     return ended
+
+
+WEIGHTS_TAG = "fine_tuned_weights_sha256"  # on a training run: the sha256 of the weights it saved
+REPRODUCTION_ENV = "GRAFT_REPRODUCTION_OF"  # set by `graft reproduce`: NAME/VERSION being reproduced
+REPRODUCTION_TAG = "graft.reproduction_of"
+LINEAGE_DIR = "lineage"  # a training run's artifacts that rebuild its inputs: params.yaml, dvc.lock, git.diff
+
+
+def log_lineage(params_path: Path, root: Path | None = None) -> list[str]:
+    """Log into the active run what rebuilds this training's inputs whatever the commit's
+    state: params.yaml as used, dvc.lock as it stands when training starts (the hashes of
+    the data snapshot, the prepared data and the pretrained model), and, when tracked files
+    have uncommitted changes, their ``git diff HEAD``. Return the untracked source files
+    the stages may import (a warning: no diff carries them)."""
+    import tempfile
+
+    import mlflow
+
+    root = (root or Path.cwd()).resolve()
+    mlflow.log_artifact(str(params_path), LINEAGE_DIR)
+    if (root / "dvc.lock").is_file():
+        mlflow.log_artifact(str(root / "dvc.lock"), LINEAGE_DIR)
+    untracked: list[str] = []
+    try:
+        diff = subprocess.run(["git", "diff", "--binary", "HEAD", "--", ".", ":(exclude)dvc.lock"], cwd=root,
+                              capture_output=True, check=True).stdout  # fmt: skip
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "stages", "flows"], cwd=root,
+                                   capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return untracked
+    if diff:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "git.diff").write_bytes(diff)
+            mlflow.log_artifact(str(Path(tmp) / "git.diff"), LINEAGE_DIR)
+    untracked = [f for f in untracked if f.endswith(".py")]
+    if untracked:
+        print(f"warning: untracked source files that the stages may import: {', '.join(untracked)}; no commit or diff "
+              "carries them, so `graft reproduce` cannot rebuild this run: `git add` them")  # fmt: skip
+    return untracked
 
 
 REGISTERED_TAG = "graft.registered_version"  # set on a run once a model version was registered from it

@@ -153,3 +153,79 @@ def test_the_whole_pipeline_logs_one_mlflow_run(trained):
     third = dvc(project, "repro")
     ran = {line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"fine_tune", "evaluate", "register"}
+
+
+def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(trained):
+    """`graft reproduce champion` on a version the whole-pipeline test registered (from a tree
+    with uncommitted params: its diff is replayed). Since then a commit changed other code,
+    params.yaml was edited and the data re-ingested with another seed; the reproduction
+    still rebuilds v1's inputs and gets bit-identical weights and metrics. Then a damaged
+    cache object and a missing one: exit 2, naming the input."""
+    from flows.reproduce import read_lineage
+
+    project = trained
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (project / "benchmarks" / "report.py").write_text((project / "benchmarks" / "report.py").read_text() + "\n# moved on\n")
+    subprocess.run([*git, "commit", "-qam", "unrelated change"], cwd=project, check=True)
+    set_params(project, fine_tune={"lr": 0.002}, ingest={"seed": 7})
+    res = dvc(project, "repro", "--single-item", "ingest", check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    def reproduce():
+        return subprocess.run([sys.executable, "-m", "flows.cli", "reproduce", "champion", "--project", str(project)], cwd=project,
+                              env=project_env(project), capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    client = client_for(project)
+    version = str(client.get_model_version_by_alias("graft-classifier", "champion").version)
+    lineage = read_lineage(client, "graft-classifier", version)
+    assert lineage.diff and b"params.yaml" in lineage.diff  # trained from a dirty tree
+    raw = next(o for o in lineage.lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
+    assert raw["md5"] != next(o for o in dvc_lock(project)["stages"]["ingest"]["outs"] if o["path"] == "data/raw")["md5"]
+    aliases = client.get_registered_model("graft-classifier").aliases
+
+    done = reproduce()
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert f"graft-classifier v{version}: identical" in out and "differs" not in out and "Traceback" not in out
+    for row in ("data data/raw", "data data/prepared", "pretrained weights sha256", "fine-tuned weights sha256", "test accuracy"):
+        assert any(line.strip().startswith(row) and line.rstrip().endswith("identical") for line in out.splitlines()), row
+    tag = json.loads(client.get_model_version("graft-classifier", version).tags["graft.reproduced"])
+    assert tag["verdict"] == "identical"
+    rerun = client.get_run(tag["run_id"])
+    assert rerun.data.tags["graft.reproduction_of"] == f"graft-classifier/{version}" and rerun.info.run_id != lineage.training_run_id
+    assert client.get_registered_model("graft-classifier").aliases == aliases  # the registry's aliases untouched
+    assert "reproduced" in subprocess.run([sys.executable, "-m", "flows.cli", "status", "--project", str(project)], cwd=project,
+                                          env=project_env(project), capture_output=True, text=True).stdout  # fmt: skip
+    assert not (project / ".git" / "worktrees").exists() or not any((project / ".git" / "worktrees").iterdir())
+
+    # One byte of the snapshot's cache object changed: caught before anything trains.
+    manifest = json.loads(cache_object(project, raw["md5"]).read_text())
+    tar = cache_object(project, next(e["md5"] for e in manifest if e["relpath"] == "images.tar"))
+    original = tar.read_bytes()
+    tar.chmod(0o644)
+    tar.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    try:
+        damaged = reproduce()
+    finally:
+        tar.write_bytes(original)
+    assert damaged.returncode == 2, damaged.stdout[-2000:] + damaged.stderr[-2000:]
+    assert "cannot reproduce: data hash mismatch: data/raw/images.tar" in damaged.stderr
+    # The object gone, and no DVC remote: exit 2, saying where it looked and how to fix it.
+    hidden = tar.with_name(tar.name + ".away")
+    tar.rename(hidden)
+    try:
+        missing = reproduce()
+    finally:
+        hidden.rename(tar)
+    assert missing.returncode == 2 and "is in neither this project's DVC cache nor its DVC remote" in missing.stderr
+    assert json.loads(client.get_model_version("graft-classifier", version).tags["graft.reproduced"])["verdict"] == "cannot reproduce"
+
+
+def dvc_lock(project):
+    import yaml
+
+    return yaml.safe_load((project / "dvc.lock").read_text())
+
+
+def cache_object(project, md5):
+    return project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
