@@ -345,6 +345,40 @@ def reproduce(
         raise typer.Exit(1)
 
 
+@app.command("diff")
+def diff_cmd(
+    a: str = typer.Argument(..., metavar="A", help="a version: champion, challenger, a number, NAME@ALIAS or NAME/VERSION"),
+    b: str = typer.Argument("workspace", metavar="B", help="another version, or 'workspace' for the working copy's last run"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (for scripts) instead of text"),
+    no_score: bool = typer.Option(False, "--no-score", help="skip scoring both versions on this workspace's test images"),
+    project: Path = PROJECT,
+) -> None:
+    """What differs between two registered versions, or a version and the working copy: params, data (classes, per-class counts, files added and removed), pretrained backbone, metrics with per-class deltas, and a paired McNemar test on this workspace's test images."""
+    from flows import diff as df
+    from flows import reproduce as rep
+    from stages.common import GraftError
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client, name = _registry(project)
+    root = project.resolve()
+    try:
+        sides = []
+        for ref in (a, b):
+            if ref == df.WORKSPACE:
+                sides.append(df.workspace_side(root))
+            else:
+                model, version = rep.resolve_ref(client, name, ref)
+                sides.append(df.version_side(client, model, version))
+        result = df.diff(root, client, name, *sides, score=not no_score)
+    except GraftError as e:
+        _fail(str(e), 2)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        for line in df.render(result):
+            typer.echo(line)
+
+
 REPAIR_AFTER_SECONDS = 600  # a registration takes seconds to a minute: older leftovers are wrecks
 
 
@@ -643,6 +677,8 @@ def _require_prefect_server(root: Path) -> None:
 @app.command()
 def schedule(
     sensor: bool = typer.Option(True, "--sensor/--no-sensor", help="also deploy the data sensor (retrain when data changes); not with --pool"),
+    verify: bool = typer.Option(False, "--verify", help="also deploy the champion's reproduction on verify.cron (weekly), "
+                                "notified through the webhook when it no longer reproduces; not with --pool"),
     pool: Optional[str] = typer.Option(None, help="a Prefect work pool (created if missing): its workers, on any machine, "
                                        "clone the code, pull the data and run the retraining instead of `graft serve`"),
     repo: Optional[str] = typer.Option(None, help="with --pool: the git repository workers clone (default: this copy's origin)"),
@@ -680,11 +716,11 @@ def schedule(
                        "accepted run; serve it here with `graft serve`)")  # fmt: skip
         typer.echo(f"start a worker on any machine, from graft's environment: prefect worker start --pool {pool}")
         return
-    for d in deploy.deployments(root, sensor=sensor):
+    for d in deploy.deployments(root, sensor=sensor, verify=verify):
         d.apply()
-        cron = sched.cron if d.flow_name == "graft-training" else sens.cron
+        cron = {"graft-training": sched.cron, "graft-verify": deploy.verify_config(root).cron}.get(d.flow_name, sens.cron)
         typer.echo(f"deployment {d.flow_name}/{d.name}: cron '{cron}' ({sched.timezone})")
-    typer.echo("run the scheduled runs with `graft serve` (keeps running; Ctrl-C stops it)")
+    typer.echo("run the scheduled runs with `graft serve" + (" --verify" if verify else "") + "` (keeps running; Ctrl-C stops it)")
 
 
 @app.command()
@@ -789,6 +825,7 @@ def _checkout_version_lock(root: Path, version: str) -> None:
 @app.command()
 def serve(
     sensor: bool = typer.Option(True, "--sensor/--no-sensor", help="also serve the data sensor"),
+    verify: bool = typer.Option(False, "--verify", help="also serve the champion's scheduled reproduction"),
     project: Path = PROJECT,
 ) -> None:
     """Serve the deployments in this process: scheduled and triggered runs execute here until Ctrl-C."""
@@ -798,7 +835,7 @@ def serve(
 
     from flows.deploy import deployments
 
-    prefect_serve(*deployments(root, sensor=sensor))
+    prefect_serve(*deployments(root, sensor=sensor, verify=verify))
 
 
 @app.command()

@@ -35,6 +35,11 @@ class SensorConfig:
 
 
 @dataclass(frozen=True)
+class VerifyConfig:
+    cron: str = "0 4 * * 0"  # `graft schedule --verify`: reproduce the champion every Sunday at 04:00
+
+
+@dataclass(frozen=True)
 class WorkersConfig:
     """How a worker's run proves it is alive: a heartbeat every ``heartbeat_seconds``
     (Prefect accepts no less than 30); none for ``crashed_after_seconds`` and the server
@@ -60,13 +65,18 @@ def schedule_config(root: Path) -> tuple[ScheduleConfig, SensorConfig]:
             parse(SensorConfig, cfg.get("sensor") or {}, "sensor"))  # fmt: skip
 
 
+def verify_config(root: Path) -> VerifyConfig:
+    return parse(VerifyConfig, read_config(root).get("verify") or {}, "verify")
+
+
 def deployment_names(root: Path) -> tuple[str, str]:
     """Per-project names, so several projects can share one Prefect server."""
     return f"{root.name}-retrain", f"{root.name}-sensor"
 
 
-def deployments(root: Path, sensor: bool = True):
-    """The RunnerDeployments (training on ``schedule.cron``, the sensor on ``sensor.cron``).
+def deployments(root: Path, sensor: bool = True, verify: bool = False):
+    """The RunnerDeployments (training on ``schedule.cron``, the sensor on ``sensor.cron``,
+    the champion's reproduction on ``verify.cron``).
     ``concurrency_limit=1`` makes Prefect itself queue a second run of the same deployment."""
     from prefect.schedules import Cron
 
@@ -94,6 +104,19 @@ def deployments(root: Path, sensor: bool = True):
                 parameters={"project_dir": str(root), "concurrency": sched.concurrency},
                 concurrency_limit=1,
                 description=f"Retrain graft project {root} when its data source changes",
+                tags=["graft"],
+            )
+        )
+    if verify:
+        from flows.verify import verify_champion
+
+        out.append(
+            verify_champion.to_deployment(
+                name=f"{root.name}-verify",
+                schedule=Cron(verify_config(root).cron, timezone=sched.timezone),
+                parameters={"project_dir": str(root)},
+                concurrency_limit=1,
+                description=f"Reproduce the champion of graft project {root}; notify when it no longer reproduces",
                 tags=["graft"],
             )
         )

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import copy_project, dvc, project_env, requires_fashion_mnist, set_params
+from tests.integration.test_services import webhook  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 
@@ -155,13 +156,15 @@ def test_the_whole_pipeline_logs_one_mlflow_run(trained):
     assert ran == {"fine_tune", "evaluate", "register"}
 
 
-def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(trained):
+def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(trained, prefect_harness, webhook):  # noqa: F811
     """`graft reproduce champion` on a version the whole-pipeline test registered (from a tree
     with uncommitted params: its diff is replayed). Since then a commit changed other code,
     params.yaml was edited and the data re-ingested with another seed; the reproduction
     still rebuilds v1's inputs and gets bit-identical weights and metrics. Then a damaged
-    cache object and a missing one: exit 2, naming the input."""
+    cache object and a missing one: exit 2, naming the input; the scheduled verification
+    notifies that one through the webhook."""
     from flows.reproduce import read_lineage
+    from flows.verify import verify_champion
 
     project = trained
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -215,9 +218,12 @@ def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(traine
     tar.rename(hidden)
     try:
         missing = reproduce()
+        verified = verify_champion(project_dir=str(project))
     finally:
         hidden.rename(tar)
     assert missing.returncode == 2 and "is in neither this project's DVC cache nor its DVC remote" in missing.stderr
+    assert verified["verdict"] == "cannot reproduce"
+    assert [m["event"] for m in webhook.received] == ["reproduction_failed"] and "neither" in webhook.received[0]["reason"]
     assert json.loads(client.get_model_version("graft-classifier", version).tags["graft.reproduced"])["verdict"] == "cannot reproduce"
 
 
@@ -229,3 +235,34 @@ def dvc_lock(project):
 
 def cache_object(project, md5):
     return project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def test_diff_between_versions_and_against_the_working_copy(trained):
+    """After the reproduce test: v1 and v2 differ in one param; the working copy since
+    re-ingested its data with another seed and edited params.yaml."""
+    project = trained
+
+    def graft_diff(*args):
+        res = subprocess.run([sys.executable, "-m", "flows.cli", "diff", *args, "--project", str(project)], cwd=project,
+                             env=project_env(project), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        return res.stdout
+
+    versions = json.loads(graft_diff("1", "2", "--json"))
+    assert [p["key"] for p in versions["params"]] == ["fine_tune.lr"] and versions["params"][0]["b"] == 0.001
+    assert versions["data"]["identical"] and versions["pretrained"]["identical"]
+    headline = versions["metrics"]["headline"]["accuracy"]
+    assert headline["delta"] == pytest.approx(headline["b"] - headline["a"])
+    assert set(versions["metrics"]["per_class_f1"]) >= {"Bag", "Sandal"}
+    assert versions["paired"]  # scored on this workspace, or says why not
+
+    text = graft_diff("1", "workspace")
+    assert "fine_tune.lr: " in text and "ingest.seed: " in text
+    assert "files: " in text and " added, " in text and "(identical)" not in text.split("data:")[1].split("\n")[1]
+    as_json = json.loads(graft_diff("1", "workspace", "--json", "--no-score"))
+    files = as_json["data"]["files"]
+    assert files["added"] > 0 and files["removed"] > 0  # another seed drew other images
+    assert as_json["paired"] is None
+    bad = subprocess.run([sys.executable, "-m", "flows.cli", "diff", "99", "--project", str(project)], cwd=project,
+                         env=project_env(project), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "has no version 99" in bad.stderr

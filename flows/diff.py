@@ -1,0 +1,199 @@
+"""``graft diff A B``: what differs between two registered versions, or a version and the
+working copy: params, data (classes, per-class counts, files added and removed), the
+pretrained backbone, and the metrics with per-class deltas, plus a paired McNemar test
+when both versions can score this workspace's test images.
+
+Each side is read from what was recorded when it was trained (the lineage that
+``graft reproduce`` uses: ``params.yaml`` and ``dvc.lock`` as run artifacts); the data's
+manifests come from this project's DVC cache by their hashes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+WORKSPACE = "workspace"
+
+
+@dataclass
+class Side:
+    label: str
+    params: dict[str, Any]
+    lock: dict[str, Any]
+    metrics: dict[str, Any]
+    pretrained: dict[str, str]
+    version: str | None = None  # a registered version (None: the working copy)
+
+
+def version_side(client, name: str, version: str) -> Side:
+    from flows.reproduce import read_lineage
+
+    lineage = read_lineage(client, name, version)
+    run = client.get_run(lineage.training_run_id)
+    return Side(f"v{version}", yaml.safe_load(lineage.params_yaml) or {}, lineage.lock, lineage.metrics,
+                {"source": run.data.tags.get("pretrained_source", "?"), "weights sha256": lineage.pretrained_sha256},
+                version)  # fmt: skip
+
+
+def workspace_side(root: Path) -> Side:
+    from stages.common import GraftError
+
+    def need(path: Path) -> Path:
+        if not path.is_file():
+            raise GraftError(f"{path}: not found; the working copy has no complete run to compare (`graft run` first)")
+        return path
+
+    cfg = json.loads(need(root / "models" / "pretrained" / "model.json").read_text())
+    return Side(WORKSPACE, yaml.safe_load(need(root / "params.yaml").read_text()) or {},
+                yaml.safe_load(need(root / "dvc.lock").read_text()) or {},
+                json.loads(need(root / "reports" / "evaluate" / "metrics.json").read_text()),
+                {"source": str(cfg.get("source", "?")), "weights sha256": str(cfg.get("weights_sha256") or "none")})  # fmt: skip
+
+
+def params_diff(a: Side, b: Side) -> list[dict[str, Any]]:
+    from stages.tracking import flatten
+
+    fa, fb = flatten(a.params), flatten(b.params)
+    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def _raw_md5(lock: dict[str, Any]) -> str | None:
+    for o in lock.get("stages", {}).get("ingest", {}).get("outs", []):
+        if o["path"] == "data/raw":
+            return str(o.get("md5"))
+    return None
+
+
+def manifest(root: Path, lock: dict[str, Any]):
+    """The ingest manifest of a side, read from the DVC cache by its hash (None if absent)."""
+    import pandas as pd
+
+    from flows.reproduce import _cache_dir
+
+    md5 = _raw_md5(lock)
+    if not md5:
+        return None
+    cache = _cache_dir(root)
+    obj = lambda h: cache / "files" / "md5" / h[:2] / h[2:]  # noqa: E731
+    try:
+        entries = json.loads(obj(md5).read_text())
+        csv = next(e["md5"] for e in entries if e["relpath"] == "manifest.csv")
+        return pd.read_csv(io.BytesIO(obj(csv).read_bytes()), dtype=str, keep_default_na=False)
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def data_diff(root: Path, a: Side, b: Side) -> dict[str, Any]:
+    out: dict[str, Any] = {"snapshot": {"a": _raw_md5(a.lock), "b": _raw_md5(b.lock)}}
+    out["identical"] = out["snapshot"]["a"] == out["snapshot"]["b"]
+    ma, mb = manifest(root, a.lock), manifest(root, b.lock)
+    if ma is None or mb is None:
+        out["note"] = "a data manifest is not in this project's DVC cache: `graft pull --version N` fetches it"
+        return out
+    ca, cb = (set(m["class_name"]) for m in (ma, mb))
+    out["classes"] = {"only_a": sorted(ca - cb), "only_b": sorted(cb - ca)}
+    counts = []
+    for cls in sorted(ca | cb):
+        for split in ("train", "test"):
+            na = int(((ma["class_name"] == cls) & (ma["split"] == split)).sum())
+            nb = int(((mb["class_name"] == cls) & (mb["split"] == split)).sum())
+            if na != nb:
+                counts.append({"class": cls, "split": split, "a": na, "b": nb})
+    out["counts"] = counts
+    key = lambda m: set(zip(m["path"], m["sha256"], strict=True))  # noqa: E731
+    ka, kb = key(ma), key(mb)
+    out["files"] = {"removed": len(ka - kb), "added": len(kb - ka), "examples_added": sorted(p for p, _ in kb - ka)[:5],
+                    "examples_removed": sorted(p for p, _ in ka - kb)[:5]}  # fmt: skip
+    return out
+
+
+def metrics_diff(a: Side, b: Side) -> dict[str, Any]:
+    rows = {}
+    for key in ("accuracy", "macro_f1", "ece"):
+        va, vb = a.metrics.get(key), b.metrics.get(key)
+        rows[key] = {"a": va, "b": vb, "delta": (vb - va) if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None}
+    fa, fb = a.metrics.get("per_class_f1", {}), b.metrics.get("per_class_f1", {})
+    per_class = {c: {"a": fa.get(c), "b": fb.get(c), "delta": (fb[c] - fa[c]) if c in fa and c in fb else None}
+                 for c in sorted(set(fa) | set(fb))}  # fmt: skip
+    return {"headline": rows, "per_class_f1": per_class}
+
+
+def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | None:
+    """Both registered versions score this workspace's test images; McNemar on the pairs."""
+    import mlflow
+
+    from stages import registry
+    from stages.register import load_test_images, score
+
+    if a.version is None or b.version is None:
+        return {"note": "not computed: the working copy's model is not registered (only two versions are scored)"}
+    raw, prepared = root / "data" / "raw", root / "data" / "prepared"
+    if not (prepared / "test_ids.npy").is_file():
+        return {"note": "not computed: no test data in this workspace (`graft run` or `graft pull`)"}
+    try:
+        images, truth = load_test_images(raw, prepared)
+        ca = score(mlflow.pyfunc.load_model(f"models:/{name}/{a.version}"), images, truth)
+        cb = score(mlflow.pyfunc.load_model(f"models:/{name}/{b.version}"), images, truth)
+    except Exception as e:  # another class list, a model that cannot load here
+        return {"note": f"not computed: the two versions cannot score the same images ({type(e).__name__}: {e})"}
+    return {"n": len(truth), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **registry.mcnemar(cb, ca)}
+
+
+def diff(root: Path, client, name: str, a: Side, b: Side, score: bool = True) -> dict[str, Any]:
+    return {"model": name, "a": a.label, "b": b.label, "params": params_diff(a, b), "data": data_diff(root, a, b),
+            "pretrained": {"a": a.pretrained, "b": b.pretrained, "identical": a.pretrained == b.pretrained},
+            "metrics": metrics_diff(a, b), "paired": paired_test(root, name, a, b) if score else None}  # fmt: skip
+
+
+def render(d: dict[str, Any]) -> list[str]:
+    """The diff as terminal lines."""
+    a, b = d["a"], d["b"]
+    lines = [f"{d['model']}: {a} -> {b}", "", "params:"]
+    lines += [f"  {p['key']}: {p['a']!r} -> {p['b']!r}" for p in d["params"]] or ["  identical"]
+    data = d["data"]
+    lines += ["", "data:", f"  snapshot {str(data['snapshot']['a'])[:12]} -> {str(data['snapshot']['b'])[:12]}"
+              + ("  (identical)" if data["identical"] else "")]  # fmt: skip
+    if "note" in data:
+        lines.append(f"  {data['note']}")
+    elif not data["identical"]:
+        cls = data["classes"]
+        if cls["only_a"] or cls["only_b"]:
+            lines.append(f"  classes only in {a}: {cls['only_a'] or '-'}; only in {b}: {cls['only_b'] or '-'}")
+        for c in data["counts"][:20]:
+            lines.append(f"  {c['class']} ({c['split']}): {c['a']} -> {c['b']} images")
+        f = data["files"]
+        lines.append(f"  files: {f['added']} added, {f['removed']} removed" + (f", e.g. +{f['examples_added'][0]}" if f["examples_added"] else ""))
+    p = d["pretrained"]
+    lines += ["", "pretrained:"]
+    for key in ("source", "weights sha256"):
+        va, vb = p["a"].get(key), p["b"].get(key)
+        lines.append(f"  {key}: {va}" + ("" if va == vb else f" -> {vb}"))
+    lines += ["", f"metrics ({a} -> {b}):"]
+    for key, r in d["metrics"]["headline"].items():
+        lines.append(f"  {key:<10} {_f(r['a'])} -> {_f(r['b'])}  {_delta(r['delta'])}")
+    for cls, r in d["metrics"]["per_class_f1"].items():
+        lines.append(f"  F1 {cls:<18} {_f(r['a'])} -> {_f(r['b'])}  {_delta(r['delta'])}")
+    paired = d.get("paired")
+    if paired:
+        lines.append("")
+        if "note" in paired:
+            lines.append(f"paired test: {paired['note']}")
+        else:
+            lines.append(f"paired test on this workspace's {paired['n']} test images: accuracy {paired['accuracy_a']:.4f} -> "
+                         f"{paired['accuracy_b']:.4f}; right only with {b}: {paired['b']}, only with {a}: {paired['c']}, "
+                         f"McNemar p = {paired['p_value']:.3g}")  # fmt: skip
+    return lines
+
+
+def _f(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "?"
+
+
+def _delta(v: float | None) -> str:
+    return "" if v is None else f"({v:+.4f})"
