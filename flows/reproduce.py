@@ -350,12 +350,38 @@ def record(client, lineage: Lineage, outcome: str, run_id: str | None, why: str 
     return entry
 
 
+WORKTREE_PREFIX = "graft-reproduce-"
+
+
+def clean_stale(root: Path) -> list[str]:
+    """Remove what a reproduction killed before its cleanup left (its worktree, a copy of
+    the data): those whose process is gone. Returns one line per removal."""
+    import psutil
+
+    removed = []
+    for base in Path(tempfile.gettempdir()).glob(f"{WORKTREE_PREFIX}*"):
+        try:
+            pid = int((base / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        if psutil.pid_exists(pid):
+            continue
+        _git(root, "worktree", "remove", "--force", str(base / "worktree"))
+        shutil.rmtree(base, ignore_errors=True)
+        removed.append(f"removed {base}, left by an interrupted reproduction (pid {pid})")
+    _git(root, "worktree", "prune")
+    return removed
+
+
 def reproduce(root: Path, client, name: str, version: str, echo: Callable[[str], None], keep: bool = False):
     """Rebuild, rerun, compare, record. Returns (verdict, rows, reproduction run id)."""
     lineage = read_lineage(client, name, version)
     echo(f"reproducing {name} v{version}: commit {lineage.commit[:12]}" + (" + its uncommitted diff" if lineage.diff else "")
          + f", training run {lineage.training_run_id}")  # fmt: skip
-    base = Path(tempfile.mkdtemp(prefix=f"graft-reproduce-v{version}-"))
+    for line in clean_stale(root):
+        echo(f"  {line}")
+    base = Path(tempfile.mkdtemp(prefix=f"{WORKTREE_PREFIX}v{version}-"))
+    (base / "pid").write_text(str(os.getpid()))
     worktree = base / "worktree"
     try:
         make_worktree(root, lineage, worktree)

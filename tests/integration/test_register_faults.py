@@ -170,7 +170,7 @@ def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(traine
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     (project / "benchmarks" / "report.py").write_text((project / "benchmarks" / "report.py").read_text() + "\n# moved on\n")
     subprocess.run([*git, "commit", "-qam", "unrelated change"], cwd=project, check=True)
-    set_params(project, fine_tune={"lr": 0.002}, ingest={"seed": 7})
+    set_params(project, fine_tune={"lr": 0.0015}, ingest={"seed": 7})
     res = dvc(project, "repro", "--single-item", "ingest", check=False)
     assert res.returncode == 0, res.stderr[-2000:]
 

@@ -118,9 +118,14 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
     src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=14)
     set_params(project, ingest={"source": "imagefolder", "path": str(src), "max_train_per_class": None}, **TINY)
     # A cron a minute or two away: the schedule itself fires the run (Prefect's scheduler
-    # creates it, `graft serve` picks it up), not run_deployment.
+    # creates it, `graft serve` picks it up), not run_deployment. The flows are imported
+    # first, so the deployment exists within a second or two of `now`; Prefect schedules
+    # a new deployment's runs within 5 s (its recent-deployments loop): 10 s is enough.
+    import flows.sensor  # noqa: F401
+    import flows.training  # noqa: F401
+
     now = datetime.datetime.now(datetime.timezone.utc)
-    fire = (now + datetime.timedelta(minutes=1 if now.second < 40 else 2)).replace(second=0, microsecond=0)
+    fire = (now + datetime.timedelta(minutes=1 if now.second < 50 else 2)).replace(second=0, microsecond=0)
     cron = f"{fire.minute} {fire.hour} * * *"
     set_config(project, schedule={"cron": cron, "timezone": "UTC"})
     st = services.status(project)
