@@ -204,11 +204,19 @@ def test_a_worker_on_machine_b_retrains_what_machine_a_scheduled(sshd, tmp_path)
         assert "fine_tune" not in ran and "ingest" not in ran and "register" not in ran, out
         assert "restored from the remote" in out or "stages restored:" in out
 
+        # Still within the dead worker's grace period: machine D, fresh (an empty DVC cache),
+        # reproduces the worker's champion from a clone: the commit from git, the data from
+        # the SSH remote, the lineage from the tracking server.
+        d = machine(tmp_path, "d", sshd)
+        sh(d, "git", "clone", "-q", str(origin), str(d.dir / "clone"))
+        rep = subprocess.run([sys.executable, "-m", "flows.cli", "reproduce", "champion"], cwd=d.dir / "clone",
+                             env={**d.env, "MLFLOW_TRACKING_URI": mlflow_url}, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+        assert "pulling from the DVC remote" in rep.stdout and "graft-classifier v1: identical" in rep.stdout, rep.stdout
+
         ended = wait_for_end(prefect_api, doomed["id"], 240, worker_log)
         assert ended["state_type"] == "CRASHED" and "no heartbeat" in ended["state"]["message"], ended["state"]
         print(f"killed worker's run marked Crashed {time.monotonic() - killed:.0f} s after the kill (or less)")
-        d = machine(tmp_path, "d", sshd)
-        d.dir.mkdir(exist_ok=True)
         worker, worker_log = start_worker(d, prefect_api)
         rerun = api(f"{prefect_api}/deployments/{run['id']}/create_flow_run", "POST", {})
         ended = wait_for_end(prefect_api, rerun["id"], 600, worker_log)
