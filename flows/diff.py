@@ -1,7 +1,7 @@
 """``graft diff A B``: what differs between two registered versions, or a version and the
 working copy: params, data (classes, per-class counts, files added and removed), the
 pretrained backbone, and the metrics with per-class deltas, plus a paired McNemar test
-when both versions can score this workspace's test images.
+when both models can score this workspace's test images.
 
 Each side is read from what was recorded when it was trained (the lineage that
 ``graft reproduce`` uses: ``params.yaml`` and ``dvc.lock`` as run artifacts); the data's
@@ -125,24 +125,42 @@ def metrics_diff(a: Side, b: Side) -> dict[str, Any]:
 
 
 def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | None:
-    """Both registered versions score this workspace's test images; McNemar on the pairs."""
-    import mlflow
-
+    """Both sides score this workspace's test images; McNemar on the pairs."""
     from stages import registry
     from stages.register import load_test_images, score
 
-    if a.version is None or b.version is None:
-        return {"note": "not computed: the working copy's model is not registered (only two versions are scored)"}
     raw, prepared = root / "data" / "raw", root / "data" / "prepared"
     if not (prepared / "test_ids.npy").is_file():
         return {"note": "not computed: no test data in this workspace (`graft run` or `graft pull`)"}
     try:
         images, truth = load_test_images(raw, prepared)
-        ca = score(mlflow.pyfunc.load_model(f"models:/{name}/{a.version}"), images, truth)
-        cb = score(mlflow.pyfunc.load_model(f"models:/{name}/{b.version}"), images, truth)
+        ca = score(_model(root, name, a), images, truth)
+        cb = score(_model(root, name, b), images, truth)
     except Exception as e:  # another class list, a model that cannot load here
         return {"note": f"not computed: the two versions cannot score the same images ({type(e).__name__}: {e})"}
     return {"n": len(truth), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **registry.mcnemar(cb, ca)}
+
+
+class _WorkspaceModel:
+    """The working copy's fine-tuned model behind the same serving code as a registered
+    version (its preprocessing included), with a pyfunc's ``predict``."""
+
+    def __init__(self, model_dir: Path):
+        from stages import serving
+
+        self.wrapper = serving.GraftImageClassifier()
+        self.wrapper.load_context(type("Ctx", (), {"artifacts": {serving.MODEL_ARTIFACT: str(model_dir)}})())
+
+    def predict(self, frame):
+        return self.wrapper.predict(None, frame)
+
+
+def _model(root: Path, name: str, side: Side):
+    import mlflow
+
+    if side.version is None:
+        return _WorkspaceModel(root / "models" / "fine_tuned")
+    return mlflow.pyfunc.load_model(f"models:/{name}/{side.version}")
 
 
 def diff(root: Path, client, name: str, a: Side, b: Side, score: bool = True) -> dict[str, Any]:

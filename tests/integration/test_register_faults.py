@@ -256,7 +256,12 @@ def test_diff_between_versions_and_against_the_working_copy(trained):
     assert set(versions["metrics"]["per_class_f1"]) >= {"Bag", "Sandal"}
     assert versions["paired"]  # scored on this workspace, or says why not
 
-    text = graft_diff("1", "workspace")
+    # The working copy's model and v1 score the same images (this workspace's test split,
+    # re-prepared from the re-ingested data): a paired test.
+    assert dvc(project, "repro", "--single-item", "preprocess", check=False).returncode == 0
+    paired = json.loads(graft_diff("1", "workspace", "--json"))["paired"]
+    assert paired["n"] == 40 and 0 <= paired["p_value"] <= 1 and paired["b"] + paired["c"] >= 0
+    text = graft_diff("1", "workspace", "--no-score")
     assert "fine_tune.lr: " in text and "ingest.seed: " in text
     assert "files: " in text and " added, " in text and "(identical)" not in text.split("data:")[1].split("\n")[1]
     as_json = json.loads(graft_diff("1", "workspace", "--json", "--no-score"))

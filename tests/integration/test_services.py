@@ -135,7 +135,7 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
 
     train_name, _ = deployment_names(project)
     with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        for d in deployments(project, sensor=True):
+        for d in deployments(project, sensor=True, verify=True):
             d.apply()
 
         async def schedule_of(name):
@@ -146,6 +146,8 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
         import asyncio
 
         assert asyncio.run(schedule_of(f"graft-training/{train_name}")) == [cron]
+        # `graft schedule --verify`: the champion's reproduction, weekly by default.
+        assert asyncio.run(schedule_of(f"graft-verify/{project.name}-verify")) == ["0 4 * * 0"]
 
         # `graft serve` runs the deployments' runs in its own process.
         serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--project", str(project)],

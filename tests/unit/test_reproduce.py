@@ -38,3 +38,31 @@ def test_verdict_is_identical_within_tolerance_or_differs():
     assert rep._figure("test ece", 0.05, 0.06, rep.TOLERANCE["ece"]).status == DIFFERS
     assert rep._figure("test ece", None, 0.06, rep.TOLERANCE["ece"]).status == DIFFERS
     assert all(len(line) < 120 for line in rep.table(inputs + close))
+
+
+def test_lineage_carries_the_diff_of_a_dirty_tree_and_names_untracked_sources(tmp_path, capsys):
+    import subprocess
+
+    import mlflow
+
+    from stages import tracking
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "a.py").write_text("x = 1\n")
+    (tmp_path / "params.yaml").write_text("fine_tune:\n  lr: 0.1\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    (tmp_path / "stages" / "a.py").write_text("x = 2\n")  # uncommitted
+    (tmp_path / "stages" / "helper.py").write_text("y = 1\n")  # untracked: no diff carries it
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp) as run:
+        untracked = tracking.log_lineage(tmp_path / "params.yaml", tmp_path)
+    assert untracked == ["stages/helper.py"] and "stages/helper.py" in capsys.readouterr().out
+    folder = tmp_path / "artifacts" / run.info.run_id / "artifacts" / "lineage"
+    assert (folder / "params.yaml").read_text() == "fine_tune:\n  lr: 0.1\n"
+    diff = (folder / "git.diff").read_text()
+    assert "-x = 1" in diff and "+x = 2" in diff
+    mlflow.set_tracking_uri(None)
