@@ -74,17 +74,16 @@ def manifest(root: Path, lock: dict[str, Any]):
     """The ingest manifest of a side, read from the DVC cache by its hash (None if absent)."""
     import pandas as pd
 
-    from flows.reproduce import _cache_dir
+    from flows.reproduce import _cache_dir, cache_object
 
     md5 = _raw_md5(lock)
     if not md5:
         return None
     cache = _cache_dir(root)
-    obj = lambda h: cache / "files" / "md5" / h[:2] / h[2:]  # noqa: E731
     try:
-        entries = json.loads(obj(md5).read_text())
+        entries = json.loads(cache_object(cache, md5).read_text())
         csv = next(e["md5"] for e in entries if e["relpath"] == "manifest.csv")
-        return pd.read_csv(io.BytesIO(obj(csv).read_bytes()), dtype=str, keep_default_na=False)
+        return pd.read_csv(io.BytesIO(cache_object(cache, csv).read_bytes()), dtype=str, keep_default_na=False)
     except (OSError, StopIteration, ValueError):
         return None
 

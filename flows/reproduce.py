@@ -168,10 +168,8 @@ def make_worktree(root: Path, lineage: Lineage, dest: Path) -> Path:
     for name in ("config", "config.local"):
         if (root / ".dvc" / name).is_file():
             shutil.copy2(root / ".dvc" / name, dest / ".dvc" / name)
-    cache = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=root, capture_output=True, text=True)
-    cache_dir = cache.stdout.strip() if cache.returncode == 0 and cache.stdout.strip() else str(root / ".dvc" / "cache")
-    subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", cache_dir], cwd=dest, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(_cache_dir(root))], cwd=dest,
+                   check=True, capture_output=True)  # fmt: skip
     return dest
 
 
@@ -201,9 +199,15 @@ def restore_inputs(worktree: Path, lineage: Lineage, echo: Callable[[str], None]
     return [o["path"] for o in outs]
 
 
-def _cache_dir(worktree: Path) -> Path:
-    out = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=worktree, capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
+def _cache_dir(repo: Path) -> Path:
+    """The DVC cache ``repo`` uses (its config, the global one, or the default)."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=repo, capture_output=True, text=True)
+    return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else repo / ".dvc" / "cache"
+
+
+def cache_object(cache_dir: Path, md5: str) -> Path:
+    """Where DVC 3 keeps the object of ``md5`` (a file, or a directory's ``.dir`` manifest)."""
+    return cache_dir / "files" / "md5" / md5[:2] / md5[2:]
 
 
 def verify_output(worktree: Path, out: dict[str, Any], cache_dir: Path) -> None:
@@ -215,7 +219,7 @@ def verify_output(worktree: Path, out: dict[str, Any], cache_dir: Path) -> None:
             raise CannotReproduce(f"data hash mismatch: {out['path']} does not match its recorded md5 {md5} (the DVC cache "
                                   "object is damaged or was changed); remove it from .dvc/cache and `dvc pull` a good copy")  # fmt: skip
         return
-    manifest = cache_dir / "files" / "md5" / md5[:2] / md5[2:]
+    manifest = cache_object(cache_dir, md5)
     entries = json.loads(manifest.read_text())
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     if files != sorted(e["relpath"] for e in entries):

@@ -207,14 +207,20 @@ def unreachable_message(exc: BaseException) -> str | None:
         return None
     signs = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "Read timed out",
              "Connection aborted", "RemoteDisconnected")  # fmt: skip
-    seen, e = set(), exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _causes(exc):
         if any(sign in str(e) for sign in signs):
             return (f"tracking server at {mask_url(uri)} unreachable: start it with `graft server start` or unset "
                     "MLFLOW_TRACKING_URI (training keeps its checkpoint: the rerun resumes and logs what was missed)")
-        e = e.__cause__ or e.__context__
     return None
+
+
+def _causes(exc: BaseException):
+    """``exc`` and the exceptions it was raised from or during, innermost last (each once)."""
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def refused_message(exc: BaseException) -> str | None:
@@ -225,9 +231,7 @@ def refused_message(exc: BaseException) -> str | None:
 
     uri = mask_url(os.environ.get("MLFLOW_TRACKING_URI", "") or "?")
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    seen, e = set(), exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _causes(exc):
         text = str(e)
         if "error code 401" in text or "You are not authenticated" in text:
             who = f"the password of MLflow user {user}" if user else "a request without credentials"
@@ -239,7 +243,6 @@ def refused_message(exc: BaseException) -> str | None:
                     f"({text.strip().splitlines()[0][:200]}); running the pipeline needs EDIT on the experiment and "
                     f"the registered model: an admin grants it with `graft server user grant {user or 'NAME'} "
                     "--permission EDIT`")  # fmt: skip
-        e = e.__cause__ or e.__context__
     return None
 
 
