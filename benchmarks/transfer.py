@@ -60,7 +60,7 @@ def prepare(work: Path, ingest_params: IngestParams, pre_params: PreprocessParam
     raw.mkdir(parents=True)
     prepared.mkdir()
     manifest, classes, _ = ingest(ingest_params, raw)
-    preprocess(manifest, list(classes), raw / "images.tar", pre_params, preprocessing_config(arch).interpolation, prepared)
+    preprocess(manifest, list(classes), raw / "samples.tar", pre_params, LoadPretrainedParams(arch, "scratch:" + arch), prepared)
     return prepared
 
 
@@ -193,7 +193,7 @@ def measure_throughput(backbone, meta, tr: Split, va: Split, ft: FineTuneParams)
                 if which == "plain":
                     plain_runs.append(plain_loop_images_per_second(model, cfg, sub, ft.batch_size, 1, ft.lr))
                 else:
-                    graft_runs.append(train(model, cfg, sub, small_val, p).history[0]["images_per_second"])
+                    graft_runs.append(train(model, cfg, sub, small_val, p).history[0]["samples_per_second"])
         figures = throughput_figures(graft_runs, plain_runs)
         print(f"   throughput rounds of {n} images: graft {[round(g) for g in graft_runs]}, plain "
               f"{[round(q) for q in plain_runs]}, spread {figures['spread']:.1%}", flush=True)  # fmt: skip

@@ -86,6 +86,9 @@ class Concurrency(str, Enum):
 def run(
     set_: list[str] = typer.Option([], "--set", "-s", metavar="SECTION.KEY=VALUE",
                                    help="override a parameter in params.yaml for this and later runs (repeatable)"),
+    preset: str = typer.Option(None, "--preset", "-p", metavar="NAME",
+                               help="apply presets/NAME.yaml first, like a list of --set ('text': the text run; "
+                               "'image': back to the image run); --set values win"),
     concurrency: Concurrency = typer.Option(Concurrency.wait, help="if another run is training in this project: "
                                             "wait for it, or skip this run"),
     project: Path = PROJECT,
@@ -96,18 +99,19 @@ def run(
     _quiet_defaults()
     root = project.resolve()
     from stages.common import BAD_INPUT_EXIT, GraftError
-    from stages.config import ParamsError, apply_overrides, read_params, section
+    from stages.config import ParamsError, apply_overrides, preset_overrides, read_params, section
     from stages.ingest import IngestParams, check_source
 
     try:  # a typo in --set or params.yaml, or a missing source, fails here, before anything starts
-        params = apply_overrides(read_params(root / "params.yaml"), list(set_))
+        overrides = [*(preset_overrides(preset, root) if preset else []), *set_]
+        params = apply_overrides(read_params(root / "params.yaml"), overrides)
         check_source(section(IngestParams, params, "ingest"), root)
     except (ParamsError, GraftError) as e:
         _fail(str(e), BAD_INPUT_EXIT)
     _use_servers(root)
     from flows.training import StageFailed, training_pipeline
 
-    state = training_pipeline(project_dir=str(root), overrides=list(set_), concurrency=concurrency.value,
+    state = training_pipeline(project_dir=str(root), overrides=overrides, concurrency=concurrency.value,
                               return_state=True)  # fmt: skip
     if not state.is_completed():
         try:
@@ -146,7 +150,7 @@ def print_summary(summary: dict, root: Path) -> None:
     typer.echo(f"  stages cached: {', '.join(cached) or 'none'} (unchanged inputs, skipped by DVC)")
     m = summary.get("metrics")
     if m:
-        typer.echo(f"  test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} on {m['n']} images")
+        typer.echo(f"  test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} on {m['n']} test samples")
     d = summary.get("decision")
     if d:
         note = "" if "register" in ran else " (from the last run that registered; nothing new this time)"
@@ -230,12 +234,12 @@ def promote(
     force: bool = typer.Option(False, "--force", help="skip the gate (no comparison against the champion)"),
     project: Path = PROJECT,
 ) -> None:
-    """Make VERSION the champion. Unless --force, it must beat the current champion on the project's current test images, with the same gate as the pipeline."""
+    """Make VERSION the champion. Unless --force, it must beat the current champion on the project's current test samples, with the same gate as the pipeline."""
     import mlflow
 
     from stages import registry
     from stages.config import load_section
-    from stages.register import RegisterParams, load_test_images, score
+    from stages.register import RegisterParams, load_test_samples, score
 
     client, name = _registry(project)
     _require_champion_permission(client, name)
@@ -255,10 +259,10 @@ def promote(
         if not (prepared / "test_ids.npy").is_file():
             _fail("no test data in this workspace to compare on; run `graft run` first, or pass --force")
         params = load_section(RegisterParams, "register", root / "params.yaml")
-        images, truth = load_test_images(raw, prepared)
-        typer.echo(f"Scoring v{version}" + (f" and champion v{champion.version}" if champion else "") + f" on {len(images)} test images...")
-        cand = score(mlflow.pyfunc.load_model(f"models:/{name}/{version}"), images, truth)
-        champ = score(mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}"), images, truth) if champion else None
+        samples, truth = load_test_samples(raw, prepared)
+        typer.echo(f"Scoring v{version}" + (f" and champion v{champion.version}" if champion else "") + f" on {len(samples)} test samples...")
+        cand = score(mlflow.pyfunc.load_model(f"models:/{name}/{version}"), samples, truth)
+        champ = score(mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}"), samples, truth) if champion else None
         decision = registry.decide(cand, champ, str(champion.version) if champion else None, params.gate)
         typer.echo(f"  {decision.reason}")
         if not decision.promote:
@@ -350,10 +354,10 @@ def diff_cmd(
     a: str = typer.Argument(..., metavar="A", help="a version: champion, challenger, a number, NAME@ALIAS or NAME/VERSION"),
     b: str = typer.Argument("workspace", metavar="B", help="another version, or 'workspace' for the working copy's last run"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (for scripts) instead of text"),
-    no_score: bool = typer.Option(False, "--no-score", help="skip scoring both versions on this workspace's test images"),
+    no_score: bool = typer.Option(False, "--no-score", help="skip scoring both versions on this workspace's test samples"),
     project: Path = PROJECT,
 ) -> None:
-    """What differs between two registered versions, or a version and the working copy: params, data (classes, per-class counts, files added and removed), pretrained backbone, metrics with per-class deltas, and a paired McNemar test on this workspace's test images."""
+    """What differs between two registered versions, or a version and the working copy: params, data (classes, per-class counts, files added and removed), pretrained backbone, metrics with per-class deltas, and a paired McNemar test on this workspace's test samples."""
     from flows import diff as df
     from flows import reproduce as rep
     from stages.common import GraftError
@@ -402,48 +406,52 @@ def _repair(client, name: str, root: Path) -> None:
 
 @app.command()
 def predict(
-    path: Path = typer.Argument(..., help="an image, or a folder searched recursively for images"),
+    path: Path = typer.Argument(..., help="what to classify. Image models: an image, or a folder searched recursively "
+                                "for images. Text models: a .txt file (one text per line), a CSV/TSV/JSON-lines table "
+                                "(see --text-column), or a folder of .txt files (one text each)"),
     model: str = typer.Option("champion", "--model", "-m", help="'champion', 'challenger' or a version number"),
-    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write (one row per image)"),
-    batch_size: int = typer.Option(64, help="images per batch"),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write (one row per sample)"),
+    batch_size: int = typer.Option(64, help="samples per batch"),
+    text_column: str = typer.Option("text", help="text models, table input: the column holding the texts"),
     project: Path = PROJECT,
 ) -> None:
-    """Classify images with a registered model; write path, class and probability per image."""
+    """Classify images or texts with a registered model; write the input's name, class and probability per sample."""
     import mlflow
     import pandas as pd
 
-    from stages import fsio, images
-    from stages.common import progress
+    from stages import fsio
+    from stages.common import GraftError, progress
 
     client, name = _registry(project)
     if not path.exists():
         _fail(f"{path}: no such file or folder")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in images.IMAGE_EXTENSIONS)
-    if not files:
-        _fail(f"{path}: no images found ({', '.join(images.IMAGE_EXTENSIONS)})")
     uri = f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
     try:
         pyfunc = mlflow.pyfunc.load_model(uri)
     except Exception as e:
         _fail(f"cannot load {uri}: {e}. `graft status` lists the versions and aliases.")
+    kind = pyfunc.unwrap_python_model().cfg.kind  # the model says what it reads
+    try:
+        inputs = kind.read_inputs(path, text_column)
+    except GraftError as e:
+        _fail(f"{e} ({uri} is a{'n' if kind.NAME[0] in 'aeiou' else ''} {kind.NAME} model)")
     rows = []
-    for s in progress(range(0, len(files), batch_size), desc="predict", unit="batch"):
-        chunk = files[s : s + batch_size]
-        data = [f.read_bytes() for f in chunk]
-        ok = [images.inspect(d).error is None for d in data]
-        good = [d for d, k in zip(data, ok, strict=True) if k]
-        preds = pyfunc.predict(pd.DataFrame({"image": good})) if good else pd.DataFrame(columns=["class", "probability"])
+    for s in progress(range(0, len(inputs), batch_size), desc="predict", unit="batch"):
+        chunk = [(sample_name, *load()) for sample_name, load in inputs[s : s + batch_size]]
+        good = [value for _, value, error in chunk if not error]
+        preds = (pyfunc.predict(pd.DataFrame({kind.INPUT_COLUMN: good})) if good
+                 else pd.DataFrame(columns=["class", "probability"]))  # fmt: skip
         it = iter(preds[["class", "probability"]].itertuples(index=False))
-        for f, k in zip(chunk, ok, strict=True):
-            if k:
-                c, p = next(it)
-                rows.append({"path": str(f), "class": c, "probability": float(p), "error": ""})
+        for sample_name, _, error in chunk:
+            if error:
+                rows.append({"path": sample_name, "class": "", "probability": float("nan"), "error": error})
             else:
-                rows.append({"path": str(f), "class": "", "probability": float("nan"), "error": "cannot decode image"})
+                c, p = next(it)
+                rows.append({"path": sample_name, "class": c, "probability": float(p), "error": ""})
     table = pd.DataFrame(rows)
     fsio.write_text(out, table.to_csv(index=False, float_format="%.6f"))
     bad = int((table["error"] != "").sum())
-    typer.echo(f"{len(table)} image(s): {len(table) - bad} classified with {uri}"
+    typer.echo(f"{len(table)} {kind.SAMPLES[:-1]}(s): {len(table) - bad} classified with {uri}"
                + (f", {bad} could not be decoded (rows with an error)" if bad else "") + f" -> {out}")  # fmt: skip
     for cls, n in table[table["error"] == ""]["class"].value_counts().head(10).items():
         typer.echo(f"  {cls}: {n}")

@@ -1,7 +1,7 @@
 """``graft diff A B``: what differs between two registered versions, or a version and the
 working copy: params, data (classes, per-class counts, files added and removed), the
 pretrained backbone, and the metrics with per-class deltas, plus a paired McNemar test
-when both models can score this workspace's test images.
+when both models can score this workspace's test samples.
 
 Each side is read from what was recorded when it was trained (the lineage that
 ``graft reproduce`` uses: ``params.yaml`` and ``dvc.lock`` as run artifacts); the data's
@@ -124,19 +124,19 @@ def metrics_diff(a: Side, b: Side) -> dict[str, Any]:
 
 
 def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | None:
-    """Both sides score this workspace's test images; McNemar on the pairs."""
+    """Both sides score this workspace's test samples; McNemar on the pairs."""
     from stages import registry
-    from stages.register import load_test_images, score
+    from stages.register import load_test_samples, score
 
     raw, prepared = root / "data" / "raw", root / "data" / "prepared"
     if not (prepared / "test_ids.npy").is_file():
         return {"note": "not computed: no test data in this workspace (`graft run` or `graft pull`)"}
     try:
-        images, truth = load_test_images(raw, prepared)
-        ca = score(_model(root, name, a), images, truth)
-        cb = score(_model(root, name, b), images, truth)
+        samples, truth = load_test_samples(raw, prepared)
+        ca = score(_model(root, name, a), samples, truth)
+        cb = score(_model(root, name, b), samples, truth)
     except Exception as e:  # another class list, a model that cannot load here
-        return {"note": f"not computed: the two versions cannot score the same images ({type(e).__name__}: {e})"}
+        return {"note": f"not computed: the two versions cannot score the same samples ({type(e).__name__}: {e})"}
     return {"n": len(truth), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **registry.mcnemar(cb, ca)}
 
 
@@ -147,7 +147,7 @@ class _WorkspaceModel:
     def __init__(self, model_dir: Path):
         from stages import serving
 
-        self.wrapper = serving.GraftImageClassifier()
+        self.wrapper = serving.GraftClassifier()
         self.wrapper.load_context(type("Ctx", (), {"artifacts": {serving.MODEL_ARTIFACT: str(model_dir)}})())
 
     def predict(self, frame):
@@ -202,7 +202,7 @@ def render(d: dict[str, Any]) -> list[str]:
         if "note" in paired:
             lines.append(f"paired test: {paired['note']}")
         else:
-            lines.append(f"paired test on this workspace's {paired['n']} test images: accuracy {paired['accuracy_a']:.4f} -> "
+            lines.append(f"paired test on this workspace's {paired['n']} test samples: accuracy {paired['accuracy_a']:.4f} -> "
                          f"{paired['accuracy_b']:.4f}; right only with {b}: {paired['b']}, only with {a}: {paired['c']}, "
                          f"McNemar p = {paired['p_value']:.3g}")  # fmt: skip
     return lines

@@ -8,6 +8,7 @@ from timm's pretrained config for the architecture named in ``params.yaml``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +19,11 @@ from stages.common import GraftError
 
 @dataclass(frozen=True)
 class LoadPretrainedParams:
-    architecture: str  # a timm model name, e.g. tf_efficientnet_lite0
-    # packaged:efficientnet_lite0 | file:<path> | timm:<name> | scratch:<architecture>
+    # images: a timm model name, e.g. tf_efficientnet_lite0; texts: the encoder's model
+    # type (bert); auto: the one the source implies
+    architecture: str
+    # images: packaged:efficientnet_lite0 | file:<path> | timm:<name> | scratch:<architecture>
+    # texts: packaged:minilm-l6 | hf:<model id> | file:<folder> | scratch:<packaged name or folder>
     source: str
     drop_rate: float = 0.2  # dropout before the new classifier head
     seed: int = 42  # initialises the new head (and the whole model for scratch:)
@@ -56,9 +60,24 @@ def preprocessing_config(architecture: str) -> PreprocessingConfig:
     )
 
 
+def resolve_architecture(params: LoadPretrainedParams) -> str:
+    """The timm architecture of an image backbone: ``architecture``, or with ``auto`` the
+    one ``source`` names (packaged weights know theirs; timm: and scratch: name it)."""
+    if params.architecture != "auto":
+        return params.architecture
+    kind, value = parse_source(params.source)
+    if kind == "packaged":
+        return PACKAGED_ARCHITECTURES.get(value, value)
+    if kind in ("timm", "scratch"):
+        return value
+    raise GraftError(f"params.yaml: load_pretrained.architecture is auto, but {params.source} does not say which "
+                     "architecture its weights are; set load_pretrained.architecture to a timm model name")  # fmt: skip
+
+
 # --- building the model ------------------------------------------------------------------
 
 PACKAGED = ("efficientnet_lite0",)  # names accepted after "packaged:"
+PACKAGED_ARCHITECTURES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
 
 
 @dataclass(frozen=True)
@@ -182,9 +201,11 @@ def build(params: LoadPretrainedParams, num_classes: int, seed: int) -> Backbone
     from stages import fsio
 
     kind, value = parse_source(params.source)
-    preprocessing_config(params.architecture)  # fails early, naming the key, on a bad name
+    architecture = resolve_architecture(params)
+    params = dataclasses.replace(params, architecture=architecture)
+    preprocessing_config(architecture)  # fails early, naming the key, on a bad name
     torch.manual_seed(seed)
-    create = lambda **kw: timm.create_model(params.architecture, drop_rate=params.drop_rate, **kw)  # noqa: E731
+    create = lambda **kw: timm.create_model(architecture, drop_rate=params.drop_rate, **kw)  # noqa: E731
     sha = None
     if kind == "scratch":
         if value != params.architecture:

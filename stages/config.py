@@ -185,17 +185,42 @@ SECTION_TYPES = {
 
 
 def check_all(params: dict[str, Any]) -> None:
-    """Parse every known section; raise ParamsError naming the first bad key."""
+    """Parse every known section, then check that the backbone suits the data's modality
+    (a text source with an image backbone, say); raise ParamsError naming the first bad key."""
     from stages.common import GraftError
 
+    parsed = {}
     for section in SECTION_TYPES:
         cls = section_type(section)
         if section not in params:
             raise ParamsError(f"params.yaml: missing section '{section}'")
         try:
-            parse(cls, params[section], section)
+            parsed[section] = parse(cls, params[section], section)
         except GraftError as e:
             raise ParamsError(str(e)) from None
+    try:
+        parsed["ingest"].modality.check_backbone(parsed["load_pretrained"])
+    except GraftError as e:
+        raise ParamsError(f"{e} (ingest.source {parsed['ingest'].source} is {parsed['ingest'].modality.SAMPLES}; "
+                          "`graft run --preset text` or `--preset image` sets every key a modality needs)") from None
+
+
+PRESETS = Path("presets")
+
+
+def preset_overrides(name: str, root: str | Path = ".") -> list[str]:
+    """A preset (``presets/<name>.yaml``: sections and keys, like params.yaml) as
+    ``section.key=value`` overrides, so it is checked and written exactly like --set."""
+    folder = Path(root) / PRESETS
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise ParamsError(f"no preset '{name}' ({path} not found); known presets: {', '.join(known) or 'none'}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ParamsError(f"{path}: expected sections of keys, like params.yaml")
+    return [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix(chr(10) + '...').strip()}"
+            for section, keys in data.items() for key, value in keys.items()]  # fmt: skip
 
 
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

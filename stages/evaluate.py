@@ -1,14 +1,16 @@
 """Stage ``evaluate``: the fine-tuned model on the held-out test split.
 
 Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix (PNG and CSV),
-expected calibration error with a reliability diagram, and a grid of the most confident
-mistakes. ``metrics.json`` is a DVC metric; the plots are declared in ``dvc.yaml``; all
+expected calibration error with a reliability diagram, and the most confident mistakes
+as the modality presents them (images: a grid; texts: a table of snippets), in
+``mistakes/``. ``metrics.json`` is a DVC metric; the plots are declared in ``dvc.yaml``; all
 of it goes to the pipeline's MLflow run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,7 @@ def reliability_figure(bins: list[dict[str, float]], ece: float):
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="red",
             label="bin: (mean confidence, accuracy)")  # fmt: skip
     ax.set(xlim=(0, 1), ylim=(0, 1.12), xlabel="confidence (top-class probability)", ylabel="accuracy",
-           title=f"reliability (ECE {ece:.3f}, {sum(b['count'] for b in bins)} test images)")  # fmt: skip
+           title=f"reliability (ECE {ece:.3f}, {sum(b['count'] for b in bins)} test samples)")  # fmt: skip
     ax.legend(loc="upper left", fontsize=8)
     return fig
 
@@ -123,24 +125,12 @@ def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> No
     _save(reliability_figure(bins, ece), path)
 
 
-def plot_worst_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, k: int = 16) -> None:
-    """The ``k`` wrong predictions made with the highest confidence."""
-    plt = _plt()
+def worst_mistakes(y: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` wrong predictions made with the highest confidence (ties: the
+    earlier sample first); each modality presents them its own way."""
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y)
-    worst = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:k]
-    cols = 4
-    rows = max(1, int(np.ceil(len(worst) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, worst, strict=False):
-        ax.imshow(x[i])
-        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} ({probs[i, pred[i]]:.2f})", fontsize=9)
-    if len(worst) == 0:
-        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center")
-    fig.suptitle("most confident mistakes (test)")
-    _save(fig, path)
+    return wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:k]
 
 
 # --- the thin main -------------------------------------------------------------------------
@@ -171,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     if broken:
         raise GraftError(
             f"evaluate: the model in {args.model} gives non-finite outputs (NaN or inf) for {broken} of {len(probs)} "
-            "test images: its weights are broken (training diverged). Retrain with a lower fine_tune.lr."
+            f"test {cfg.kind.SAMPLES}: its weights are broken (training diverged). Retrain with a lower fine_tune.lr."
         )
     m = compute_metrics(y, probs, cfg.classes)
 
@@ -192,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                     + "".join(",".join([c, *map(str, r)]) + "\n" for c, r in zip(cfg.classes, cm.tolist(), strict=True)))
     plot_confusion(cm, cfg.classes, out / "confusion_matrix.png")
     plot_reliability(m["calibration_bins"], m["ece"], out / "reliability.png")
-    plot_worst_mistakes(x, y, probs, cfg.classes, out / "worst_mistakes.png")
+    mistakes = out / "mistakes"
+    shutil.rmtree(mistakes, ignore_errors=True)  # DVC restores it as a whole; no stale file of another modality
+    mistakes.mkdir()
+    shown = cfg.kind.present_mistakes(x, y, probs, cfg.classes, args.prepared, mistakes)
 
     tracking.configure()
     training_run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
@@ -203,12 +196,12 @@ def main(argv: list[str] | None = None) -> None:
         tracking.log_datasets(args.prepared, {"test": "testing"})
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items() if k != "per_class_f1"})
         mlflow.log_metrics({f"test_f1_{c.replace('/', '_')}": v for c, v in headline["per_class_f1"].items()})
-        for name in ("metrics.json", "evaluation.json", "confusion_matrix.csv", "confusion_matrix.png",
-                     "reliability.png", "worst_mistakes.png", "predictions.csv"):
-            mlflow.log_artifact(str(out / name), "evaluation")
+        for path in [*(out / name for name in ("metrics.json", "evaluation.json", "confusion_matrix.csv",
+                                               "confusion_matrix.png", "reliability.png", "predictions.csv")), *shown]:
+            mlflow.log_artifact(str(path), "evaluation")
     print(
         f"evaluate: test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
-        f"on {m['n']} images -> {out}/ (MLflow run {run_id})"
+        f"on {m['n']} {cfg.kind.SAMPLES} -> {out}/ (MLflow run {run_id})"
     )
 
 

@@ -3,10 +3,12 @@
 Transfer modes:
 
 - ``feature_extraction``: the backbone is frozen, BatchNorm statistics included; its
-  pooled features are computed once and cached, so each epoch trains only the head on
-  cached features (no augmentation: the cache is of un-augmented images);
-- ``partial``: the first ``frozen_groups`` layer groups (stem first, in timm's grouping)
-  stay frozen, the rest and the head train;
+  pooled features (for texts: mean-pooled sentence embeddings) are computed once and
+  cached, so each epoch trains only the head on cached features (no augmentation: the
+  cache is of un-augmented samples);
+- ``partial``: the first ``frozen_groups`` layer groups stay frozen (images: the stem,
+  then timm's blocks; texts: the embeddings, then the transformer layers), the rest and
+  the head train;
 - ``full``: everything trains.
 
 Optionally the head trains alone for ``head_epochs`` first (gradual unfreezing), and
@@ -46,11 +48,11 @@ class FineTuneParams:
     label_smoothing: float
     patience: int  # epochs without a better validation accuracy before stopping
     seed: int
-    frozen_groups: int = 0  # partial: leading layer groups kept frozen (group 0 is the stem)
+    frozen_groups: int = 0  # partial: leading layer groups kept frozen (group 0: stem / embeddings)
     head_epochs: int = 0  # gradual unfreezing: epochs that train the head alone first
     lr_decay: float = 1.0  # discriminative LRs: group k below the head gets lr * lr_decay**k
-    hflip: bool = True  # augmentation: random horizontal flip
-    crop_padding: int = 0  # augmentation: random crop after padding by this many pixels
+    hflip: bool = True  # images: augmentation by random horizontal flip
+    crop_padding: int = 0  # images: augmentation by a random crop after padding by this many pixels
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     channels_last: bool = True  # 1.5 to 2.7 times faster on CPU (stack-notes.md)
     eval_batch_size: int = 256  # validation predictions
@@ -160,21 +162,6 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 
 # --- data --------------------------------------------------------------------------------
-
-
-def augment(batch: np.ndarray, rng: np.random.Generator, hflip: bool, pad: int) -> np.ndarray:
-    """Random horizontal flip and padded random crop, on uint8 (N, H, W, 3)."""
-    out = batch.copy()
-    n, h, w, _ = out.shape
-    if hflip:
-        flip = rng.random(n) < 0.5
-        out[flip] = out[flip, :, ::-1]
-    if pad:
-        padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-        dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
-        for i in range(n):
-            out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
@@ -325,7 +312,7 @@ def train(
                     drop = getattr(model, "drop_rate", 0.0)
                     logits = model.get_classifier()(F.dropout(feats, p=drop, training=True))
                 else:
-                    batch = augment(train_split.x[idx], rng, p.hflip, p.crop_padding)
+                    batch = cfg.kind.augment(train_split.x[idx], rng, p)
                     logits = model(modeling.to_input(batch, cfg, device, p.channels_last))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
             if not torch.isfinite(loss):
@@ -354,7 +341,7 @@ def train(
             "val_nll": val_nll,
             "val_accuracy": val_acc,
             "epoch_seconds": time.perf_counter() - t0,
-            "images_per_second": len(train_split.y) / train_seconds,
+            "samples_per_second": len(train_split.y) / train_seconds,
             "trainable_parameters": counts["trainable"],
             "frozen_parameters": counts["frozen"],
         }
@@ -370,7 +357,7 @@ def train(
             bad_epochs += 1
         print(
             f"epoch {epoch + 1}/{p.epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {record['images_per_second']:.0f} img/s, "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {record['samples_per_second']:.0f} samples/s, "
             f"{record['epoch_seconds']:.1f}s, {counts['trainable']:,} trainable",
             flush=True,
         )
@@ -429,7 +416,7 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smooth
 
 def write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
     keys = ["epoch", "train_loss", "val_loss", "val_nll", "train_accuracy", "val_accuracy", "epoch_seconds",
-            "images_per_second"]  # fmt: skip
+            "samples_per_second"]  # fmt: skip
     lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k]) for k in keys) for h in history]
     fsio.write_text(path, "\n".join(lines) + "\n")
 
@@ -527,11 +514,12 @@ def main(argv: list[str] | None = None) -> None:
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
             "train_seconds": sum(h["epoch_seconds"] for h in result.history),
-            "images_per_second_mean": float(np.mean([h["images_per_second"] for h in result.history])),
+            "samples_per_second_mean": float(np.mean([h["samples_per_second"] for h in result.history])),
             **{f"{k}_parameters": v for k, v in result.parameters.items()},
         }
         with fsio.atomic_dir(args.out) as tmp:
-            modeling.save(tmp, model, cfg, extra={"mode": params.mode, "training": summary})
+            modeling.save(tmp, model, cfg, extra={"mode": params.mode, "training": summary},
+                          assets=args.pretrained / modeling.ASSETS)
             fsio.write_json(tmp / tracking.RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         write_history_csv(result.history, args.history)
         plot_learning_curves(result.history, args.plot, params.label_smoothing)
@@ -545,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     args.checkpoint.unlink(missing_ok=True)  # the final model is saved; nothing to resume
     print(
         f"fine_tune: {params.mode}, best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
-        f"of {len(result.history)}, {summary['train_seconds']:.0f}s, {summary['images_per_second_mean']:.0f} img/s "
+        f"of {len(result.history)}, {summary['train_seconds']:.0f}s, {summary['samples_per_second_mean']:.0f} samples/s "
         f"-> {args.out} (MLflow run {run.info.run_id})"
     )
 

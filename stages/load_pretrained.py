@@ -1,8 +1,10 @@
 """Stage ``load_pretrained``: the backbone named in params.yaml, with a new classifier
-head for the target's classes, saved with its preprocessing config.
+head for the target's classes, saved with its input config.
 
-Later stages read the preprocessing (size, mean/std, interpolation) from the saved
-``model.json``, never from a second copy.
+The modality (from the prepared data) knows how to build its backbone: a timm network
+for images, a transformer encoder for texts. Later stages read the input config (image
+size, mean/std, interpolation; tokenizer and max length) from the saved ``model.json``
+and ``assets/``, never from a second copy.
 """
 
 from __future__ import annotations
@@ -11,28 +13,34 @@ import argparse
 from pathlib import Path
 
 from stages import fsio, modeling
-from stages.backbone import LoadPretrainedParams, build, preprocessing_config
+from stages.backbone import LoadPretrainedParams
 from stages.common import stage_main
 from stages.config import DEFAULT_PARAMS, load_section
+from stages.ingest import read_modality
 
 
-def load_pretrained(params: LoadPretrainedParams, prepared_meta: dict, seed: int):
-    """Build the model for the prepared data's classes; return it and its config."""
-    pre = preprocessing_config(params.architecture)
-    backbone = build(params, num_classes=len(prepared_meta["classes"]), seed=seed)
+def load_pretrained(params: LoadPretrainedParams, prepared: Path, assets: Path):
+    """Build the model for the prepared data's classes; return it and its config. The
+    prepared data's assets (a tokenizer) are copied into ``assets`` first: the model
+    serves with what it was trained on."""
+    import shutil
+
+    meta = fsio.read_json(prepared / "meta.json")
+    modality = read_modality(prepared)
+    if (prepared / modeling.ASSETS).is_dir():
+        shutil.copytree(prepared / modeling.ASSETS, assets, dirs_exist_ok=True)
+    assets.mkdir(parents=True, exist_ok=True)
+    built = modality.build(params, len(meta["classes"]), meta["input"], assets)
     cfg = modeling.ModelConfig(
-        architecture=params.architecture,
-        classes=list(prepared_meta["classes"]),
+        architecture=built.architecture,
+        classes=list(meta["classes"]),
         drop_rate=params.drop_rate,
-        image_size=int(prepared_meta["image_size"]),
-        mean=list(pre.mean),
-        std=list(pre.std),
-        interpolation=prepared_meta["interpolation"],
-        resize=prepared_meta["resize"],
         source=params.source,
-        weights_sha256=backbone.weights_sha256,
+        weights_sha256=built.weights_sha256,
+        input=built.input,
+        modality=modality.NAME,
     )
-    return backbone.model, cfg
+    return built.model, cfg
 
 
 @stage_main
@@ -48,10 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_section(LoadPretrainedParams, "load_pretrained", args.params)
-    meta = fsio.read_json(args.prepared / "meta.json")
-    model, cfg = load_pretrained(params, meta, params.seed)
-    counts = modeling.count_parameters(model)
     with fsio.atomic_dir(args.out) as tmp:
+        model, cfg = load_pretrained(params, args.prepared, tmp / modeling.ASSETS)
+        counts = modeling.count_parameters(model)
         modeling.save(tmp, model, cfg, extra={"parameters": counts["total"]})
     sha = (cfg.weights_sha256 or "none (random init)")[:12]
     print(

@@ -1,19 +1,23 @@
-"""A saved graft model (weights plus the config needed to rebuild and feed it), and the
-one way images become model inputs. Training, evaluation, the promotion gate and the
-registered model all go through :func:`to_input`, so they normalise identically."""
+"""A saved graft model (weights, the config needed to rebuild and feed it, and the
+modality's assets, such as a tokenizer), and the one way encoded samples become model
+inputs. Training, evaluation, the promotion gate and the registered model all go
+through :func:`to_input`, so they feed the model identically."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages import fsio
+from stages import fsio, modalities
 from stages.common import GraftError
 
-WEIGHTS, CONFIG = "weights.pt", "model.json"
+WEIGHTS, CONFIG, ASSETS = "weights.pt", "model.json", "assets"
+# Input settings of image models saved before the modality seam, at the top level of model.json.
+_LEGACY_IMAGE_INPUT = ("image_size", "mean", "std", "interpolation", "resize")
 
 
 @dataclass(frozen=True)
@@ -21,17 +25,27 @@ class ModelConfig:
     architecture: str
     classes: list[str]
     drop_rate: float
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    interpolation: str
-    resize: str
     source: str
     weights_sha256: str | None  # of the pretrained weights the model started from
+    # How a raw sample becomes this model's input, the modality's own: images: image_size,
+    # mean, std, interpolation, resize; texts: max_length, tokenizer (a file in assets/).
+    input: dict[str, Any] = field(default_factory=dict)
+    modality: str = modalities.DEFAULT
+
+    @property
+    def kind(self):
+        """The modality's module."""
+        return modalities.get(self.modality)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        d = dict(d)
+        if "input" not in d:  # saved before the modality seam: an image model
+            d["input"] = {k: d[k] for k in _LEGACY_IMAGE_INPUT if k in d}
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def resolve_device(name: str = "auto"):
@@ -47,20 +61,13 @@ def resolve_device(name: str = "auto"):
 
 
 def to_input(batch: np.ndarray, cfg: ModelConfig, device, channels_last: bool = True):
-    """uint8 (N, H, W, 3) images to normalised float (N, 3, H, W) on ``device``."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    """Encoded samples (a batch of preprocess's arrays) to the model's input tensor on ``device``."""
+    return cfg.kind.to_input(batch, cfg, device, channels_last)
 
 
-def predict_proba(model, images: np.ndarray, cfg: ModelConfig, device=None, batch_size: int = 256,
+def predict_proba(model, samples: np.ndarray, cfg: ModelConfig, device=None, batch_size: int = 256,
                   channels_last: bool = True, desc: str | None = None) -> np.ndarray:
-    """Class probabilities (N, C) for uint8 images, in eval mode, without gradients."""
+    """Class probabilities (N, C) for encoded samples, in eval mode, without gradients."""
     import torch
 
     from stages.common import progress
@@ -68,22 +75,23 @@ def predict_proba(model, images: np.ndarray, cfg: ModelConfig, device=None, batc
     device = device or next(model.parameters()).device
     model.eval()
     out = []
-    starts = range(0, len(images), batch_size)
+    starts = range(0, len(samples), batch_size)
     with torch.inference_mode():
         for s in progress(starts, desc=desc, unit="batch", disable=desc is None):
-            logits = model(to_input(images[s : s + batch_size], cfg, device, channels_last))
+            logits = model(to_input(samples[s : s + batch_size], cfg, device, channels_last))
             out.append(logits.float().softmax(dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(cfg.classes)), dtype=np.float32)
 
 
-def create(cfg: ModelConfig):
-    import timm
+def create(cfg: ModelConfig, model_dir: Path | None = None):
+    """The untrained network of a saved model (``model_dir`` holds its assets)."""
+    return cfg.kind.create(cfg, model_dir)
 
-    return timm.create_model(cfg.architecture, num_classes=len(cfg.classes), drop_rate=cfg.drop_rate)
 
-
-def save(out_dir: Path, model, cfg: ModelConfig, extra: dict[str, Any] | None = None) -> None:
-    """Write weights and config into ``out_dir`` (callers swap the directory in atomically)."""
+def save(out_dir: Path, model, cfg: ModelConfig, extra: dict[str, Any] | None = None,
+         assets: Path | None = None) -> None:  # fmt: skip
+    """Write weights, config and a copy of ``assets`` (a folder: tokenizer, encoder
+    config) into ``out_dir`` (callers swap the directory in atomically)."""
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +101,9 @@ def save(out_dir: Path, model, cfg: ModelConfig, extra: dict[str, Any] | None = 
     # hashes on every run, so no other machine's run-cache entry could ever match.
     with fsio.atomic_path(out_dir / WEIGHTS) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
-    fsio.write_json(out_dir / CONFIG, {**cfg.__dict__, **(extra or {})})
+    if assets is not None and Path(assets).is_dir() and Path(assets).resolve() != (out_dir / ASSETS).resolve():
+        shutil.copytree(assets, out_dir / ASSETS, dirs_exist_ok=True)
+    fsio.write_json(out_dir / CONFIG, {**cfg.to_json(), **(extra or {})})
 
 
 def load_config(model_dir: Path) -> ModelConfig:
@@ -109,7 +119,7 @@ def load(model_dir: Path, device=None):
 
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
-    model = create(cfg)
+    model = create(cfg, model_dir)
     state = torch.load(model_dir / WEIGHTS, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     if device is not None:

@@ -1,9 +1,13 @@
-"""Stage ``preprocess``: decode, convert to RGB, resize, split; store compact uint8 arrays.
+"""Stage ``preprocess``: split, then encode every sample with its modality's Encoder
+(images: decoded, RGB, resized; texts: tokenized); store compact arrays.
 
-Outputs (one directory, swapped in atomically): ``{train,val,test}_x.npy`` (N, S, S, 3)
-uint8, ``{train,val,test}_y.npy`` int64 labels, ``{split}_ids.npy`` sample ids, and
-``meta.json``. Arrays are plain ``.npy`` so training memory-maps them with no decoding.
-Normalisation is not applied here: it happens at load time from the backbone's config.
+Outputs (one directory, swapped in atomically): ``{train,val,test}_x.npy`` (images:
+(N, S, S, 3) uint8; texts: (N, max_length) int32 token ids padded with -1),
+``{train,val,test}_y.npy`` int64 labels, ``{split}_ids.npy`` sample ids, ``meta.json``
+(classes, modality and the input config that ``model.json`` carries on), and ``assets/``
+(what the Encoder needs: a tokenizer). Arrays are plain ``.npy`` so training
+memory-maps them with no decoding. Image normalisation happens at load time, from the
+backbone's config.
 """
 
 from __future__ import annotations
@@ -17,22 +21,23 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from stages import fsio, images
-from stages.backbone import LoadPretrainedParams, preprocessing_config
+from stages import fsio
+from stages.backbone import LoadPretrainedParams
 from stages.common import GraftError, progress, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
-from stages.ingest import read_manifest
+from stages.ingest import SNAPSHOT, read_manifest, read_modality
 
 SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    image_size: int  # pixels, square; what the model is trained and served at
+    image_size: int  # images: pixels, square; what the model is trained and served at
     val_fraction: float  # share of the source's train split held out for validation
     test_fraction: float  # share carved out for test, only when the source has no test split
-    resize: Literal["center_crop", "squash"]  # keep aspect ratio and crop, or stretch
+    resize: Literal["center_crop", "squash"]  # images: keep aspect ratio and crop, or stretch
     seed: int
+    max_length: int = 128  # texts: tokens kept per text (longer ones are cut; validate counts them)
 
     def validate(self) -> None:
         if self.image_size < 8:
@@ -41,12 +46,16 @@ class PreprocessParams:
             v = getattr(self, key)
             if not 0.0 < v < 1.0:
                 raise GraftError(f"params.yaml: preprocess.{key} must be between 0 and 1, got {v}")
+        if self.max_length < 2:
+            raise GraftError(f"params.yaml: preprocess.max_length must be >= 2, got {self.max_length}")
 
 
-def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
+def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
+                  key: str = "sha256") -> pd.Series:  # fmt: skip
     """Stratified, seeded split. The source's own test split stays test; val (and test,
-    when the source has none) is carved from train. Rows with identical content
-    (sha256) always land in the same split, so duplicates cannot leak across."""
+    when the source has none) is carved from train. Rows with the same ``key`` (identical
+    content; for texts, equal up to case and whitespace) always land in the same split,
+    so duplicates cannot leak across."""
     rng = np.random.default_rng(seed)
     out = pd.Series("train", index=manifest.index, dtype=object)
     out[manifest["split"] == "test"] = "test"
@@ -54,7 +63,7 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
     pool = manifest[manifest["split"] == "train"]
     for label in sorted(pool["label"].unique()):
         rows = pool[pool["label"] == label]
-        groups = sorted(rows["sha256"].unique())
+        groups = sorted(rows[key].unique())
         order = [groups[i] for i in rng.permutation(len(groups))]
         n = len(order)
         n_test = 0 if has_test else round(n * test_fraction)
@@ -63,8 +72,8 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
             n_test = 0 if has_test else min(max(n_test, 1), n - 2)
             n_val = min(max(n_val, 1), n - n_test - 1)
         test_groups, val_groups = set(order[:n_test]), set(order[n_test : n_test + n_val])
-        out[rows.index[rows["sha256"].isin(test_groups)]] = "test"
-        out[rows.index[rows["sha256"].isin(val_groups)]] = "val"
+        out[rows.index[rows[key].isin(test_groups)]] = "test"
+        out[rows.index[rows[key].isin(val_groups)]] = "val"
     return out
 
 
@@ -73,15 +82,19 @@ def preprocess(
     classes: list[str],
     tar_path: Path,
     params: PreprocessParams,
-    interpolation: str,
+    backbone: LoadPretrainedParams,
     out_dir: Path,
 ) -> dict:
-    """Write the arrays into ``out_dir``; return the split metrics."""
+    """Write the arrays into ``out_dir``; return the split metrics. The modality is the
+    snapshot's (``tar_path``'s folder)."""
+    modality = read_modality(tar_path.parent)
     if manifest["error"].notna().any() or (manifest["label"] < 0).any():
-        raise GraftError("the manifest has undecodable images or unknown labels: run validate first")
+        raise GraftError(f"the manifest has undecodable {modality.SAMPLES} or unknown labels: run validate first")
     manifest = manifest.reset_index(drop=True)
-    split = assign_splits(manifest, params.val_fraction, params.test_fraction, params.seed)
-    size = params.image_size
+    key = manifest[modality.leak_key].fillna(manifest["sha256"]) if modality.leak_key in manifest else manifest["sha256"]
+    split = assign_splits(manifest.assign(_key=key), params.val_fraction, params.test_fraction, params.seed, "_key")
+    spec = modality.input_spec(params, backbone, out_dir / "assets")
+    encoder = modality.Encoder(spec, out_dir / "assets")
     arrays, where = {}, {}
     for s in SPLITS:
         idx = np.flatnonzero((split == s).to_numpy())
@@ -92,21 +105,22 @@ def preprocess(
             # One class trains a model that is always "right": nothing to learn or score.
             raise GraftError(
                 f"preprocess: the {s} split has {len(found)} class ({', '.join(found)}); training and scoring "
-                f"need at least two. Add images of other classes to the source (ingest.path)."
+                f"need at least two. Add {modality.SAMPLES} of other classes to the source (ingest.path)."
             )
-        arrays[s] = np.lib.format.open_memmap(out_dir / f"{s}_x.npy", mode="w+", dtype=np.uint8, shape=(len(idx), size, size, 3))
+        arrays[s] = np.lib.format.open_memmap(out_dir / f"{s}_x.npy", mode="w+", dtype=encoder.dtype,
+                                              shape=(len(idx), *encoder.shape))  # fmt: skip
         np.save(out_dir / f"{s}_y.npy", manifest.loc[idx, "label"].to_numpy(dtype=np.int64))
         np.save(out_dir / f"{s}_ids.npy", manifest.loc[idx, "id"].to_numpy(dtype=str))
         for pos, i in enumerate(idx):
             where[manifest.at[i, "member"]] = (s, pos)
 
     with tarfile.open(tar_path, "r") as tar:
-        for member in progress(tar, total=len(manifest), desc="preprocess", unit="img"):
+        for member in progress(tar, total=len(manifest), desc="preprocess", unit=modality.SAMPLES[:-1]):
             if member.name not in where:
                 continue
             s, pos = where.pop(member.name)
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            arrays[s][pos] = images.load_rgb_array(data, size, interpolation, params.resize)
+            arrays[s][pos] = encoder.encode(data)
     if where:
         missing = ", ".join(sorted(where)[:5])
         raise GraftError(f"{tar_path}: {len(where)} manifest member(s) missing from the archive ({missing})")
@@ -117,14 +131,15 @@ def preprocess(
         s: {c: int(n) for c, n in zip(classes, np.bincount(manifest.loc[split == s, "label"], minlength=len(classes)), strict=True)}
         for s in SPLITS
     }
-    metrics = {"images": {s: int((split == s).sum()) for s in SPLITS}, "per_class": per_class}
-    meta = {"classes": classes, "image_size": size, "interpolation": interpolation, "resize": params.resize}
+    metrics = {"samples": {s: int((split == s).sum()) for s in SPLITS}, "per_class": per_class}
+    meta = {"classes": classes, "modality": modality.NAME, "input": spec}
     fsio.write_json(out_dir / "meta.json", meta)
     return metrics
 
 
 def load_split(prepared: Path, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The uint8 images (N, S, S, 3) and int64 labels of one split."""
+    """The encoded samples (images: uint8 (N, S, S, 3); texts: int32 (N, L)) and int64
+    labels of one split."""
     x_path = prepared / f"{split}_x.npy"
     if not x_path.is_file():
         raise GraftError(f"{x_path}: not found. Run the preprocess stage first (`dvc repro preprocess`).")
@@ -137,7 +152,7 @@ def load_split(prepared: Path, split: str, mmap: bool = True) -> tuple[np.ndarra
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m stages.preprocess",
-        description="Split the validated snapshot and store resized uint8 arrays for training.",
+        description="Split the validated snapshot and store encoded arrays (resized images, token ids) for training.",
     )
     parser.add_argument("--raw", required=True, type=Path, help="ingest output directory")
     parser.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
@@ -147,14 +162,14 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_section(PreprocessParams, "preprocess", args.params)
     backbone = load_section(LoadPretrainedParams, "load_pretrained", args.params)
-    interpolation = preprocessing_config(backbone.architecture).interpolation
     manifest, classes = read_manifest(args.raw)
     with fsio.atomic_dir(args.out) as tmp:
-        metrics = preprocess(manifest, classes, args.raw / "images.tar", params, interpolation, tmp)
+        metrics = preprocess(manifest, classes, args.raw / SNAPSHOT, params, backbone, tmp)
     fsio.write_json(args.metrics, metrics)
-    sizes = ", ".join(f"{s} {n}" for s, n in metrics["images"].items())
-    print(f"preprocess: {sizes} images at {params.image_size}px ({interpolation}) -> {args.out}")
-
+    modality = read_modality(args.out)
+    sizes = ", ".join(f"{s} {n}" for s, n in metrics["samples"].items())
+    spec = fsio.read_json(args.out / "meta.json")["input"]
+    print(f"preprocess: {sizes} {modality.SAMPLES} at {modality.describe_input(spec)} -> {args.out}")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 the same evaluation data, whether it becomes ``champion`` or stays ``challenger``.
 
 The candidate and the current champion are both loaded as registered pyfuncs and score
-the raw test images of this run, in this process: never a number logged on other data.
+the raw test samples of this run, in this process: never a number logged on other data.
 If anything fails after the model version is created, the version is deleted and the
 aliases are left as they were.
 """
@@ -40,36 +40,39 @@ class RegisterParams:
         return registry.GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha)
 
 
-def load_test_images(raw_dir: Path, prepared_dir: Path) -> tuple[list[bytes], list[str]]:
-    """The encoded bytes and class names of the test split, in the prepared order."""
-    from stages.ingest import read_manifest
+def load_test_samples(raw_dir: Path, prepared_dir: Path):
+    """The test split's raw samples, in the prepared order, as the registered model takes
+    them (a DataFrame with the modality's input column: image bytes, text), and their
+    class names."""
+    import pandas as pd
 
+    from stages.ingest import SNAPSHOT, read_manifest, read_modality
+
+    modality = read_modality(raw_dir)
     manifest, _ = read_manifest(raw_dir)
     ids = [str(i) for i in np.load(prepared_dir / "test_ids.npy")]
     rows = manifest.set_index("id").loc[ids]
     wanted = dict(zip(rows["member"], range(len(ids)), strict=True))
-    data: list[bytes | None] = [None] * len(ids)
-    with tarfile.open(raw_dir / "images.tar") as tar:
+    data: list[Any] = [None] * len(ids)
+    with tarfile.open(raw_dir / SNAPSHOT) as tar:
         for member in tar:
             if member.name in wanted:
-                data[wanted[member.name]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+                data[wanted[member.name]] = modality.from_raw(tar.extractfile(member).read())  # type: ignore[union-attr]
     if any(d is None for d in data):
-        raise GraftError(f"{raw_dir / 'images.tar'}: some test images are missing; rerun ingest")
-    return data, rows["class_name"].tolist()  # type: ignore[return-value]
+        raise GraftError(f"{raw_dir / SNAPSHOT}: some test {modality.SAMPLES} are missing; rerun ingest")
+    return pd.DataFrame({modality.INPUT_COLUMN: data}), rows["class_name"].tolist()
 
 
-def score(pyfunc_model, images: list[bytes], truth: list[str], batch: int = 256) -> np.ndarray:
-    """Per-sample correctness of a pyfunc model on encoded images."""
-    import pandas as pd
-
+def score(pyfunc_model, samples, truth: list[str], batch: int = 256) -> np.ndarray:
+    """Per-sample correctness of a pyfunc model on raw samples (a DataFrame)."""
     predicted: list[str] = []
-    for s in range(0, len(images), batch):
-        predicted += pyfunc_model.predict(pd.DataFrame({"image": images[s : s + batch]}))["class"].tolist()
+    for s in range(0, len(samples), batch):
+        predicted += pyfunc_model.predict(samples.iloc[s : s + batch].reset_index(drop=True))["class"].tolist()
     return np.asarray(predicted) == np.asarray(truth)
 
 
-def pip_requirements() -> list[str]:
-    pins = ["torch", "torchvision", "timm", "mlflow", "pillow", "numpy", "pandas", "pyyaml"]
+def pip_requirements(modality) -> list[str]:
+    pins = ["torch", "mlflow", "numpy", "pandas", "pyyaml", *modality.REQUIREMENTS]
     return [f"{p}=={metadata.version(p)}" for p in pins]
 
 
@@ -77,20 +80,18 @@ def params_hash(params_path: Path) -> str:
     return hashlib.sha256(json.dumps(read_params(params_path), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def log_candidate(model_dir: Path, example: list[bytes]):
+def log_candidate(model_dir: Path, example):
     """Log the fine-tuned model as a pyfunc into the active run; return its ModelInfo.
 
     MLflow's models-from-code form: the model is defined by ``stages/serving_model.py``
     and the packaged ``stages`` code, not by a pickled object, so loading it needs no
     CloudPickle and works with any compatible Python."""
     import mlflow
-    import pandas as pd
-
     from stages import serving
 
-    example_df = pd.DataFrame({"image": example[:2]})  # batch of 2: no batch size baked in
+    example_df = example.iloc[:2].reset_index(drop=True)  # batch of 2: no batch size baked in
     artifacts = {serving.MODEL_ARTIFACT: str(model_dir)}
-    wrapper = serving.GraftImageClassifier()  # only to compute the output schema here
+    wrapper = serving.GraftClassifier()  # only to compute the output schema here
     wrapper.load_context(type("Ctx", (), {"artifacts": artifacts})())
     signature = mlflow.models.infer_signature(example_df, wrapper.predict(None, example_df))
     stages_dir = Path(serving.__file__).parent
@@ -101,7 +102,7 @@ def log_candidate(model_dir: Path, example: list[bytes]):
         code_paths=[str(stages_dir)],  # the stages package: self-contained
         signature=signature,
         input_example=example_df,
-        pip_requirements=pip_requirements(),
+        pip_requirements=pip_requirements(wrapper.cfg.kind),
     )
 
 
@@ -111,10 +112,10 @@ def describe(name: str, version: str, decision: registry.Decision, metrics: dict
     alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
     lines = [f"{name} v{version}, registered as {alias} by graft's register stage.", ""]
     if metrics:
-        lines.append("Test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" on {decision.n} images.")
+        lines.append("Test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" on {decision.n} test samples.")
     lines.append(f"Decision: {decision.reason}.")
     if decision.champion_accuracy is not None:
-        lines.append(f"Champion v{decision.champion_version} on the same images: accuracy {decision.champion_accuracy:.4f}.")
+        lines.append(f"Champion v{decision.champion_version} on the same samples: accuracy {decision.champion_accuracy:.4f}.")
     lines += ["", "Lineage:",
               f"- data version (DVC hash of the prepared data): {tags.get('data_version', 'unknown')}",
               f"- git commit: {tags.get('git_commit', 'unknown')} (uncommitted changes: {tags.get('git_dirty', 'unknown')})",
@@ -136,10 +137,10 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     # An earlier registration killed half-way is finished or undone before this one.
     for line in registry.repair(client, params.model_name):
         print(f"register: repaired: {line}")
-    images, truth = load_test_images(raw_dir, prepared_dir)
+    samples, truth = load_test_samples(raw_dir, prepared_dir)
     with mlflow.start_run(run_id=run_id):
-        info = log_candidate(model_dir, images)
-    candidate_correct = score(mlflow.pyfunc.load_model(info.model_uri), images, truth)
+        info = log_candidate(model_dir, samples)
+    candidate_correct = score(mlflow.pyfunc.load_model(info.model_uri), samples, truth)
 
     champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
     champion_correct, incompatible = None, None
@@ -150,7 +151,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
         if sorted(champ_classes) != sorted(candidate_classes):
             incompatible = f"champion v{champion.version} knows classes {champ_classes}, this data has {candidate_classes}"
         else:
-            champion_correct = score(champ_model, images, truth)
+            champion_correct = score(champ_model, samples, truth)
 
     try:
         client.get_registered_model(params.model_name)
@@ -201,9 +202,9 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
 def format_decision(decision: registry.Decision, name: str, version: str) -> str:
     alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
     lines = [f"register: {name} v{version} -> {alias}", f"  reason: {decision.reason}",
-             f"  candidate test accuracy {decision.candidate_accuracy:.4f} on {decision.n} images"]  # fmt: skip
+             f"  candidate test accuracy {decision.candidate_accuracy:.4f} on {decision.n} test samples"]  # fmt: skip
     if decision.champion_accuracy is not None:
-        lines.append(f"  champion v{decision.champion_version} on the same images: {decision.champion_accuracy:.4f}")
+        lines.append(f"  champion v{decision.champion_version} on the same samples: {decision.champion_accuracy:.4f}")
     if decision.mcnemar:
         m = decision.mcnemar
         lines.append(f"  McNemar: candidate-only correct {m['b']}, champion-only correct {m['c']}, p = {m['p_value']:.3g}")
@@ -220,10 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m stages.register",
         description="Register the fine-tuned model in MLflow and promote it to champion only if it "
-        "beats the current champion on the same test images (params.yaml, section 'register').",
+        "beats the current champion on the same test samples (params.yaml, section 'register').",
     )
     parser.add_argument("--model", required=True, type=Path, help="fine-tuned model directory")
-    parser.add_argument("--raw", required=True, type=Path, help="ingest output directory (raw test images)")
+    parser.add_argument("--raw", required=True, type=Path, help="ingest output directory (raw test samples)")
     parser.add_argument("--prepared", required=True, type=Path, help="preprocess output directory (test ids)")
     parser.add_argument("--metrics", required=True, type=Path, help="evaluate's metrics.json")
     parser.add_argument("--decision", required=True, type=Path, help="decision report JSON to write")

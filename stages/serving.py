@@ -1,15 +1,16 @@
-"""The registered model: a pyfunc that predicts from raw encoded images.
+"""The registered model: a pyfunc that predicts from raw samples.
 
-It decodes and resizes with :mod:`stages.images` and normalises with
-:func:`stages.modeling.to_input`, the very functions training used, so serving cannot
-drift from training. Input: a DataFrame with a column ``image`` of encoded image bytes
-(PNG, JPEG, BMP, WebP). Output: one row per image with the predicted ``class``, its
-``probability``, and one ``p_<class>`` column per class.
+It encodes with the modality's ``Encoder`` (images: decoded and resized; texts:
+tokenized with the tokenizer saved beside the weights) and feeds the model with
+:func:`stages.modeling.to_input`, the very code training used, so serving cannot drift
+from training. Input: a DataFrame with the modality's column: ``image`` (encoded image
+bytes: PNG, JPEG, BMP, WebP; base64 over JSON) or ``text`` (strings). Output: one row per
+sample with the predicted ``class``, its ``probability``, and one ``p_<class>`` column
+per class.
 """
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -17,32 +18,23 @@ import numpy as np
 import pandas as pd
 
 MODEL_ARTIFACT = "model_dir"
-INPUT_COLUMN = "image"
 
 
-def _as_bytes(value) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):  # JSON transports (the REST scoring server) send base64
-        return base64.b64decode(value)
-    raise TypeError(f"column '{INPUT_COLUMN}' must hold encoded image bytes, got {type(value).__name__}")
-
-
-class GraftImageClassifier(mlflow.pyfunc.PythonModel):
+class GraftClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from stages import modeling
 
-        self.model, self.cfg = modeling.load(Path(context.artifacts[MODEL_ARTIFACT]), modeling.resolve_device("cpu"))
+        model_dir = Path(context.artifacts[MODEL_ARTIFACT])
+        self.model, self.cfg = modeling.load(model_dir, modeling.resolve_device("cpu"))
+        self.encoder = self.cfg.kind.Encoder(self.cfg.input, model_dir / modeling.ASSETS)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from stages import images, modeling
+        from stages import modeling
 
-        if INPUT_COLUMN not in model_input:
-            raise ValueError(f"input needs a column '{INPUT_COLUMN}' of encoded image bytes")
-        cfg = self.cfg
-        batch = np.stack(
-            [images.load_rgb_array(_as_bytes(v), cfg.image_size, cfg.interpolation, cfg.resize) for v in model_input[INPUT_COLUMN]]
-        ) if len(model_input) else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
+        cfg, column = self.cfg, self.cfg.kind.INPUT_COLUMN
+        if column not in model_input:
+            raise ValueError(f"input needs a column '{column}' ({cfg.modality} model)")
+        batch = self.encoder.batch(list(model_input[column]))
         probs = modeling.predict_proba(self.model, batch, cfg)
         best = probs.argmax(1) if len(probs) else np.zeros(0, dtype=int)
         out = pd.DataFrame({"class": [cfg.classes[i] for i in best], "probability": probs[np.arange(len(best)), best]})

@@ -7,6 +7,6 @@ MLflow's design, and only MLflow imports it.
 
 import mlflow
 
-from stages.serving import GraftImageClassifier
+from stages.serving import GraftClassifier
 
-mlflow.models.set_model(GraftImageClassifier())
+mlflow.models.set_model(GraftClassifier())

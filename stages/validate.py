@@ -18,7 +18,7 @@ import pandas as pd
 from stages import fsio
 from stages.common import GraftError, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
-from stages.ingest import MANIFEST_COLUMNS, read_manifest
+from stages.ingest import MANIFEST_COLUMNS, read_manifest, read_modality
 
 MAX_EXAMPLES = 10  # offending rows listed per failed check
 CLASS_CHANGE_CHECK = "same classes as the last accepted run"
@@ -28,9 +28,10 @@ CLASS_CHANGE_CHECK = "same classes as the last accepted run"
 class ValidateParams:
     min_per_class: int  # samples per class, all splits together
     max_imbalance: float  # largest class count / smallest class count
-    min_side: int  # pixels; smaller images carry too little to learn from
-    max_side: int  # pixels; larger ones are probably not what was meant (or a bomb)
+    min_side: int  # images: pixels; smaller images carry too little to learn from
+    max_side: int  # images: pixels; larger ones are probably not what was meant (or a bomb)
     on_class_change: Literal["fail", "warn"]  # classes added/removed since the last accepted run
+    on_long_text: Literal["fail", "warn"] = "warn"  # texts: longer than preprocess.max_length tokens
 
 
 @dataclass
@@ -156,10 +157,18 @@ def validate(
     classes: list[str],
     params: ValidateParams,
     accepted_classes: list[str] | None = None,
+    modality=None,
+    context: dict[str, Any] | None = None,
 ) -> ValidationResult:
-    """Run the suite on a manifest; pure apart from Great Expectations' in-memory context."""
+    """Run the suite on a manifest; pure apart from Great Expectations' in-memory context.
+    The shared checks (columns, labels, splits, class sizes) are here; ``modality`` (its
+    module) adds its own (decoding, sizes, leaks); ``context`` is what those may need
+    beyond the manifest (text: the snapshot and the tokenizer, to count tokens)."""
     import great_expectations.expectations as gxe
 
+    from stages import modalities
+
+    modality = modality or modalities.get(None)
     if not classes:
         raise GraftError("classes.json is empty: no classes were declared or found")
     df = manifest.copy()
@@ -173,19 +182,15 @@ def validate(
     )
 
     required = ["id", "label", "class_name", "split", "sha256", "path", "member"]
-    row_checks: list[tuple[str, Any]] = [
+    columns = [*MANIFEST_COLUMNS, *modality.MANIFEST_COLUMNS]
+    row_checks: list[tuple] = [
         # A manifest from another tool or an older graft would make later stages misread it.
-        ("manifest has every column", gxe.ExpectTableColumnsToMatchSet(column_set=MANIFEST_COLUMNS, exact_match=False)),
+        ("manifest has every column", gxe.ExpectTableColumnsToMatchSet(column_set=columns, exact_match=False)),
         *[(f"{c} is never empty", gxe.ExpectColumnValuesToNotBeNull(column=c)) for c in required],
         # A label outside the declared set would silently become a new or wrong class.
         ("every label is a declared class", gxe.ExpectColumnValuesToBeInSet(column="class_name", value_set=list(classes))),
         ("split is train or test", gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"])),
-        # A corrupt or truncated file would crash training halfway, or be dropped unseen.
-        ("every image decodes", gxe.ExpectColumnValuesToBeNull(column="error")),
-        ("width within bounds", gxe.ExpectColumnValuesToBeBetween(column="width", min_value=params.min_side, max_value=params.max_side)),
-        ("height within bounds", gxe.ExpectColumnValuesToBeBetween(column="height", min_value=params.min_side, max_value=params.max_side)),
-        # Data leaks: the same image in train and test inflates the test score.
-        ("no image in both train and test", gxe.ExpectColumnValuesToBeInSet(column="in_train_and_test", value_set=[False])),
+        *modality.expectations(df, params, context),
     ]
     table = class_count_table(df, classes)
     class_checks: list[tuple[str, Any]] = [
@@ -210,7 +215,11 @@ def validate(
     ]
 
     ctx = _gx_context()
-    checks = _to_checks(_run_suite(ctx, "manifest", df, row_checks, "id"), lookup, "id")
+    warn = {name for name, *rest in row_checks if rest[1:] == ["warning"]}
+    checks = _to_checks(_run_suite(ctx, "manifest", df, [(n, e) for n, e, *_ in row_checks], "id"), lookup, "id")
+    for c in checks:
+        if c.name in warn:
+            c.severity = "warning"
     checks += _to_checks(_run_suite(ctx, "class_counts", table, class_checks, "class_name"), None, "class_name")
     if len(splits):
         found = splits.set_index("split")[["found"]].rename(columns={"found": "classes found"}).to_dict("index")
@@ -233,7 +242,7 @@ def format_summary(result: ValidationResult, manifest_path: Path) -> str:
     head = "passed" if result.success else "FAILED"
     lines = [
         f"validate: {head}: {len(result.checks) - len(failed)} of {len(result.checks)} checks "
-        f"passed on {result.n_rows} images ({manifest_path})"
+        f"passed on {result.n_rows} samples ({manifest_path})"
     ]
     for c in failed:
         mark = "warning" if c.severity == "warning" else "failed"
@@ -277,8 +286,12 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_section(ValidateParams, "validate", args.params)
     manifest, classes = read_manifest(args.raw)
+    modality = read_modality(args.raw)
     accepted = fsio.read_json(args.accepted) if args.accepted.is_file() else None
-    result = validate(manifest, classes, params, accepted["classes"] if accepted else None)
+    # What a modality's checks may need beyond the manifest (text: the snapshot and the
+    # params file, for the backbone's tokenizer and the length limit, to count tokens).
+    context = {"raw": args.raw, "params": args.params}
+    result = validate(manifest, classes, params, accepted["classes"] if accepted else None, modality, context)
     fsio.write_json(args.report, result.to_json())
     summary = format_summary(result, args.raw / "manifest.csv")
     if not result.success:  # the stage's message: printed once, by stage_main or the flow

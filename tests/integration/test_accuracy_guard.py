@@ -45,7 +45,7 @@ def tiny_run(work: Path, seed: int = 0, mode: str | None = None) -> float:
                   max_train_per_class=60, max_test_per_class=20)  # fmt: skip
     manifest, classes, _ = ingest(ing, raw)
     pre = replace(load_section(PreprocessParams, "preprocess", params), image_size=32, seed=seed)
-    preprocess(manifest, list(classes), raw / "images.tar", pre, "bicubic", prepared)
+    preprocess(manifest, list(classes), raw / "samples.tar", pre, LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0"), prepared)
     backbone = load_section(LoadPretrainedParams, "load_pretrained", params)
     model, cfg = load_pretrained(backbone, __import__("json").loads((prepared / "meta.json").read_text()), seed)
     ft = replace(load_section(FineTuneParams, "fine_tune", params), epochs=5, batch_size=32, seed=seed)

@@ -22,7 +22,7 @@ def test_fashion_mnist_slice_and_noop_rerun(project):
     x = np.load(project / "data/prepared/train_x.npy")
     assert x.shape[1:] == (16, 16, 3) and x.dtype == np.uint8
     metrics = json.loads((project / "reports/preprocess.json").read_text())
-    assert metrics["images"]["test"] == 40
+    assert metrics["samples"]["test"] == 40
     assert json.loads((project / "reports/validation.json").read_text())["success"] is True
 
     second = dvc(project, "repro", "preprocess")

@@ -97,8 +97,8 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert {d.dataset.digest for d in inputs.values()} == {v1.tags["data_version"].removesuffix(".dir")}
     assert {t.value for t in inputs["test"].tags} >= {"testing"}
     # Per-epoch series and one-off summaries have different names: no chart mixes them.
-    assert len(client.get_metric_history(run.info.run_id, "images_per_second")) == 2
-    assert len(client.get_metric_history(run.info.run_id, "fit_images_per_second_mean")) == 1
+    assert len(client.get_metric_history(run.info.run_id, "samples_per_second")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "fit_samples_per_second_mean")) == 1
     # A readable description on the version; the alias move records who made it.
     assert "Test metrics: accuracy" in v1.description and v1.tags["git_commit"] in v1.description
     assert reg.history(client, "graft-classifier")[0]["user"] == "ci-bot"
@@ -115,7 +115,7 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     folder = tmp_path / "test_images"
     folder.mkdir()
     ids = [str(i) for i in np.load(project / "data/prepared/test_ids.npy")]
-    with tarfile.open(project / "data/raw/images.tar") as tar:
+    with tarfile.open(project / "data/raw/samples.tar") as tar:
         for m in tar:
             if m.name.split(".")[0] in ids:
                 (folder / m.name).write_bytes(tar.extractfile(m).read())

@@ -24,7 +24,7 @@ def build_candidate(tmp_path):
     raw.mkdir(), prepared.mkdir()
     manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(src), seed=0), raw)
     pre = PreprocessParams(image_size=32, val_fraction=0.2, test_fraction=0.3, resize="squash", seed=0)
-    preprocess(manifest, list(classes), raw / "images.tar", pre, "bicubic", prepared)
+    preprocess(manifest, list(classes), raw / "samples.tar", pre, LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0"), prepared)
     model, cfg = load_pretrained(LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0"),
                                  fsio.read_json(prepared / "meta.json"), 0)  # fmt: skip
     modeling.save(model_dir, model, cfg)
@@ -76,12 +76,13 @@ def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):
     import numpy as np
 
     from stages import images
-    from stages.register import load_test_images
+    from stages.register import load_test_samples
 
     model_dir, raw, prepared, run_id = candidate
     candidate_model, candidate_cfg = modeling.load(model_dir)
-    vit_cfg = replace(candidate_cfg, architecture="vit_tiny_patch16_224", image_size=224, resize="center_crop",
-                      interpolation="bilinear", source="scratch:vit_tiny_patch16_224", weights_sha256=None)  # fmt: skip
+    vit_input = {**candidate_cfg.input, "image_size": 224, "resize": "center_crop", "interpolation": "bilinear"}
+    vit_cfg = replace(candidate_cfg, architecture="vit_tiny_patch16_224", input=vit_input,
+                      source="scratch:vit_tiny_patch16_224", weights_sha256=None)  # fmt: skip
     vit = modeling.create(vit_cfg)
     champion_dir = model_dir.parent / "vit-champion"
     modeling.save(champion_dir, vit, vit_cfg)
@@ -90,10 +91,11 @@ def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):
     assert first.promote
     decision, version = register(model_dir, raw, prepared, params, run_id, {}, {})
 
-    encoded, truth = load_test_images(raw, prepared)
+    samples, truth = load_test_samples(raw, prepared)
+    encoded = list(samples["image"])
 
     def accuracy(model, cfg):
-        x = np.stack([images.load_rgb_array(b, cfg.image_size, cfg.interpolation, cfg.resize) for b in encoded])
+        x = np.stack([images.load_rgb_array(b, cfg.input["image_size"], cfg.input["interpolation"], cfg.input["resize"]) for b in encoded])
         predicted = np.asarray(cfg.classes)[modeling.predict_proba(model, x, cfg).argmax(1)]
         return float(np.mean(predicted == np.asarray(truth)))
 

@@ -203,7 +203,7 @@ def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(traine
 
     # One byte of the snapshot's cache object changed: caught before anything trains.
     manifest = json.loads(cache_object(project, raw["md5"]).read_text())
-    tar = cache_object(project, next(e["md5"] for e in manifest if e["relpath"] == "images.tar"))
+    tar = cache_object(project, next(e["md5"] for e in manifest if e["relpath"] == "samples.tar"))
     original = tar.read_bytes()
     tar.chmod(0o644)
     tar.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
@@ -212,7 +212,7 @@ def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(traine
     finally:
         tar.write_bytes(original)
     assert damaged.returncode == 2, damaged.stdout[-2000:] + damaged.stderr[-2000:]
-    assert "cannot reproduce: data hash mismatch: data/raw/images.tar" in damaged.stderr
+    assert "cannot reproduce: data hash mismatch: data/raw/samples.tar" in damaged.stderr
     # The object gone, and no DVC remote: exit 2, saying where it looked and how to fix it.
     hidden = tar.with_name(tar.name + ".away")
     tar.rename(hidden)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from stages.evaluate import calibration, compute_metrics, confusion_matrix, plot_confusion, plot_reliability, plot_worst_mistakes
+from stages.evaluate import calibration, compute_metrics, confusion_matrix, plot_confusion, plot_reliability
+from stages.modalities import image
 
 # 5 samples, 2 classes. Predictions: 0, 0, 1, 1, 1 (argmax); truth: 0, 1, 1, 1, 0.
 Y = np.array([0, 1, 1, 1, 0])
@@ -45,10 +46,10 @@ def test_plots_are_written(tmp_path):
     x = np.zeros((5, 8, 8, 3), dtype=np.uint8)
     plot_confusion(np.array(m["confusion_matrix"]), ["a", "b"], tmp_path / "cm.png")
     plot_reliability(m["calibration_bins"], m["ece"], tmp_path / "rel.png")
-    plot_worst_mistakes(x, Y, P, ["a", "b"], tmp_path / "worst.png")
+    (worst,) = image.present_mistakes(x, Y, P, ["a", "b"], tmp_path, tmp_path)
     from PIL import Image
 
-    for name in ("cm.png", "rel.png", "worst.png"):
+    for name in ("cm.png", "rel.png", "worst_mistakes.png"):
         with Image.open(tmp_path / name) as im:  # a real, drawn image: decodes, has a size, is not blank
             pixels = np.asarray(im.convert("L"), dtype=float)
         assert min(pixels.shape) > 100 and pixels.std() > 10, name
@@ -84,10 +85,11 @@ def test_evaluate_refuses_a_model_with_non_finite_outputs(tmp_path, capsys):
     raw, prepared, model_dir = tmp_path / "raw", tmp_path / "prepared", tmp_path / "model"
     raw.mkdir(), prepared.mkdir()
     manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(src), seed=0), raw)
-    preprocess(manifest, list(classes), raw / "images.tar",
-               PreprocessParams(image_size=16, val_fraction=0.2, test_fraction=0.3, resize="squash", seed=0), "bicubic", prepared)  # fmt: skip
+    preprocess(manifest, list(classes), raw / "samples.tar",
+               PreprocessParams(image_size=16, val_fraction=0.2, test_fraction=0.3, resize="squash", seed=0),
+               LoadPretrainedParams("tf_efficientnet_lite0", "scratch:tf_efficientnet_lite0"), prepared)  # fmt: skip
     model, cfg = load_pretrained(LoadPretrainedParams("tf_efficientnet_lite0", "scratch:tf_efficientnet_lite0"),
-                                 fsio.read_json(prepared / "meta.json"), 0)  # fmt: skip
+                                 prepared, model_dir / "assets")  # fmt: skip
     with torch.no_grad():
         model.get_classifier().weight.fill_(float("nan"))
     modeling.save(model_dir, model, cfg)
@@ -107,9 +109,10 @@ def test_saved_weights_are_byte_identical_for_equal_models(tmp_path):
     from stages import modeling
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
-    cfg = modeling.ModelConfig(architecture="tf_efficientnet_lite0", classes=["a", "b", "c"], drop_rate=0.0, image_size=16,
-                               mean=[0.5] * 3, std=[0.5] * 3, interpolation="bicubic", resize="squash", source="scratch",
-                               weights_sha256=None)  # fmt: skip
+    cfg = modeling.ModelConfig(architecture="tf_efficientnet_lite0", classes=["a", "b", "c"], drop_rate=0.0,
+                               source="scratch", weights_sha256=None,
+                               input={"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                                      "resize": "squash"})  # fmt: skip
     for out in ("a", "b"):
         modeling.save(tmp_path / out, model, cfg)
     assert (tmp_path / "a" / modeling.WEIGHTS).read_bytes() == (tmp_path / "b" / modeling.WEIGHTS).read_bytes()

@@ -32,8 +32,9 @@ BASE = FineTuneParams(mode="partial", epochs=3, batch_size=8, lr=0.01, weight_de
 
 def make_model(seed=0):
     model = build(LoadPretrainedParams(ARCH, "packaged:efficientnet_lite0"), num_classes=2, seed=seed).model
-    cfg = modeling.ModelConfig(ARCH, ["a", "b"], 0.2, SIZE, [0.5] * 3, [0.5] * 3, "bicubic", "squash",
-                               "packaged:efficientnet_lite0", None)  # fmt: skip
+    cfg = modeling.ModelConfig(ARCH, ["a", "b"], 0.2, "packaged:efficientnet_lite0", None,
+                               {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                                "resize": "squash"})  # fmt: skip
     return model, cfg
 
 

@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 
 from stages.common import GraftError
-from stages.ingest import (
-    MANIFEST_COLUMNS,
-    IngestParams,
-    ingest,
-    read_fashion_mnist,
-    read_imagefolder,
-    read_manifest,
-    subsample,
-)
+from stages.ingest import MANIFEST_COLUMNS, IngestParams, ingest, read_manifest, subsample
+from stages.modalities import image
+from stages.modalities.image import read_fashion_mnist
 from tests.conftest import FASHION_MNIST, make_image_folder, requires_fashion_mnist, write_image
 
 
@@ -26,13 +20,13 @@ def test_imagefolder_manifest(tmp_path, image_folder):
     out = tmp_path / "raw"
     out.mkdir()
     manifest, classes, ignored = ingest(params(image_folder), out)
-    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, *image.MANIFEST_COLUMNS]
     assert classes == ("cat", "dog", "fox")
     assert len(manifest) == 36 and set(manifest["split"]) == {"train"}
     assert manifest["error"].isna().all()
     assert set(manifest["mode"]) == {"RGB", "L", "RGBA", "P"}
     assert (manifest["label"] == manifest["class_name"].map({"cat": 0, "dog": 1, "fox": 2})).all()
-    with tarfile.open(out / "images.tar") as tar:
+    with tarfile.open(out / "samples.tar") as tar:
         assert tar.getnames() == manifest["member"].tolist()
     again, _ = read_manifest(out)
     assert again["sha256"].tolist() == manifest["sha256"].tolist()
@@ -71,11 +65,11 @@ def test_same_input_gives_byte_identical_outputs(tmp_path, image_folder):
         ingest(params(image_folder, max_train_per_class=5), out)
         outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outs[0] == outs[1]
-    assert set(outs[0]) == {"images.tar", "manifest.csv", "classes.json"}
+    assert set(outs[0]) == {"samples.tar", "manifest.csv", "classes.json", "meta.json"}
 
 
 def test_subsample_is_stratified_and_seeded(image_folder):
-    source = read_imagefolder(image_folder)
+    source = image.read_source(params(None), image_folder)
     a = subsample(source.candidates, {"train": 4}, seed=1)
     b = subsample(source.candidates, {"train": 4}, seed=1)
     c = subsample(source.candidates, {"train": 4}, seed=2)
@@ -106,7 +100,7 @@ def test_bad_sources_name_the_path(tmp_path, setup, message):
     src = tmp_path / "src"
     setup(src)
     with pytest.raises(GraftError, match=message) as e:
-        read_imagefolder(src)
+        image.read_source(params(None), src)
     assert str(src) in str(e.value)
 
 
@@ -114,7 +108,7 @@ def test_mixed_split_and_class_folders_rejected(tmp_path):
     write_image(tmp_path / "src" / "train" / "a" / "1.png")
     write_image(tmp_path / "src" / "b" / "1.png")
     with pytest.raises(GraftError, match="other folders"):
-        read_imagefolder(tmp_path / "src")
+        image.read_source(params(None), tmp_path / "src")
 
 
 def test_fashion_mnist_missing_files_says_how_to_install(tmp_path):

@@ -6,10 +6,13 @@ import pytest
 from PIL import Image
 
 from stages import images
+from stages.backbone import LoadPretrainedParams
 from stages.common import GraftError
 from stages.ingest import IngestParams, ingest
 from stages.preprocess import PreprocessParams, assign_splits, load_split, preprocess
 from tests.conftest import make_image_folder
+
+BACKBONE = LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0")
 
 PARAMS = PreprocessParams(image_size=12, val_fraction=0.25, test_fraction=0.25, resize="center_crop", seed=3)
 
@@ -52,8 +55,8 @@ def test_arrays_written(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "prep"
     raw.mkdir(), out.mkdir()
     manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(root), seed=0), raw)
-    metrics = preprocess(manifest, list(classes), raw / "images.tar", PARAMS, "bicubic", out)
-    assert sum(metrics["images"].values()) == 16
+    metrics = preprocess(manifest, list(classes), raw / "samples.tar", PARAMS, BACKBONE, out)
+    assert sum(metrics["samples"].values()) == 16
     x, y = load_split(out, "train")
     assert x.dtype == np.uint8 and x.shape[1:] == (12, 12, 3) and len(x) == len(y)
     assert x.std() > 0  # real pixels, not zeros
@@ -67,7 +70,7 @@ def test_refuses_unvalidated_manifest(tmp_path):
     raw.mkdir()
     manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(root), seed=0), raw)
     with pytest.raises(GraftError, match="run validate first"):
-        preprocess(manifest, list(classes), raw / "images.tar", PARAMS, "bicubic", tmp_path)
+        preprocess(manifest, list(classes), raw / "samples.tar", PARAMS, BACKBONE, tmp_path)
 
 
 def test_bad_fraction_is_an_error():
@@ -109,7 +112,7 @@ def test_a_split_with_one_class_is_refused_naming_it(tmp_path):
     manifest, classes, _ = ingest(IngestParams(source="imagefolder", path=str(src), seed=0), raw)
     params = PreprocessParams(image_size=16, val_fraction=0.2, test_fraction=0.2, resize="squash", seed=0)
     with pytest.raises(GraftError, match=r"the (val|test) split has 1 class \(a\)"):
-        preprocess(manifest, list(classes), raw / "images.tar", params, "bicubic", out)
+        preprocess(manifest, list(classes), raw / "samples.tar", params, BACKBONE, out)
 
 
 def test_exif_rotation_and_16_bit_images_decode_as_seen():

@@ -1,0 +1,271 @@
+"""The image modality: class folders of image files, or Fashion-MNIST's idx files; a
+timm backbone; uint8 (N, S, S, 3) arrays; flips and padded crops; a grid of mistakes."""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages import images
+from stages.common import GraftError
+from stages.modalities import Built, Candidate, Source, check_folder, folder_candidates, list_class_folders, url_class_files
+
+NAME = "image"
+SOURCES = ("fashion-mnist", "imagefolder")
+INPUT_COLUMN = "image"  # encoded image bytes (PNG, JPEG, BMP, WebP); base64 over JSON
+MANIFEST_COLUMNS = {"width": "Int64", "height": "Int64", "mode": "string"}
+SAMPLES = "images"  # what to call the samples in messages
+REQUIREMENTS = ("timm", "torchvision", "pillow")  # what the registered model needs beyond torch
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def _check_fashion_mnist(path: Path) -> None:
+    missing = [n for files in FASHION_MNIST_FILES.values() for n in files if not (path / n).is_file()]
+    if missing:
+        raise GraftError(
+            f"ingest.path: {path}: Fashion-MNIST files not found ({', '.join(missing)}). "
+            "Install them with `apt-get install dataset-fashion-mnist` (or `make data`), "
+            "or set ingest.path to the folder that holds the idx files."
+        )
+
+
+def check_source(params, path: Path) -> None:
+    (_check_fashion_mnist if params.source == "fashion-mnist" else check_folder)(path)
+
+
+def source_files(params, path: Path) -> tuple[list[Path], tuple[str, ...]]:
+    if params.source == "fashion-mnist":
+        return [path / n for pair in FASHION_MNIST_FILES.values() for n in pair], FASHION_MNIST_CLASSES
+    found, classes, _ = list_class_folders(path, images.IMAGE_EXTENSIONS, SAMPLES)
+    return [f for _, _, f in found], classes
+
+
+def url_wanted(params, entries: dict[str, dict]) -> dict[str, dict]:
+    if params.source == "fashion-mnist":
+        wanted = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+        missing = [n for n in wanted if n not in entries]
+        if missing:
+            raise GraftError(f"ingest.path: {params.path}: Fashion-MNIST files not found there ({', '.join(missing)})")
+        return {n: entries[n] for n in wanted}
+    found = url_class_files(entries, images.IMAGE_EXTENSIONS)
+    if not found:
+        raise GraftError(f"ingest.path: {params.path}: no images in class sub-folders there "
+                         f"(looked for {', '.join(images.IMAGE_EXTENSIONS)})")  # fmt: skip
+    return found
+
+
+def _read_idx(path: Path, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def read_fashion_mnist(root: Path) -> Source:
+    """The original idx files, train/test split kept; images become grayscale PNGs."""
+    _check_fashion_mnist(root)
+    candidates: list[Candidate] = []
+    for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
+        pixels = _read_idx(root / img_name, 16).reshape(-1, 28, 28)
+        labels = _read_idx(root / lbl_name, 8)
+        if len(pixels) != len(labels):
+            raise GraftError(f"{root / img_name}: {len(pixels)} images but {len(labels)} labels")
+        for i, (img, lbl) in enumerate(zip(pixels, labels, strict=True)):
+            candidates.append(Candidate(split, FASHION_MNIST_CLASSES[int(lbl)], f"{img_name}#{i}", ".png",
+                                        lambda img=img: _png_bytes(img)))  # fmt: skip
+    return Source(candidates, FASHION_MNIST_CLASSES, [])
+
+
+def read_source(params, root: Path) -> Source:
+    if params.source == "fashion-mnist":
+        return read_fashion_mnist(root)
+    return folder_candidates(root, images.IMAGE_EXTENSIONS, SAMPLES)
+
+
+def inspect(data: bytes) -> dict[str, Any]:
+    info = images.inspect(data)
+    return {"width": info.width, "height": info.height, "mode": info.mode, "error": info.error}
+
+
+# --- the data gate ---------------------------------------------------------------------------
+
+leak_key = "sha256"  # identical bytes: one image
+
+
+def expectations(df, params, context) -> list[tuple[str, Any]]:
+    """Row checks of images (``context``: the run's other params; images need none)."""
+    import great_expectations.expectations as gxe
+
+    return [
+        # A corrupt or truncated file would crash training halfway, or be dropped unseen.
+        ("every image decodes", gxe.ExpectColumnValuesToBeNull(column="error")),
+        ("width within bounds", gxe.ExpectColumnValuesToBeBetween(column="width", min_value=params.min_side, max_value=params.max_side)),
+        ("height within bounds", gxe.ExpectColumnValuesToBeBetween(column="height", min_value=params.min_side, max_value=params.max_side)),
+        # Data leaks: the same image in train and test inflates the test score.
+        ("no image in both train and test", gxe.ExpectColumnValuesToBeInSet(column="in_train_and_test", value_set=[False])),
+    ]  # fmt: skip
+
+
+# --- model inputs ----------------------------------------------------------------------------
+
+
+def check_backbone(backbone) -> None:
+    """Cheap: ``load_pretrained.source`` names a kind of image backbone (before a run starts)."""
+    from stages.backbone import PACKAGED, parse_source
+
+    kind, value = parse_source(backbone.source)
+    if kind == "packaged" and value not in PACKAGED:
+        raise GraftError(f"params.yaml: load_pretrained.source packaged:{value}: known packaged image weights: "
+                         f"{', '.join(PACKAGED)}")  # fmt: skip
+
+
+def input_spec(pre, backbone, assets: Path) -> dict[str, Any]:
+    """How raw bytes become pixels: preprocess's size and resizing, the backbone's
+    interpolation (mean and std are added by ``build``, from the same config)."""
+    from stages.backbone import preprocessing_config, resolve_architecture
+
+    interpolation = preprocessing_config(resolve_architecture(backbone)).interpolation
+    return {"image_size": pre.image_size, "interpolation": interpolation, "resize": pre.resize}
+
+
+def describe_input(spec: dict[str, Any]) -> str:
+    return f"{spec['image_size']}px ({spec['interpolation']})"
+
+
+class Encoder:
+    """Encoded image bytes -> a uint8 (S, S, 3) array: preprocess and the registered model
+    both go through it, so serving sees the pixels training saw."""
+
+    def __init__(self, spec: dict[str, Any], assets: Path | None = None):
+        self.spec = spec
+        size = int(spec["image_size"])
+        self.shape, self.dtype = (size, size, 3), np.uint8
+
+    def encode(self, data: bytes) -> np.ndarray:
+        s = self.spec
+        return images.load_rgb_array(data, int(s["image_size"]), s["interpolation"], s["resize"])
+
+    def batch(self, values) -> np.ndarray:
+        rows = [self.encode(_as_bytes(v)) for v in values]
+        return np.stack(rows) if rows else np.zeros((0, *self.shape), self.dtype)
+
+
+def _as_bytes(value) -> bytes:
+    import base64
+
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):  # JSON transports (the REST scoring server) send base64
+        return base64.b64decode(value)
+    raise TypeError(f"column '{INPUT_COLUMN}' must hold encoded image bytes, got {type(value).__name__}")
+
+
+def from_raw(data: bytes) -> bytes:
+    return data
+
+
+def build(params, num_classes: int, spec: dict[str, Any], assets: Path) -> Built:
+    from stages.backbone import build as build_timm
+    from stages.backbone import preprocessing_config, resolve_architecture
+
+    architecture = resolve_architecture(params)
+    backbone = build_timm(params, num_classes=num_classes, seed=params.seed)
+    pre = preprocessing_config(architecture)
+    return Built(backbone.model, params.source, architecture, backbone.weights_sha256,
+                 {**spec, "mean": list(pre.mean), "std": list(pre.std)})  # fmt: skip
+
+
+def create(cfg, model_dir: Path | None = None):
+    import timm
+
+    return timm.create_model(cfg.architecture, num_classes=len(cfg.classes), drop_rate=cfg.drop_rate)
+
+
+def to_input(batch: np.ndarray, cfg, device, channels_last: bool = True):
+    """uint8 (N, H, W, 3) images to normalised float (N, 3, H, W) on ``device``."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(cfg.input["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.input["std"], device=device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
+    """Random horizontal flip and padded random crop, on uint8 (N, H, W, 3)."""
+    out = batch.copy()
+    n, h, w, _ = out.shape
+    if p.hflip:
+        flip = rng.random(n) < 0.5
+        out[flip] = out[flip, :, ::-1]
+    pad = p.crop_padding
+    if pad:
+        padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+        for i in range(n):
+            out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+    return out
+
+
+# --- people ----------------------------------------------------------------------------------
+
+
+def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], prepared: Path,
+                     out_dir: Path, k: int = 16) -> list[Path]:  # fmt: skip
+    """The ``k`` wrong predictions made with the highest confidence, as a grid."""
+    from stages.evaluate import _plt, _save, worst_mistakes
+
+    plt = _plt()
+    pred = probs.argmax(1)
+    worst = worst_mistakes(y, probs, k)
+    cols = 4
+    rows = max(1, int(np.ceil(len(worst) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst, strict=False):
+        ax.imshow(x[i])
+        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} ({probs[i, pred[i]]:.2f})", fontsize=9)
+    if len(worst) == 0:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center")
+    fig.suptitle("most confident mistakes (test)")
+    path = out_dir / "worst_mistakes.png"
+    _save(fig, path)
+    return [path]
+
+
+def read_inputs(path: Path, text_column: str | None = None) -> list[tuple[str, Any]]:
+    """``graft predict``'s input: an image, or a folder searched recursively for images.
+    Returns (name, load) pairs; ``load()`` reads one sample: (raw value, error or "")."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in images.IMAGE_EXTENSIONS)
+    if not files:
+        raise GraftError(f"{path}: no images found ({', '.join(images.IMAGE_EXTENSIONS)})")
+
+    def load(f: Path):
+        data = f.read_bytes()
+        return data, ("" if images.inspect(data).error is None else "cannot decode image")
+
+    return [(str(f), lambda f=f: load(f)) for f in files]
