@@ -19,12 +19,16 @@ from stages.config import DEFAULT_PARAMS, load_section
 from stages.ingest import read_modality
 
 
-def load_pretrained(params: LoadPretrainedParams, prepared: Path, assets: Path):
+def load_pretrained(params: LoadPretrainedParams, prepared: Path, assets: Path, seed: int | None = None):
     """Build the model for the prepared data's classes; return it and its config. The
     prepared data's assets (a tokenizer) are copied into ``assets`` first: the model
-    serves with what it was trained on."""
+    serves with what it was trained on. ``seed`` (default: load_pretrained.seed)
+    initialises the new head."""
+    import dataclasses
     import shutil
 
+    if seed is not None:
+        params = dataclasses.replace(params, seed=seed)
     meta = fsio.read_json(prepared / "meta.json")
     modality = read_modality(prepared)
     if (prepared / modeling.ASSETS).is_dir():

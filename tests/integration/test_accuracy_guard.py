@@ -47,7 +47,7 @@ def tiny_run(work: Path, seed: int = 0, mode: str | None = None) -> float:
     pre = replace(load_section(PreprocessParams, "preprocess", params), image_size=32, seed=seed)
     preprocess(manifest, list(classes), raw / "samples.tar", pre, LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0"), prepared)
     backbone = load_section(LoadPretrainedParams, "load_pretrained", params)
-    model, cfg = load_pretrained(backbone, __import__("json").loads((prepared / "meta.json").read_text()), seed)
+    model, cfg = load_pretrained(backbone, prepared, work / "assets", seed)
     ft = replace(load_section(FineTuneParams, "fine_tune", params), epochs=5, batch_size=32, seed=seed)
     if mode == "feature_extraction":  # only the head trains: a higher rate, as for any linear probe
         ft = replace(ft, mode=mode, lr=0.01)

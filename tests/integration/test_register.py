@@ -3,7 +3,7 @@ after the version is created undoes it and leaves the aliases as they were."""
 
 import pytest
 
-from stages import fsio, modeling, registry
+from stages import modeling, registry
 from stages.backbone import LoadPretrainedParams
 from stages.common import GraftError
 from stages.ingest import IngestParams, ingest
@@ -26,7 +26,7 @@ def build_candidate(tmp_path):
     pre = PreprocessParams(image_size=32, val_fraction=0.2, test_fraction=0.3, resize="squash", seed=0)
     preprocess(manifest, list(classes), raw / "samples.tar", pre, LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0"), prepared)
     model, cfg = load_pretrained(LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0"),
-                                 fsio.read_json(prepared / "meta.json"), 0)  # fmt: skip
+                                 prepared, model_dir / "assets", 0)  # fmt: skip
     modeling.save(model_dir, model, cfg)
     return model_dir, raw, prepared
 

@@ -104,7 +104,7 @@ def test_the_whole_pipeline_logs_one_mlflow_run(trained):
     project = trained
     result = dvc(project, "repro", check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "worst_mistakes.png", "predictions.csv"):
+    for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "mistakes/worst_mistakes.png", "predictions.csv"):
         assert (project / "reports/evaluate" / name).is_file(), name
     metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
     # The headline agrees with the per-image predictions written beside it (the accuracy

@@ -73,7 +73,7 @@ def test_evaluate_refuses_a_model_with_non_finite_outputs(tmp_path, capsys):
     was retried for nothing): now it is bad input, exit 2, with the likely cause."""
     import torch
 
-    from stages import fsio, modeling
+    from stages import modeling
     from stages.backbone import LoadPretrainedParams
     from stages.evaluate import main
     from stages.ingest import IngestParams, ingest
