@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from stages import fsio, modeling
-from stages.backbone import LoadPretrainedParams, preprocessing_config
+from stages.backbone import LoadPretrainedParams
 from stages.config import load_section
 from stages.fine_tune import FineTuneParams, Split, train
 from stages.ingest import IngestParams, ingest
@@ -64,13 +64,17 @@ def prepare(work: Path, ingest_params: IngestParams, pre_params: PreprocessParam
     return prepared
 
 
+def scratch_assets() -> Path:
+    """A throw-away folder for a model's assets (a benchmark saves no model)."""
+    return Path(tempfile.mkdtemp(prefix="graft-bench-")) / "assets"
+
+
 def splits(prepared: Path) -> tuple[Split, Split, Split]:
     return tuple(Split(*load_split(prepared, s, mmap=False)) for s in ("train", "val", "test"))  # type: ignore[return-value]
 
 
 def fit_and_test(prepared: Path, backbone: LoadPretrainedParams, ft: FineTuneParams) -> dict:
-    meta = fsio.read_json(prepared / "meta.json")
-    model, cfg = load_pretrained(backbone, meta, backbone.seed)
+    model, cfg = load_pretrained(backbone, prepared, scratch_assets())
     tr, va, te = splits(prepared)
     t0 = time.perf_counter()
     result = train(model, cfg, tr, va, ft)
@@ -88,8 +92,8 @@ def plain_loop_images_per_second(model, cfg, data: Split, batch_size: int, epoch
 
     model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.input["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.input["std"]).view(1, 3, 1, 1)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         order = np.random.default_rng(epoch).permutation(len(data.y))
@@ -189,7 +193,7 @@ def measure_throughput(backbone, meta, tr: Split, va: Split, ft: FineTuneParams)
         graft_runs: list[float] = []
         for r in range(ROUNDS):
             for which in ("plain", "graft") if r % 2 == 0 else ("graft", "plain"):
-                model, cfg = load_pretrained(backbone, meta, 0)
+                model, cfg = load_pretrained(backbone, meta, scratch_assets(), 0)
                 if which == "plain":
                     plain_runs.append(plain_loop_images_per_second(model, cfg, sub, ft.batch_size, 1, ft.lr))
                 else:
@@ -214,13 +218,13 @@ def throughput_figures(graft_runs: list[float], plain_runs: list[float]) -> dict
 def measure_feature_cache(backbone, meta, tr: Split, va: Split, ft: FineTuneParams) -> dict:
     """A default feature-extraction run (cache build included) against recomputing the
     frozen backbone for as many epochs."""
-    model, cfg = load_pretrained(backbone, meta, 0)
+    model, cfg = load_pretrained(backbone, meta, scratch_assets(), 0)
     t0 = time.perf_counter()
     r = train(model, cfg, tr, va, replace(ft, mode="feature_extraction"))
     end_to_end = time.perf_counter() - t0
     cache = r.history[0]["feature_cache_seconds"]
     cached = float(np.mean([h["epoch_seconds"] for h in r.history[1:]]))
-    model, cfg = load_pretrained(backbone, meta, 0)
+    model, cfg = load_pretrained(backbone, meta, scratch_assets(), 0)
     recompute = recompute_run_seconds(model, cfg, tr, va, ft, len(r.history))
     return {"epochs": len(r.history), "cached_epoch_seconds": cached,
             "recompute_epoch_seconds": float(np.mean(recompute[1:])), "epoch_speedup": float(np.mean(recompute[1:])) / cached,
@@ -264,7 +268,7 @@ def main() -> None:
         work = Path(tmp)
         prepared = prepare(work / "default", ingest_p, pre_p, backbone.architecture)
         tr, va, _ = splits(prepared)
-        meta = fsio.read_json(prepared / "meta.json")
+        meta = prepared  # what load_pretrained builds the model for
 
         if "throughput" in sections:
             t = out["throughput"] = measure_throughput(backbone, meta, tr, va, ft)

@@ -634,7 +634,7 @@ def read_inputs(path: Path, text_column: str | None = None) -> list[tuple[str, A
         raw = row.get(column)
         data = b"\x00" + row["__error__"].encode() if row.get("__error__") else ("" if raw is None else str(raw)).encode(
             "utf-8", errors="surrogateescape")  # fmt: skip
-        out.append((f"{path.name}:{line}", lambda d=data: _checked(d)))
+        out.append((f"{path}:{line}", lambda d=data: _checked(d)))
     return out
 
 

@@ -122,3 +122,27 @@ def test_every_field_of_a_stage_can_be_set_even_when_the_file_omits_it(tmp_path)
     written = read_params(path)["fine_tune"]
     assert written["lr"] == 1e6 and isinstance(written["lr"], float)  # a number, not the string '1e6'
     assert written["eval_batch_size"] == 128
+
+
+def test_presets_switch_modality_and_back_to_the_committed_params(tmp_path):
+    """`--preset text` then `--preset image` gives params.yaml back as committed: both
+    presets name the same keys, and the image preset is the committed file's values."""
+    import yaml
+
+    from stages.config import apply_overrides, preset_overrides
+    from tests.conftest import ROOT
+
+    presets = {n: yaml.safe_load((ROOT / "presets" / f"{n}.yaml").read_text()) for n in ("image", "text")}
+    keys = {n: {(s, k) for s, ks in p.items() for k in ks} for n, p in presets.items()}
+    assert keys["image"] == keys["text"]
+    committed = read_params(ROOT / "params.yaml")
+    for section, k in keys["image"]:
+        assert committed[section][k] == presets["image"][section][k], f"{section}.{k}"
+    as_text = apply_overrides(committed, preset_overrides("text", ROOT))
+    assert as_text["ingest"]["source"] == "texttable" and as_text["ingest"]["drop_classes"] == ["plot"]
+    assert apply_overrides(as_text, preset_overrides("image", ROOT)) == apply_overrides(committed, [])
+    with pytest.raises(ParamsError, match="no preset 'speech'.*known presets: image, text"):
+        preset_overrides("speech", ROOT)
+    # A backbone of the other modality is refused before anything runs, with the way out.
+    with pytest.raises(ParamsError, match="known packaged text encoders.*--preset text"):
+        apply_overrides(committed, ["ingest.source=texttable"])
