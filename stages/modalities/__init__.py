@@ -10,7 +10,8 @@ behind the interface below, and a stage asks :func:`get` for the module of its d
   ``meta.json``, a model's ``model.json``), so no stage and no parameter repeats it.
 
 Adding a modality (speech, say) means writing ``stages/modalities/speech.py`` with the
-names below and listing its sources in :data:`SOURCES`; no stage changes.
+names below and listing its sources in :data:`SOURCES` (which names the modules); no
+stage changes.
 
 The interface (module-level names of a modality module):
 
@@ -48,8 +49,6 @@ from typing import Any
 
 from stages.common import GraftError
 
-MODULES = {"image": "stages.modalities.image", "text": "stages.modalities.text"}
-
 # ingest.source -> modality. One table, so the params check, ingest and the docs agree.
 SOURCES = {
     "fashion-mnist": "image",
@@ -58,6 +57,7 @@ SOURCES = {
     "textfolder": "text",
 }
 
+MODALITIES = tuple(dict.fromkeys(SOURCES.values()))  # each is the module stages/modalities/<name>.py
 DEFAULT = "image"  # snapshots and models made before the seam carry no modality: images
 
 
@@ -99,9 +99,9 @@ def of_source(source: str) -> str:
 def get(name: str | None) -> ModuleType:
     """The module of modality ``name`` (None: a snapshot or model from before the seam)."""
     name = name or DEFAULT
-    if name not in MODULES:
-        raise GraftError(f"unknown modality '{name}' (known: {', '.join(MODULES)}); was this made by a newer graft?")
-    return importlib.import_module(MODULES[name])
+    if name not in MODALITIES:
+        raise GraftError(f"unknown modality '{name}' (known: {', '.join(MODALITIES)}); was this made by a newer graft?")
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def for_source(source: str) -> ModuleType:

@@ -82,3 +82,36 @@ def test_feature_cache_ratios_are_their_measured_times(results):
     assert f["epoch_speedup"] == pytest.approx(f["recompute_epoch_seconds"] / f["cached_epoch_seconds"])
     assert f["end_to_end_speedup"] == pytest.approx(f["recompute_end_to_end_seconds"] / f["end_to_end_seconds"])
     assert f["cache_seconds"] < f["end_to_end_seconds"]  # the cache build is part of the run's time
+
+
+TEXT_RESULTS = ROOT / "benchmarks" / "results-text-cpu.json"
+
+
+@pytest.fixture(scope="module")
+def text_results():
+    return json.loads(TEXT_RESULTS.read_text())
+
+
+def test_readme_text_table_is_the_rendering_of_the_text_results(text_results):
+    report = load("report")
+    block = report.current_block((ROOT / "README.md").read_text(), report.TEXT_BEGIN, report.TEXT_END)
+    assert block == report.render_text(text_results), (
+        "README.md's text benchmark table differs from benchmarks/results-text-cpu.json: run python benchmarks/report.py"
+    )
+
+
+def test_text_baseline_is_the_c_with_the_best_validation_accuracy_and_models_share_one_split(text_results):
+    b = text_results["tfidf"]
+    assert b["C"] == max(b["sweep"], key=lambda r: r["val_accuracy"])["C"] and len(b["sweep"]) >= 3
+    runs = [text_results[k] for k in ("fine_tuned", "feature_extraction", "scratch")]
+    assert len({(r["train_texts"], r["test_texts"]) for r in runs}) == 1
+    assert [r["mode"] for r in runs] == ["full", "feature_extraction", "full"]
+    m = text_results["machine"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", m["graft_commit"]) and m["torch_threads"] >= 1
+
+
+def test_the_text_table_computes_gains_from_the_figures(text_results):
+    report = load("report")
+    t = copy.deepcopy(text_results)
+    t["tfidf"]["test_accuracy"], t["fine_tuned"]["test_accuracy"] = 0.70, 0.80
+    assert "| +10.0 points |" in report.render_text(t)
