@@ -86,7 +86,7 @@ def tfidf_baseline(raw: Path, prepared: Path) -> dict:
 
 def fit_and_test(prepared: Path, backbone: LoadPretrainedParams, ft: FineTuneParams) -> dict:
     model, cfg = load_pretrained(backbone, prepared, Path(tempfile.mkdtemp(prefix="graft-bench-")) / "assets")
-    tr, va, te = (Split(*load_split(prepared, s, mmap=False)) for s in ("train", "val", "test"))
+    tr, va, te = (Split(*load_split(prepared, s)) for s in ("train", "val", "test"))
     t0 = time.perf_counter()
     result = train(model, cfg, tr, va, ft)
     seconds = time.perf_counter() - t0
@@ -129,7 +129,8 @@ def predict_throughput(project: Path) -> dict:
 
     mlflow.set_tracking_uri(project_env(project)["MLFLOW_TRACKING_URI"])
     pyfunc = mlflow.pyfunc.load_model("models:/graft-classifier@champion")
-    samples, truth = load_test_samples(project / "data" / "raw", project / "data" / "prepared")
+    test = load_test_samples(project / "data" / "raw", project / "data" / "prepared")
+    samples, truth = test.frame(), test.truth
     pyfunc.predict(samples.iloc[:8])  # warm-up
     t0 = time.perf_counter()
     rounds = 3

@@ -70,7 +70,7 @@ def scratch_assets() -> Path:
 
 
 def splits(prepared: Path) -> tuple[Split, Split, Split]:
-    return tuple(Split(*load_split(prepared, s, mmap=False)) for s in ("train", "val", "test"))  # type: ignore[return-value]
+    return tuple(Split(*load_split(prepared, s)) for s in ("train", "val", "test"))  # type: ignore[return-value]
 
 
 def fit_and_test(prepared: Path, backbone: LoadPretrainedParams, ft: FineTuneParams) -> dict:

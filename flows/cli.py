@@ -259,10 +259,10 @@ def promote(
         if not (prepared / "test_ids.npy").is_file():
             _fail("no test data in this workspace to compare on; run `graft run` first, or pass --force")
         params = load_section(RegisterParams, "register", root / "params.yaml")
-        samples, truth = load_test_samples(raw, prepared)
+        samples = load_test_samples(raw, prepared)
         typer.echo(f"Scoring v{version}" + (f" and champion v{champion.version}" if champion else "") + f" on {len(samples)} test samples...")
-        cand = score(mlflow.pyfunc.load_model(f"models:/{name}/{version}"), samples, truth)
-        champ = score(mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}"), samples, truth) if champion else None
+        cand = score(mlflow.pyfunc.load_model(f"models:/{name}/{version}"), samples)
+        champ = score(mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}"), samples) if champion else None
         decision = registry.decide(cand, champ, str(champion.version) if champion else None, params.gate)
         typer.echo(f"  {decision.reason}")
         if not decision.promote:

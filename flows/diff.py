@@ -132,12 +132,12 @@ def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | Non
     if not (prepared / "test_ids.npy").is_file():
         return {"note": "not computed: no test data in this workspace (`graft run` or `graft pull`)"}
     try:
-        samples, truth = load_test_samples(raw, prepared)
-        ca = score(_model(root, name, a), samples, truth)
-        cb = score(_model(root, name, b), samples, truth)
+        samples = load_test_samples(raw, prepared)
+        ca = score(_model(root, name, a), samples)
+        cb = score(_model(root, name, b), samples)
     except Exception as e:  # another class list, a model that cannot load here
         return {"note": f"not computed: the two versions cannot score the same samples ({type(e).__name__}: {e})"}
-    return {"n": len(truth), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **registry.mcnemar(cb, ca)}
+    return {"n": len(samples), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **registry.mcnemar(cb, ca)}
 
 
 class _WorkspaceModel:

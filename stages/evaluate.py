@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.preprocess import load_split
 
     model, cfg = modeling.load(args.model, modeling.resolve_device())
-    x, y = load_split(args.prepared, "test", mmap=False)
+    x, y = load_split(args.prepared, "test")
     ids = np.load(args.prepared / "test_ids.npy")
     probs = modeling.predict_proba(model, x, cfg, desc="evaluate")
     broken = int((~np.isfinite(probs)).any(1).sum())

@@ -24,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stages import fsio, modeling
+from stages.arrays import NpyReader, NpyWriter
 from stages.common import GraftError, fault_point, progress, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
 
@@ -72,7 +75,7 @@ class FineTuneParams:
 
 @dataclass
 class Split:
-    x: np.ndarray  # uint8 (N, H, W, 3)
+    x: Any  # encoded samples, indexable like an array: an NpyReader (on disk) or an ndarray
     y: np.ndarray  # int64 (N,)
 
 
@@ -174,8 +177,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> tuple[np.ndarray, np.random.Ge
 # --- the training loop ---------------------------------------------------------------------
 
 
-def _features(model, x: np.ndarray, cfg, device, p: FineTuneParams, desc: str):
-    """Pooled backbone features (N, F) in eval mode: the feature-extraction cache.
+def _features(model, x, cfg, device, p: FineTuneParams, desc: str, path: Path):
+    """Pooled backbone features (N, F) in eval mode, written to ``path`` as they come and
+    read back a batch at a time: the feature-extraction cache, on disk like the data.
 
     Computed at the training batch size, not eval_batch_size: on the 2-core CPU the
     backbone ran 890 to 1,190 images/s at 64 images a batch and 690 to 760 at 256 (the
@@ -184,12 +188,16 @@ def _features(model, x: np.ndarray, cfg, device, p: FineTuneParams, desc: str):
     import torch
 
     model.eval()
-    feats = []
+    writer = None
     with torch.inference_mode():
         for s in progress(range(0, len(x), p.batch_size), desc=desc, unit="batch"):
             inp = modeling.to_input(x[s : s + p.batch_size], cfg, device, p.channels_last)
-            feats.append(model.forward_head(model.forward_features(inp), pre_logits=True).float())
-    return torch.cat(feats)
+            f = model.forward_head(model.forward_features(inp), pre_logits=True).float().cpu().numpy()
+            if writer is None:
+                writer = NpyWriter(path, np.float32, (len(x), *f.shape[1:]))
+            writer.write(s, f)
+    writer.close()
+    return NpyReader(path)
 
 
 def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -> tuple[float, float, float]:
@@ -206,7 +214,9 @@ def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -
     if feats is not None:
         with torch.inference_mode():
             model.eval()
-            logits = model.get_classifier()(feats).float()
+            head = model.get_classifier()
+            logits = torch.cat([head(torch.from_numpy(feats[s : s + p.eval_batch_size]).to(device)).float()
+                                for s in range(0, len(feats), p.eval_batch_size)])  # fmt: skip
             y = torch.from_numpy(split.y).to(device)
             loss = F.cross_entropy(logits, y, label_smoothing=p.label_smoothing).item()
             return loss, F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
@@ -286,11 +296,19 @@ def train(
         start = p.epochs  # the interrupted run had already stopped early
 
     cached = None
+    cache_dir = None
     if p.mode == "feature_extraction" and start < p.epochs:
         t0 = time.perf_counter()
+        # Beside the checkpoint (on disk; the system temp folder may be RAM), gone with train().
+        where = checkpoint.parent if checkpoint is not None else None
+        if where is not None:
+            where.mkdir(parents=True, exist_ok=True)
+            for stale in where.glob(".graft-features-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+        cache_dir = tempfile.TemporaryDirectory(prefix=".graft-features-", dir=where)
         cached = (
-            _features(model, train_split.x, cfg, device, p, "caching train features"),
-            _features(model, val_split.x, cfg, device, p, "caching val features"),
+            _features(model, train_split.x, cfg, device, p, "caching train features", Path(cache_dir.name) / "train.npy"),
+            _features(model, val_split.x, cfg, device, p, "caching val features", Path(cache_dir.name) / "val.npy"),
         )
         cache_seconds = time.perf_counter() - t0
     stopped_early = False
@@ -308,7 +326,7 @@ def train(
             y = torch.from_numpy(train_split.y[idx]).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 if cached is not None:
-                    feats = cached[0][torch.from_numpy(idx).to(device)]
+                    feats = torch.from_numpy(cached[0][idx]).to(device)
                     drop = getattr(model, "drop_rate", 0.0)
                     logits = model.get_classifier()(F.dropout(feats, p=drop, training=True))
                 else:
@@ -377,6 +395,9 @@ def train(
             stopped_early = True
             print(f"fine_tune: no better validation accuracy for {p.patience} epochs; stopping early")
             break
+    if cache_dir is not None:
+        cached = None
+        cache_dir.cleanup()
     if not best_state:
         raise GraftError("fine_tune: no epoch completed")
     model.load_state_dict(best_state)
@@ -472,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_section(FineTuneParams, "fine_tune", args.params)
     model, cfg = modeling.load(args.pretrained)
-    train_split, val_split = (Split(*load_split(args.prepared, s, mmap=False)) for s in ("train", "val"))
+    train_split, val_split = (Split(*load_split(args.prepared, s)) for s in ("train", "val"))
     # Same params, same starting weights, same data: the checkpoint belongs to this run.
     data_hash = fsio.sha256_file(args.prepared / "train_y.npy") + fsio.sha256_file(args.prepared / "train_ids.npy")
     run_key = fingerprint(asdict(params), fsio.sha256_file(args.pretrained / modeling.WEIGHTS), data_hash)

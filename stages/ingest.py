@@ -19,7 +19,7 @@ import contextlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -147,6 +147,19 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
+    tar.members.clear()  # TarFile keeps every member it wrote; the snapshot can be millions
+
+
+def iter_snapshot(tar_path: Path, wanted: Container[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of the snapshot's samples, in archive order, one at a time
+    (only those in ``wanted``, if given). TarFile remembers every member it has read
+    (about 1 KB each), so this walks with ``next()`` and forgets them: reading a snapshot
+    of any size takes the memory of one sample."""
+    with tarfile.open(tar_path, "r") as tar:
+        while (member := tar.next()) is not None:
+            tar.members.clear()
+            if member.isfile() and (wanted is None or member.name in wanted):
+                yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
 
 
 def write_snapshot(chosen: list[Candidate], classes: tuple[str, ...], out_dir: Path, modality) -> pd.DataFrame:

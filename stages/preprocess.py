@@ -5,15 +5,15 @@ Outputs (one directory, swapped in atomically): ``{train,val,test}_x.npy`` (imag
 (N, S, S, 3) uint8; texts: (N, max_length) int32 token ids padded with -1),
 ``{train,val,test}_y.npy`` int64 labels, ``{split}_ids.npy`` sample ids, ``meta.json``
 (classes, modality and the input config that ``model.json`` carries on), and ``assets/``
-(what the Encoder needs: a tokenizer). Arrays are plain ``.npy`` so training
-memory-maps them with no decoding. Image normalisation happens at load time, from the
+(what the Encoder needs: a tokenizer). Arrays are plain ``.npy``, written row by row
+and read back a batch at a time (``stages/arrays.py``), so no stage holds a split in
+memory. Image normalisation happens at load time, from the
 backbone's config.
 """
 
 from __future__ import annotations
 
 import argparse
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 
 from stages import fsio
+from stages.arrays import NpyReader, NpyWriter
 from stages.backbone import LoadPretrainedParams
 from stages.common import GraftError, progress, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
-from stages.ingest import SNAPSHOT, read_manifest, read_modality
+from stages.ingest import SNAPSHOT, iter_snapshot, read_manifest, read_modality
 
 SPLITS = ("train", "val", "test")
 
@@ -95,7 +96,7 @@ def preprocess(
     split = assign_splits(manifest.assign(_key=key), params.val_fraction, params.test_fraction, params.seed, "_key")
     spec = modality.input_spec(params, backbone, out_dir / "assets")
     encoder = modality.Encoder(spec, out_dir / "assets")
-    arrays, where = {}, {}
+    writers, where = {}, {}
     for s in SPLITS:
         idx = np.flatnonzero((split == s).to_numpy())
         if len(idx) == 0:
@@ -107,25 +108,22 @@ def preprocess(
                 f"preprocess: the {s} split has {len(found)} class ({', '.join(found)}); training and scoring "
                 f"need at least two. Add {modality.SAMPLES} of other classes to the source (ingest.path)."
             )
-        arrays[s] = np.lib.format.open_memmap(out_dir / f"{s}_x.npy", mode="w+", dtype=encoder.dtype,
-                                              shape=(len(idx), *encoder.shape))  # fmt: skip
+        writers[s] = NpyWriter(out_dir / f"{s}_x.npy", encoder.dtype, (len(idx), *encoder.shape))
         np.save(out_dir / f"{s}_y.npy", manifest.loc[idx, "label"].to_numpy(dtype=np.int64))
         np.save(out_dir / f"{s}_ids.npy", manifest.loc[idx, "id"].to_numpy(dtype=str))
         for pos, i in enumerate(idx):
             where[manifest.at[i, "member"]] = (s, pos)
 
-    with tarfile.open(tar_path, "r") as tar:
-        for member in progress(tar, total=len(manifest), desc="preprocess", unit=modality.SAMPLES[:-1]):
-            if member.name not in where:
-                continue
-            s, pos = where.pop(member.name)
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            arrays[s][pos] = encoder.encode(data)
+    # One sample in memory at a time: each is encoded and written to its row on disk.
+    samples = iter_snapshot(tar_path, where)
+    for name, data in progress(samples, total=len(where), desc="preprocess", unit=modality.SAMPLES[:-1]):
+        s, pos = where.pop(name)
+        writers[s].write(pos, encoder.encode(data))
     if where:
         missing = ", ".join(sorted(where)[:5])
         raise GraftError(f"{tar_path}: {len(where)} manifest member(s) missing from the archive ({missing})")
-    for a in arrays.values():
-        a.flush()
+    for w in writers.values():
+        w.close()
 
     per_class = {
         s: {c: int(n) for c, n in zip(classes, np.bincount(manifest.loc[split == s, "label"], minlength=len(classes)), strict=True)}
@@ -137,15 +135,14 @@ def preprocess(
     return metrics
 
 
-def load_split(prepared: Path, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The encoded samples (images: uint8 (N, S, S, 3); texts: int32 (N, L)) and int64
-    labels of one split."""
+def load_split(prepared: Path, split: str) -> tuple[NpyReader, np.ndarray]:
+    """The encoded samples (images: uint8 (N, S, S, 3); texts: int32 (N, L)), read from
+    disk a batch at a time (:class:`stages.arrays.NpyReader`), and the int64 labels of
+    one split (in memory: 8 bytes a sample)."""
     x_path = prepared / f"{split}_x.npy"
     if not x_path.is_file():
         raise GraftError(f"{x_path}: not found. Run the preprocess stage first (`dvc repro preprocess`).")
-    x = np.load(x_path, mmap_mode="r" if mmap else None)
-    y = np.load(prepared / f"{split}_y.npy")
-    return x, y
+    return NpyReader(x_path), np.load(prepared / f"{split}_y.npy")
 
 
 @stage_main

@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -40,35 +39,75 @@ class RegisterParams:
         return registry.GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha)
 
 
-def load_test_samples(raw_dir: Path, prepared_dir: Path):
-    """The test split's raw samples, in the prepared order, as the registered model takes
-    them (a DataFrame with the modality's input column: image bytes, text), and their
-    class names."""
-    import pandas as pd
+class TestSamples:
+    """The test split's raw samples as the registered model takes them (image bytes,
+    texts), read from the snapshot a batch at a time: scoring a model holds one batch.
+    Positions are those of the prepared test split (evaluate's order)."""
 
-    from stages.ingest import SNAPSHOT, read_manifest, read_modality
+    def __init__(self, raw_dir: Path, prepared_dir: Path):
+        from stages.ingest import SNAPSHOT, read_manifest, read_modality
 
-    modality = read_modality(raw_dir)
-    manifest, _ = read_manifest(raw_dir)
-    ids = [str(i) for i in np.load(prepared_dir / "test_ids.npy")]
-    rows = manifest.set_index("id").loc[ids]
-    wanted = dict(zip(rows["member"], range(len(ids)), strict=True))
-    data: list[Any] = [None] * len(ids)
-    with tarfile.open(raw_dir / SNAPSHOT) as tar:
-        for member in tar:
-            if member.name in wanted:
-                data[wanted[member.name]] = modality.from_raw(tar.extractfile(member).read())  # type: ignore[union-attr]
-    if any(d is None for d in data):
-        raise GraftError(f"{raw_dir / SNAPSHOT}: some test {modality.SAMPLES} are missing; rerun ingest")
-    return pd.DataFrame({modality.INPUT_COLUMN: data}), rows["class_name"].tolist()
+        self.modality = read_modality(raw_dir)
+        self.snapshot = raw_dir / SNAPSHOT
+        manifest, _ = read_manifest(raw_dir)
+        ids = [str(i) for i in np.load(prepared_dir / "test_ids.npy")]
+        rows = manifest.set_index("id").loc[ids]
+        self.position = dict(zip(rows["member"], range(len(ids)), strict=True))
+        self.truth: list[str] = rows["class_name"].tolist()
+
+    def __len__(self) -> int:
+        return len(self.truth)
+
+    def batches(self, size: int = 256):
+        """(positions, DataFrame of ``size`` samples), in the snapshot's order."""
+        import pandas as pd
+
+        from stages.ingest import iter_snapshot
+
+        positions: list[int] = []
+        values: list[Any] = []
+        seen = 0
+        for name, data in iter_snapshot(self.snapshot, self.position):
+            positions.append(self.position[name])
+            values.append(self.modality.from_raw(data))
+            if len(values) == size:
+                yield np.asarray(positions), pd.DataFrame({self.modality.INPUT_COLUMN: values})
+                seen += len(values)
+                positions, values = [], []
+        if values:
+            yield np.asarray(positions), pd.DataFrame({self.modality.INPUT_COLUMN: values})
+            seen += len(values)
+        if seen != len(self):
+            raise GraftError(f"{self.snapshot}: {len(self) - seen} test {self.modality.SAMPLES} are missing; rerun ingest")
+
+    def head(self, n: int = 2):
+        """The first ``n`` samples of the snapshot (an input example for the model's signature)."""
+        return next(iter(self.batches(n)))[1]
+
+    def frame(self):
+        """All samples in memory, in the prepared order: for small test splits (tests,
+        benchmarks), never for scoring."""
+        import pandas as pd
+
+        values: list[Any] = [None] * len(self)
+        for positions, frame in self.batches():
+            for pos, v in zip(positions, frame[self.modality.INPUT_COLUMN], strict=True):
+                values[pos] = v
+        return pd.DataFrame({self.modality.INPUT_COLUMN: values})
 
 
-def score(pyfunc_model, samples, truth: list[str], batch: int = 256) -> np.ndarray:
-    """Per-sample correctness of a pyfunc model on raw samples (a DataFrame)."""
-    predicted: list[str] = []
-    for s in range(0, len(samples), batch):
-        predicted += pyfunc_model.predict(samples.iloc[s : s + batch].reset_index(drop=True))["class"].tolist()
-    return np.asarray(predicted) == np.asarray(truth)
+def load_test_samples(raw_dir: Path, prepared_dir: Path) -> TestSamples:
+    return TestSamples(raw_dir, prepared_dir)
+
+
+def score(pyfunc_model, samples: TestSamples, batch: int = 256) -> np.ndarray:
+    """Per-sample correctness of a pyfunc model on the raw test samples, in the prepared
+    order (so two models' results pair up for McNemar's test)."""
+    truth = np.asarray(samples.truth)
+    correct = np.zeros(len(samples), dtype=bool)
+    for positions, frame in samples.batches(batch):
+        correct[positions] = pyfunc_model.predict(frame)["class"].to_numpy() == truth[positions]
+    return correct
 
 
 def pip_requirements(modality) -> list[str]:
@@ -137,10 +176,10 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     # An earlier registration killed half-way is finished or undone before this one.
     for line in registry.repair(client, params.model_name):
         print(f"register: repaired: {line}")
-    samples, truth = load_test_samples(raw_dir, prepared_dir)
+    samples = load_test_samples(raw_dir, prepared_dir)
     with mlflow.start_run(run_id=run_id):
-        info = log_candidate(model_dir, samples)
-    candidate_correct = score(mlflow.pyfunc.load_model(info.model_uri), samples, truth)
+        info = log_candidate(model_dir, samples.head(2))
+    candidate_correct = score(mlflow.pyfunc.load_model(info.model_uri), samples)
 
     champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
     champion_correct, incompatible = None, None
@@ -151,7 +190,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
         if sorted(champ_classes) != sorted(candidate_classes):
             incompatible = f"champion v{champion.version} knows classes {champ_classes}, this data has {candidate_classes}"
         else:
-            champion_correct = score(champ_model, samples, truth)
+            champion_correct = score(champ_model, samples)
 
     try:
         client.get_registered_model(params.model_name)

@@ -194,21 +194,31 @@ def inspect(data: bytes) -> dict[str, Any]:
 leak_key = "norm_sha256"  # texts equal up to case and whitespace: one sample
 
 
-def token_counts(raw_dir: Path, members: list[str], tokenizer) -> list[int | None]:
+def token_counts(raw_dir: Path, members: list[str], tokenizer, chunk: int = 1024) -> list[int | None]:
     """Tokens per text (special tokens included), in ``members`` order; None where the
-    text does not decode (another check names it)."""
-    import tarfile
+    text does not decode (another check names it). The snapshot is read and tokenized
+    ``chunk`` texts at a time: only the counts stay in memory."""
+    from stages.ingest import SNAPSHOT, iter_snapshot
 
-    wanted = set(members)
-    texts: dict[str, str | None] = {}
-    with tarfile.open(raw_dir / "samples.tar") as tar:
-        for m in tar:
-            if m.name in wanted:
-                texts[m.name] = decode(tar.extractfile(m).read())[0]  # type: ignore[union-attr]
-    order = [texts.get(m) for m in members]
-    ok = [t for t in order if t is not None]
-    counts = iter(len(e.ids) for e in tokenizer.encode_batch(ok)) if ok else iter(())
-    return [next(counts) if t is not None else None for t in order]
+    counts: dict[str, int | None] = {}
+    pending: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        if pending:
+            for (name, _), enc in zip(pending, tokenizer.encode_batch([t for _, t in pending]), strict=True):
+                counts[name] = len(enc.ids)
+            pending.clear()
+
+    for name, data in iter_snapshot(raw_dir / SNAPSHOT, set(members)):
+        text = decode(data)[0]
+        if text is None:
+            counts[name] = None
+            continue
+        pending.append((name, text))
+        if len(pending) >= chunk:
+            flush()
+    flush()
+    return [counts.get(m) for m in members]
 
 
 def expectations(df, params, context) -> list[tuple[str, Any]]:
@@ -595,7 +605,8 @@ def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: l
              f"(tokenized, at most {meta['input']['max_length']} tokens).", "",
              "| sample | true | predicted | confidence | text |", "|---|---|---|---|---|"]  # fmt: skip
     for i in worst:
-        row = x[i][x[i] >= 0].tolist()
+        row = x[i]
+        row = row[row >= 0].tolist()
         text = tok.decode(row, skip_special_tokens=True)
         lines.append(f"| {ids[i]} | {_cell(classes[y[i]])} | {_cell(classes[pred[i]])} | {probs[i, pred[i]]:.3f} | {_cell(text)} |")
     if not len(worst):

@@ -51,8 +51,8 @@ def tiny_run(work: Path, seed: int = 0, mode: str | None = None) -> float:
     ft = replace(load_section(FineTuneParams, "fine_tune", params), epochs=5, batch_size=32, seed=seed)
     if mode == "feature_extraction":  # only the head trains: a higher rate, as for any linear probe
         ft = replace(ft, mode=mode, lr=0.01)
-    train(model, cfg, Split(*load_split(prepared, "train", mmap=False)), Split(*load_split(prepared, "val", mmap=False)), ft)
-    x, y = load_split(prepared, "test", mmap=False)
+    train(model, cfg, Split(*load_split(prepared, "train")), Split(*load_split(prepared, "val")), ft)
+    x, y = load_split(prepared, "test")
     return float((modeling.predict_proba(model, x, cfg).argmax(1) == y).mean())
 
 

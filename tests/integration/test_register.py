@@ -91,8 +91,8 @@ def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):
     assert first.promote
     decision, version = register(model_dir, raw, prepared, params, run_id, {}, {})
 
-    samples, truth = load_test_samples(raw, prepared)
-    encoded = list(samples["image"])
+    samples = load_test_samples(raw, prepared)
+    encoded, truth = list(samples.frame()["image"]), samples.truth
 
     def accuracy(model, cfg):
         x = np.stack([images.load_rgb_array(b, cfg.input["image_size"], cfg.input["interpolation"], cfg.input["resize"]) for b in encoded])

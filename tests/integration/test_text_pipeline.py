@@ -88,7 +88,7 @@ def test_text_run_trains_tracks_and_registers(text_run):
     pyfunc = mlflow.pyfunc.load_model("models:/graft-classifier@champion")
     from stages.register import load_test_samples
 
-    samples, truth = load_test_samples(project / "data/raw", project / "data/prepared")
+    samples = load_test_samples(project / "data/raw", project / "data/prepared").frame()
     assert list(samples.columns) == ["text"] and isinstance(samples["text"][0], str)
     served = pyfunc.predict(samples)
     ours = list(csv.DictReader((project / "reports/evaluate/predictions.csv").open()))

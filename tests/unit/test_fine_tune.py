@@ -101,16 +101,20 @@ def test_discriminative_learning_rates():
     assert lrs[f"group{head}"] == 1.0 and lrs[f"group{head - 1}"] == 0.5 and lrs["group0"] == 0.5**head
 
 
-def test_feature_extraction_changes_only_the_head_and_cache_matches_model(data):
+def test_feature_extraction_changes_only_the_head_and_cache_matches_model(data, tmp_path):
     train_split, val_split = data
     model, cfg = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p = replace(BASE, mode="feature_extraction", epochs=2, channels_last=False)
-    train(model, cfg, train_split, val_split, p)
+    (tmp_path / "ck" / ".graft-features-stale").mkdir(parents=True)  # as a killed run leaves it
+    train(model, cfg, train_split, val_split, p, checkpoint=tmp_path / "ck" / "fine_tune.pt")
+    # The cache lived beside the checkpoint and went with the training, a stale one too.
+    assert sorted(p_.name for p_ in (tmp_path / "ck").iterdir()) == ["fine_tune.pt"]
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"classifier.weight", "classifier.bias"}  # BN statistics untouched too
-    feats = _features(model, val_split.x, cfg, torch.device("cpu"), p, "test")
+    feats = _features(model, val_split.x, cfg, torch.device("cpu"), p, "test", tmp_path / "val.npy")
+    assert np.load(tmp_path / "val.npy").shape == (len(val_split.y), feats.shape[1])  # on disk, one row a sample
     via_cache = _evaluate(model, val_split, cfg, torch.device("cpu"), p, feats)
     via_model = _evaluate(model, val_split, cfg, torch.device("cpu"), p)
     assert via_cache[2] == via_model[2]  # accuracy

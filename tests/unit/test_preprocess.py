@@ -59,7 +59,8 @@ def test_arrays_written(tmp_path):
     assert sum(metrics["samples"].values()) == 16
     x, y = load_split(out, "train")
     assert x.dtype == np.uint8 and x.shape[1:] == (12, 12, 3) and len(x) == len(y)
-    assert x.std() > 0  # real pixels, not zeros
+    assert x[:].std() > 0  # real pixels, not zeros
+    assert np.array_equal(x[:], np.load(out / "train_x.npy"))  # a plain .npy: numpy reads it too
     assert metrics["per_class"]["test"] == {"a": 2, "b": 2}
 
 
