@@ -18,7 +18,7 @@ import numpy as np
 
 from stages import fsio, modeling
 from stages.common import GraftError, stage_main
-from stages.config import DEFAULT_PARAMS
+from stages.config import DEFAULT_PARAMS, load_section
 
 ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al., 2017)
 
@@ -153,10 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     from stages import tracking
     from stages.preprocess import load_split
 
+    from stages.fine_tune import FineTuneParams
+
+    # Validation's batch size: the peak memory of a prediction is one batch's activations.
+    batch_size = load_section(FineTuneParams, "fine_tune", args.params).eval_batch_size
     model, cfg = modeling.load(args.model, modeling.resolve_device())
     x, y = load_split(args.prepared, "test")
     ids = np.load(args.prepared / "test_ids.npy")
-    probs = modeling.predict_proba(model, x, cfg, desc="evaluate")
+    probs = modeling.predict_proba(model, x, cfg, batch_size=batch_size, desc="evaluate")
     broken = int((~np.isfinite(probs)).any(1).sum())
     if broken:
         raise GraftError(

@@ -58,7 +58,7 @@ class FineTuneParams:
     crop_padding: int = 0  # images: augmentation by a random crop after padding by this many pixels
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     channels_last: bool = True  # 1.5 to 2.7 times faster on CPU (stack-notes.md)
-    eval_batch_size: int = 256  # validation predictions
+    eval_batch_size: int = 256  # predictions per batch: validation here, the test split in evaluate
 
     def validate(self) -> None:
         checks = {
@@ -66,7 +66,7 @@ class FineTuneParams:
             "patience": self.patience >= 1, "frozen_groups": self.frozen_groups >= 0,
             "head_epochs": 0 <= self.head_epochs, "lr_decay": 0 < self.lr_decay <= 1,
             "warmup_epochs": self.warmup_epochs >= 0, "crop_padding": self.crop_padding >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "label_smoothing": 0 <= self.label_smoothing < 1, "eval_batch_size": self.eval_batch_size >= 1,
         }  # fmt: skip
         for key, ok in checks.items():
             if not ok:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages import modeling
+from stages.arrays import NpyReader
 from stages.backbone import LoadPretrainedParams, build
 from stages.common import GraftError
 from stages.fine_tune import (
@@ -163,13 +164,17 @@ def test_resume_after_crash_gives_the_same_weights(tmp_path, data):
         if record["epoch"] == 1:
             raise Crash
 
+    # The interrupted and resumed runs read their batches from disk, as the stage does
+    # (stages/arrays.py); the uninterrupted one from memory: the same weights all the same.
+    np.save(tmp_path / "train_x.npy", train_split.x)
+    on_disk = Split(NpyReader(tmp_path / "train_x.npy"), train_split.y)
     model, cfg = make_model()
     with pytest.raises(Crash):
-        train(model, cfg, train_split, val_split, p, ck, run_key="k", on_epoch=crash_after_first)
+        train(model, cfg, on_disk, val_split, p, ck, run_key="k", on_epoch=crash_after_first)
     assert ck.is_file()
 
     fresh, cfg = make_model()  # a new process would start from the pretrained weights again
-    r = train(fresh, cfg, train_split, val_split, p, ck, run_key="k")
+    r = train(fresh, cfg, on_disk, val_split, p, ck, run_key="k")
     assert r.resumed_from == 1 and len(r.history) == 3
     resumed = fresh.state_dict()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

@@ -1,0 +1,54 @@
+"""Peak memory does not grow with the data: the real stages, run by their dvc.yaml
+commands at two sizes (4x apart), each stage's peak resident memory read from the kernel.
+
+The images are large (128 px: 48 KB each) and few, so the data dominates what a stage
+would hold if it loaded a split, while the models stay quick (feature extraction). The
+test fails if a stage's peak grows by more than a quarter of the growth of the data it
+reads or writes: loading that data into memory, as graft did before, grows it by all
+of it (checked by hand against the old loader: fine_tune grew 1.1x its data)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.memory import make_project, run_stages
+from tests.conftest import requires_fashion_mnist
+
+SIZE = 128
+PER_CLASS = 40  # train and test images per class at the small size; 4x at the large one
+# stage -> the prepared arrays it reads or writes
+DATA = {"preprocess": ("train", "val", "test"), "fine_tune": ("train", "val"), "evaluate": ("test",)}
+
+
+def split_mb(project, splits) -> float:
+    return sum((project / "data" / "prepared" / f"{s}_x.npy").stat().st_size for s in splits) / 2**20
+
+
+@pytest.fixture(scope="module")
+def two_sizes(tmp_path_factory):
+    out = {}
+    for label, per_class in (("N", PER_CLASS), ("4N", 4 * PER_CLASS)):
+        project = make_project(tmp_path_factory.mktemp(label) / "project", per_class, per_class,
+                               preprocess={"image_size": SIZE},
+                               # Small batches: a prediction's peak is one batch's activations,
+                               # and several batches at both sizes let the allocator settle.
+                               fine_tune={"mode": "feature_extraction", "epochs": 2, "batch_size": 32,
+                                          "eval_batch_size": 32},
+                               register={"min_accuracy": 0.0})  # fmt: skip
+        out[label] = (project, run_stages(project, ("ingest", "validate", "preprocess", "load_pretrained", "fine_tune", "evaluate")))
+    return out
+
+
+@requires_fashion_mnist
+@pytest.mark.parametrize("stage", sorted(DATA))
+def test_a_stages_peak_memory_does_not_grow_with_the_data(two_sizes, stage):
+    (small, at_n), (large, at_4n) = two_sizes["N"], two_sizes["4N"]
+    data_growth = split_mb(large, DATA[stage]) - split_mb(small, DATA[stage])
+    assert data_growth > 40  # the sizes really differ: 4x the images, tens of MB more to hold
+    # Anonymous memory (benchmarks.memory.AnonSampler): the kernel's ru_maxrss also counts
+    # shared library pages, which vary by tens of MB between identical runs.
+    growth = at_4n[stage]["peak_anon_mb"] - at_n[stage]["peak_anon_mb"]
+    assert growth < 0.25 * data_growth, (
+        f"{stage}: peak anonymous memory {at_n[stage]['peak_anon_mb']:.0f} MB at N, {at_4n[stage]['peak_anon_mb']:.0f} MB "
+        f"at 4N: it grew {growth:.0f} MB while its data grew {data_growth:.0f} MB"
+    )
