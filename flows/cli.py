@@ -435,25 +435,34 @@ def predict(
         inputs = kind.read_inputs(path, text_column)
     except GraftError as e:
         _fail(f"{e} ({uri} is a{'n' if kind.NAME[0] in 'aeiou' else ''} {kind.NAME} model)")
-    rows = []
-    for s in progress(range(0, len(inputs), batch_size), desc="predict", unit="batch"):
-        chunk = [(sample_name, *load()) for sample_name, load in inputs[s : s + batch_size]]
-        good = [value for _, value, error in chunk if not error]
-        preds = (pyfunc.predict(pd.DataFrame({kind.INPUT_COLUMN: good})) if good
-                 else pd.DataFrame(columns=["class", "probability"]))  # fmt: skip
-        it = iter(preds[["class", "probability"]].itertuples(index=False))
-        for sample_name, _, error in chunk:
-            if error:
-                rows.append({"path": sample_name, "class": "", "probability": float("nan"), "error": error})
-            else:
-                c, p = next(it)
-                rows.append({"path": sample_name, "class": c, "probability": float(p), "error": ""})
-    table = pd.DataFrame(rows)
-    fsio.write_text(out, table.to_csv(index=False, float_format="%.6f"))
-    bad = int((table["error"] != "").sum())
-    typer.echo(f"{len(table)} {kind.SAMPLES[:-1]}(s): {len(table) - bad} classified with {uri}"
+    # Written a batch at a time (a CSV of any length, never a table in memory), into a
+    # temporary file renamed at the end: a killed predict leaves no half-written CSV.
+    import csv
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    total = bad = 0
+    with fsio.atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", "class", "probability", "error"])
+        for s in progress(range(0, len(inputs), batch_size), desc="predict", unit="batch"):
+            chunk = [(sample_name, *load()) for sample_name, load in inputs[s : s + batch_size]]
+            good = [value for _, value, error in chunk if not error]
+            preds = (pyfunc.predict(pd.DataFrame({kind.INPUT_COLUMN: good})) if good
+                     else pd.DataFrame(columns=["class", "probability"]))  # fmt: skip
+            it = iter(preds[["class", "probability"]].itertuples(index=False))
+            for sample_name, _, error in chunk:
+                total += 1
+                if error:
+                    bad += 1
+                    writer.writerow([sample_name, "", "", error])
+                else:
+                    c, p = next(it)
+                    counts[c] += 1
+                    writer.writerow([sample_name, c, f"{float(p):.6f}", ""])
+    typer.echo(f"{total} {kind.SAMPLES[:-1]}(s): {total - bad} classified with {uri}"
                + (f", {bad} could not be decoded (rows with an error)" if bad else "") + f" -> {out}")  # fmt: skip
-    for cls, n in table[table["error"] == ""]["class"].value_counts().head(10).items():
+    for cls, n in counts.most_common(10):
         typer.echo(f"  {cls}: {n}")
 
 

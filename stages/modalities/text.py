@@ -14,6 +14,7 @@ import io
 import json
 import lzma
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,35 +85,76 @@ def url_wanted(params, entries: dict[str, dict]) -> dict[str, dict]:
 
 
 def _rows(path: Path):
-    """(line number, row as a dict) of a table file. Bytes that are not UTF-8 are kept
-    (surrogate escapes), so the row's text fails validate by name instead of the whole
-    file failing here."""
+    """(line number, row as a dict) of a table file, streamed: one row in memory at a
+    time. Bytes that are not UTF-8 are kept (surrogate escapes), so the row's text fails
+    validate by name instead of the whole file failing here."""
     fmt, opener = _table_format(path)
-    with opener(path, "rb") as f:
-        data = f.read()
-    text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    if fmt in (".jsonl", ".ndjson"):
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, {"__error__": f"not valid JSON: {e.msg} (column {e.colno})"}
-                continue
-            yield n, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
-        return
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=TABLE_FORMATS[fmt])
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise GraftError(f"{path}: the file is empty; expected a header row and one row per text") from None
-    start = reader.line_num + 1
-    for row in reader:
-        if row:
-            yield start, dict(zip(header, row, strict=False)) | ({"__error__": "more fields than the header has"}
-                                                                 if len(row) > len(header) else {})  # fmt: skip
+    with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        if fmt in (".jsonl", ".ndjson"):
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, {"__error__": f"not valid JSON: {e.msg} (column {e.colno})"}
+                    continue
+                yield n, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
+            return
+        reader = csv.reader(f, delimiter=TABLE_FORMATS[fmt])
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise GraftError(f"{path}: the file is empty; expected a header row and one row per text") from None
         start = reader.line_num + 1
+        for row in reader:
+            if row:
+                yield start, dict(zip(header, row, strict=False)) | ({"__error__": "more fields than the header has"}
+                                                                     if len(row) > len(header) else {})  # fmt: skip
+            start = reader.line_num + 1
+
+
+def _row_bytes(row: dict, text_column: str) -> bytes:
+    """A row's sample as the snapshot stores it: the text's bytes, or, for a row that did
+    not parse, a NUL and the reason (``decode`` names it)."""
+    if row.get("__error__"):
+        return b"\x00" + row["__error__"].encode()
+    value = row.get(text_column)
+    return ("" if value is None else str(value)).encode("utf-8", errors="surrogateescape")
+
+
+def _table_samples(path: Path, text_column: str) -> Iterator[tuple[int, bytes]]:
+    return ((n, _row_bytes(row, text_column)) for n, row in _rows(path))
+
+
+def _line_samples(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a text file's non-blank lines, streamed (any newline
+    convention; bytes that are not UTF-8 are kept as they are)."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline=None) as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                yield n, line.rstrip("\n").encode("utf-8", errors="surrogateescape")
+
+
+class _Cursor:
+    """Reads a file's samples again on demand (``samples()`` streams (line, bytes)).
+    Ingest and ``graft predict`` ask for them in file order, so one pass serves them all
+    while holding one row; an earlier line restarts the pass. The first pass (labels,
+    names) keeps no text."""
+
+    def __init__(self, path: Path, samples: Callable[[], Iterator[tuple[int, bytes]]]):
+        self.path, self.samples = path, samples
+        self._stream: Iterator[tuple[int, bytes]] | None = None
+        self._at = 0  # line number of the last sample read
+
+    def read(self, line: int) -> bytes:
+        if self._stream is None or line <= self._at:
+            self._stream, self._at = self.samples(), 0
+        for n, data in self._stream:
+            self._at = n
+            if n == line:
+                return data
+        raise GraftError(f"{self.path}: line {line} is gone; the file changed while graft read it. Run again.")
 
 
 def _columns(path: Path) -> list[str]:
@@ -133,19 +175,14 @@ def read_table(path: Path, text_column: str, label_column: str) -> Source:
             f"(`graft run --set ingest.label_column={columns[-1] if columns else 'label'}`)."
         )
     candidates, classes = [], set()
+    cursor = _Cursor(path, lambda: _table_samples(path, text_column))
     for line, row in _rows(path):
         label = row.get(label_column)
         label = None if label is None or (isinstance(label, float) and label != label) else str(label).strip()
         label = label or None  # an empty cell is no label
         if label is not None:
             classes.add(label)
-        value = row.get(text_column)
-        raw = "" if value is None else str(value)
-        error = row.get("__error__")
-        data = raw.encode("utf-8", errors="surrogateescape")
-        if error:  # a row that did not parse: its error travels as the sample's content's error
-            data = b"\x00" + error.encode()
-        candidates.append(Candidate("train", label, f"{path.name}:{line}", ".txt", lambda d=data: d))
+        candidates.append(Candidate("train", label, f"{path.name}:{line}", ".txt", lambda n=line: cursor.read(n)))
     if not candidates:
         raise GraftError(f"{path}: no rows. Expected a header row and one row per text.")
     return Source(candidates, tuple(sorted(classes)), [])
@@ -629,8 +666,8 @@ def read_inputs(path: Path, text_column: str | None = None) -> list[tuple[str, A
     if not path.is_file():
         raise GraftError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".txt":
-        lines = path.read_bytes().splitlines()
-        return [(f"{path}:{n}", lambda b=b: _checked(b)) for n, b in enumerate(lines, start=1) if b.strip()]
+        lines = _Cursor(path, lambda: _line_samples(path))
+        return [(f"{path}:{n}", lambda n=n: _checked(lines.read(n))) for n, _ in _line_samples(path)]
     try:
         _table_format(path)
     except GraftError:
@@ -640,13 +677,8 @@ def read_inputs(path: Path, text_column: str | None = None) -> list[tuple[str, A
     if column not in columns:
         raise GraftError(f"{path}: no column '{column}' (the file has: {', '.join(columns) or 'none'}); "
                          "name it with --text-column")  # fmt: skip
-    out = []
-    for line, row in _rows(path):
-        raw = row.get(column)
-        data = b"\x00" + row["__error__"].encode() if row.get("__error__") else ("" if raw is None else str(raw)).encode(
-            "utf-8", errors="surrogateescape")  # fmt: skip
-        out.append((f"{path}:{line}", lambda d=data: _checked(d)))
-    return out
+    rows = _Cursor(path, lambda: _table_samples(path, column))
+    return [(f"{path}:{n}", lambda n=n: _checked(rows.read(n))) for n, _ in _rows(path)]
 
 
 def _checked(data: bytes) -> tuple[str, str]:

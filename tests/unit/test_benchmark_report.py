@@ -115,3 +115,25 @@ def test_the_text_table_computes_gains_from_the_figures(text_results):
     t = copy.deepcopy(text_results)
     t["tfidf"]["test_accuracy"], t["fine_tuned"]["test_accuracy"] = 0.70, 0.80
     assert "| +10.0 points |" in report.render_text(t)
+
+
+def test_memory_ratios_are_their_measured_peaks(results):
+    m = results["memory"]
+    small, large = m["sizes"]["N"], m["sizes"]["4N"]
+    assert large["images"] >= 3.5 * small["images"]  # 4N: Fashion-MNIST's test split caps it a little under
+    extra = large["images"] - small["images"]
+    for stage, ratio in m["ratios"].items():
+        a, b = small["stages"][stage], large["stages"][stage]
+        assert ratio == pytest.approx(b["peak_rss_mb"] / a["peak_rss_mb"]), stage
+        assert m["kb_per_extra_sample"][stage] == pytest.approx((b["peak_anon_mb"] - a["peak_anon_mb"]) * 1024 / extra)
+    lim = m["limited"]
+    if "skipped" not in lim:
+        assert lim["limit_over_data"] == pytest.approx(lim["limit_mb"] / lim["prepared_mb"])
+
+
+def test_the_memory_table_is_the_rendering_of_the_results_file(results):
+    report = load("report")
+    block = report.current_block((ROOT / "README.md").read_text(), report.MEMORY_BEGIN, report.MEMORY_END)
+    assert block == report.render_memory(results), (
+        "README.md's memory table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
+    )

@@ -104,20 +104,20 @@ def test_exponent_without_dot_is_a_number():
 
 
 def test_every_field_of_a_stage_can_be_set_even_when_the_file_omits_it(tmp_path):
-    """`fine_tune.eval_batch_size` is a field with a default, absent from params.yaml:
-    the stage accepts it, so --set must too (one source of truth: the stage's type)."""
-    import shutil
-
+    """A field with a default (`fine_tune.eval_batch_size`) left out of a user's
+    params.yaml: the stage accepts it, so --set must too (one source of truth: the
+    stage's type)."""
     from stages.config import apply_overrides, write_overrides
     from tests.conftest import ROOT
 
-    params = read_params(ROOT / "params.yaml")
+    path = tmp_path / "params.yaml"
+    lines = (ROOT / "params.yaml").read_text().splitlines(keepends=True)
+    path.write_text("".join(line for line in lines if not line.strip().startswith("eval_batch_size:")))
+    params = read_params(path)
     assert "eval_batch_size" not in params["fine_tune"]
     assert apply_overrides(params, ["fine_tune.eval_batch_size=128"])["fine_tune"]["eval_batch_size"] == 128
     with pytest.raises(ParamsError, match="unknown key 'fine_tune.eval_batchsize'.*eval_batch_size"):
         apply_overrides(params, ["fine_tune.eval_batchsize=128"])
-    path = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", path)
     write_overrides(path, ["fine_tune.lr=1e6", "fine_tune.eval_batch_size=128"])
     written = read_params(path)["fine_tune"]
     assert written["lr"] == 1e6 and isinstance(written["lr"], float)  # a number, not the string '1e6'

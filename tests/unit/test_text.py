@@ -2,6 +2,7 @@
 gate's text checks (each failure names the file and row), tokenization shared by
 training and serving, the encoder's layer groups and its sources."""
 
+import gzip
 import json
 
 import numpy as np
@@ -213,3 +214,28 @@ def test_predict_inputs_lines_tables_and_folders(tmp_path):
     (folder / "a" / "x.txt").write_text("one whole file")
     (folder / "a" / "y.bin").write_bytes(b"\x00")
     assert [(n, load()) for n, load in text.read_inputs(folder)] == [(str(folder / "a" / "x.txt"), ("one whole file", ""))]
+
+
+def test_a_table_is_streamed_and_each_text_read_again_when_written(tmp_path):
+    """Ingest keeps no text from its first pass over a table (labels only): each chosen
+    row is read again from the file, in file order, when the snapshot is written."""
+    path = tmp_path / "reviews.csv.gz"
+    rows = ["\ufefftext,label"] + [f'"{t}",{c}' for t, c in REVIEWS] + ['"Two\nlines",fresh']
+    path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode() + b'"caf\xe9",rotten\n'))
+    source = text.read_table(path, "text", "label")
+    assert [c.path for c in source.candidates][-3:] == ["reviews.csv.gz:9", "reviews.csv.gz:10", "reviews.csv.gz:12"]
+    got = [c.read() for c in source.candidates]
+    assert got[:8] == [t.encode() for t, _ in REVIEWS] and got[8] == b"Two\nlines" and got[9] == b"caf\xe9"
+    assert source.candidates[1].read() == REVIEWS[1][0].encode()  # an earlier row: the pass starts again
+    path.write_bytes(gzip.compress(b"text,label\n"))  # the file changes under it: named, not served stale
+    with pytest.raises(GraftError, match="reviews.csv.gz: line 2 is gone"):
+        source.candidates[0].read()
+
+
+def test_predict_reads_text_files_line_by_line(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_bytes(b"first text\r\n\r\nsecond\rthird \xff\n")
+    inputs = text.read_inputs(path)
+    assert [n for n, _ in inputs] == [f"{path}:1", f"{path}:3", f"{path}:4"]
+    assert [load() for _, load in inputs][:2] == [("first text", ""), ("second", "")]
+    assert inputs[2][1]()[1].startswith("invalid UTF-8")
