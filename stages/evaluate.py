@@ -151,9 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
 
     from stages import tracking
-    from stages.preprocess import load_split
-
     from stages.fine_tune import FineTuneParams
+    from stages.preprocess import load_split
 
     # Validation's batch size: the peak memory of a prediction is one batch's activations.
     batch_size = load_section(FineTuneParams, "fine_tune", args.params).eval_batch_size

@@ -44,6 +44,8 @@ class TestSamples:
     texts), read from the snapshot a batch at a time: scoring a model holds one batch.
     Positions are those of the prepared test split (evaluate's order)."""
 
+    __test__ = False  # a data class, not a pytest test class, whatever its name
+
     def __init__(self, raw_dir: Path, prepared_dir: Path):
         from stages.ingest import SNAPSHOT, read_manifest, read_modality
 
