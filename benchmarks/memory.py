@@ -188,7 +188,7 @@ def scaling(n: int, work: Path) -> dict:
         project = make_project(work / label, tr, te)
         t0 = time.perf_counter()
         stages = run_stages(project)
-        samples = fsio_samples(project)
+        samples = prepared_samples(project)
         sizes[label] = {"images": samples, "prepared_mb": prepared_bytes(project) / 2**20, "stages": stages,
                         "seconds": time.perf_counter() - t0}  # fmt: skip
         print(f"   {label}: {samples} images, prepared {sizes[label]['prepared_mb']:.0f} MB; peak RSS / anonymous MB: "
@@ -227,7 +227,7 @@ def limited(n: int, work: Path, limit_mb: int) -> dict:
     if r["returncode"] != 0:
         raise RuntimeError(f"fine_tune under {limit_mb} MB failed ({r['returncode']}):\n" + Path(r["log"]).read_text()[-3000:])
     second = fine_tune_outcome(project)
-    out = {"limit_mb": limit_mb, "prepared_mb": data_mb, "limit_over_data": limit_mb / data_mb, "images": fsio_samples(project),
+    out = {"limit_mb": limit_mb, "prepared_mb": data_mb, "limit_over_data": limit_mb / data_mb, "images": prepared_samples(project),
            "image_size": SIZE_LIMITED, "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"], "seconds": r["seconds"],
            "unlimited_peak_rss_mb": unlimited["peak_rss_mb"], "unlimited_seconds": unlimited["seconds"],
            "group_peak_mb": group_peak_mb,
@@ -239,7 +239,7 @@ def limited(n: int, work: Path, limit_mb: int) -> dict:
     return out
 
 
-def fsio_samples(project: Path) -> int:
+def prepared_samples(project: Path) -> int:
     return sum(len(np.load(project / "data" / "prepared" / f"{s}_y.npy")) for s in ("train", "val", "test"))
 
 
