@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("scaling", "limited", "disk")
-MEASURED = ("ingest", "validate", "preprocess", "load_pretrained", "fine_tune", "evaluate")
+MEASURED = ("ingest", "validate", "preprocess", "load_pretrained", "teach", "fine_tune", "evaluate")
 SIZE_LIMITED = 256  # px: the images of the run under a memory limit
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")

@@ -198,6 +198,9 @@ def status(project: Path = PROJECT) -> None:
         acc = f"{float(t['test_accuracy']):.4f}" if "test_accuracy" in t else "?"
         typer.echo(f"  {label:<10} v{mv.version}  test accuracy {acc}  data {t.get('data_version', '?')[:12]}  "
                    f"commit {t.get('git_commit', '?')[:10]}  run {t.get('mlflow_run_id', '?')[:12]}")  # fmt: skip
+        if t.get("graft.teacher"):  # a student: its teachers, this model's own versions as "vN"
+            teachers = t["graft.teacher"].replace(f"{name} v", "v")
+            typer.echo(f"             distilled from {teachers} (weights sha256 {t.get('graft.teacher_weights_sha256', '?')[:12]})")
         if t.get("graft.reproduced"):
             r = json.loads(t["graft.reproduced"])
             typer.echo(f"             reproduced {r['date']}: {r['verdict']}" + (f" (run {r['run_id'][:12]})" if r.get("run_id") else "")
@@ -239,7 +242,7 @@ def promote(
 
     from stages import registry
     from stages.config import load_section
-    from stages.register import RegisterParams, load_test_samples, score
+    from stages.register import RegisterParams, load_test_samples, score, serving_costs
 
     client, name = _registry(project)
     _require_champion_permission(client, name)
@@ -261,9 +264,12 @@ def promote(
         params = load_section(RegisterParams, "register", root / "params.yaml")
         samples = load_test_samples(raw, prepared)
         typer.echo(f"Scoring v{version}" + (f" and champion v{champion.version}" if champion else "") + f" on {len(samples)} test samples...")
-        cand = score(mlflow.pyfunc.load_model(f"models:/{name}/{version}"), samples)
-        champ = score(mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}"), samples) if champion else None
-        decision = registry.decide(cand, champ, str(champion.version) if champion else None, params.gate)
+        cand_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        champ_model = mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}") if champion else None
+        cand = score(cand_model, samples)
+        champ = score(champ_model, samples) if champ_model else None
+        serving = serving_costs(cand_model, champ_model, samples) if params.max_latency_ms is not None else (None, None)
+        decision = registry.decide(cand, champ, str(champion.version) if champion else None, params.gate, serving=serving)
         typer.echo(f"  {decision.reason}")
         if not decision.promote:
             _fail(f"v{version} did not pass the gate; not promoted (use --force to override)")

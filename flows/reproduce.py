@@ -33,7 +33,10 @@ import yaml
 from stages.common import STATUS_ENV, GraftError
 
 RERUN_STAGES = ("preprocess", "load_pretrained", "fine_tune", "evaluate")
-RESTORED_STAGES = ("ingest", "validate")  # the data snapshot and the gate's report, by hash
+# Restored by hash, not rerun: the data snapshot, the gate's report, and a teacher's soft
+# labels (the teacher itself may be long gone from the registry). Versions from before a
+# stage existed simply have none of it.
+RESTORED_STAGES = ("ingest", "validate", "teach")
 REPRODUCED_TAG = "graft.reproduced"
 # A rerun on other hardware (another CPU's kernels, a GPU) may differ in the last bits;
 # figures this close still count as reproduced. The CPU default is bit-identical.
@@ -182,12 +185,13 @@ def restore_inputs(worktree: Path, lineage: Lineage, echo: Callable[[str], None]
     """Check the data snapshot out of the local cache, else the DVC remote, then verify
     every file against the recorded hashes; return the outputs restored."""
     env = _env(worktree)
-    outs = [o for s in RESTORED_STAGES for o in lineage.lock["stages"].get(s, {}).get("outs", [])]
-    checkout = subprocess.run([sys.executable, "-m", "dvc", "checkout", *RESTORED_STAGES], cwd=worktree, env=env,
+    stages = [s for s in RESTORED_STAGES if s in lineage.lock["stages"]]
+    outs = [o for s in stages for o in lineage.lock["stages"][s].get("outs", [])]
+    checkout = subprocess.run([sys.executable, "-m", "dvc", "checkout", *stages], cwd=worktree, env=env,
                               capture_output=True, text=True)  # fmt: skip
     if checkout.returncode != 0:
         echo("  not all in the local cache: pulling from the DVC remote")
-        pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", *RESTORED_STAGES], cwd=worktree, env=env,
+        pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", *stages], cwd=worktree, env=env,
                                 capture_output=True, text=True)  # fmt: skip
         if pulled.returncode != 0:
             missing = ", ".join(f"{o['path']} (md5 {o.get('md5', '?')})" for o in outs)

@@ -180,6 +180,7 @@ SECTION_TYPES = {
     "preprocess": "stages.preprocess:PreprocessParams",
     "load_pretrained": "stages.backbone:LoadPretrainedParams",
     "fine_tune": "stages.fine_tune:FineTuneParams",
+    "distill": "stages.teach:DistillParams",
     "register": "stages.register:RegisterParams",
 }
 

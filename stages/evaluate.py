@@ -136,12 +136,26 @@ def worst_mistakes(y: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
 # --- the thin main -------------------------------------------------------------------------
 
 
+def measure_serving(model_dir: Path, raw_dir: Path, prepared_dir: Path) -> dict[str, float]:
+    """The model's serving cost as the registered pyfunc pays it (from raw test samples),
+    and its size: what register's latency limit and a teacher-student comparison read."""
+    from stages import serving
+    from stages.samples import RawSamples
+
+    model = serving.GraftClassifier()
+    model.load_context(type("Ctx", (), {"artifacts": {serving.MODEL_ARTIFACT: str(model_dir)}})())
+    samples = RawSamples(raw_dir, prepared_dir, "test").head(serving.THROUGHPUT_BATCH)
+    return {**serving.serving_cost(lambda frame: model.predict(None, frame), samples),
+            **serving.model_size(model_dir, model.model)}
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m stages.evaluate",
         description="Evaluate the fine-tuned model on the test split; write metrics and plots; log to MLflow.",
     )
+    parser.add_argument("--raw", required=True, type=Path, help="ingest output directory (raw test samples, for serving cost)")
     parser.add_argument("--prepared", required=True, type=Path, help="preprocess output directory")
     parser.add_argument("--model", required=True, type=Path, help="fine-tuned model directory")
     parser.add_argument("--reports", required=True, type=Path, help="directory for metrics and plots")
@@ -189,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(mistakes, ignore_errors=True)  # DVC restores it as a whole; no stale file of another modality
     mistakes.mkdir()
     shown = cfg.kind.present_mistakes(x, y, probs, cfg.classes, args.prepared, mistakes)
+    cost = measure_serving(args.model, args.raw, args.prepared)
+    fsio.write_json(out / "serving.json", cost)
 
     tracking.configure()
     training_run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]
@@ -199,12 +215,16 @@ def main(argv: list[str] | None = None) -> None:
         tracking.log_datasets(args.prepared, {"test": "testing"})
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items() if k != "per_class_f1"})
         mlflow.log_metrics({f"test_f1_{c.replace('/', '_')}": v for c, v in headline["per_class_f1"].items()})
+        mlflow.log_metrics({f"serving_{k}": float(v) for k, v in cost.items()})
         for path in [*(out / name for name in ("metrics.json", "evaluation.json", "confusion_matrix.csv",
-                                               "confusion_matrix.png", "reliability.png", "predictions.csv")), *shown]:
+                                               "confusion_matrix.png", "reliability.png", "predictions.csv",
+                                               "serving.json")), *shown]:
             mlflow.log_artifact(str(path), "evaluation")
     print(
         f"evaluate: test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
-        f"on {m['n']} {cfg.kind.SAMPLES} -> {out}/ (MLflow run {run_id})"
+        f"on {m['n']} {cfg.kind.SAMPLES} -> {out}/ (MLflow run {run_id})\n"
+        f"evaluate: serving cost {cost['latency_ms_b1']:.1f} ms per sample at batch 1, {cost['throughput_b64']:.0f} "
+        f"samples/s at batch 64, {cost['size_mb']:.1f} MB of weights"
     )
 
 

@@ -13,6 +13,10 @@ Transfer modes:
 
 Optionally the head trains alone for ``head_epochs`` first (gradual unfreezing), and
 earlier layer groups get smaller learning rates (``lr_decay``, discriminative LRs).
+With a teacher (the ``teach`` stage, ``distill`` in params.yaml) the loss is knowledge
+distillation's: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)``,
+the teacher's logits cached for the un-augmented training samples (:func:`distillation_loss`).
+
 Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG state,
 history); a rerun with the same inputs resumes from it and ends with the same weights.
 """
@@ -77,6 +81,31 @@ class FineTuneParams:
 class Split:
     x: Any  # encoded samples, indexable like an array: an NpyReader (on disk) or an ndarray
     y: np.ndarray  # int64 (N,)
+
+
+@dataclass
+class Distillation:
+    """A teacher's logits for the training split (N, M teachers, C), in the split's order,
+    and the student's distillation hyperparameters."""
+
+    logits: Any  # an NpyReader (on disk) or an ndarray
+    temperature: float
+    alpha: float
+
+
+def distillation_loss(logits, teacher_logits, y, temperature: float, alpha: float, label_smoothing: float = 0.0):
+    """Hinton et al.'s loss: ``alpha * T^2 * KL(p_teacher || p_student)`` at temperature T,
+    plus ``(1 - alpha)`` times the labels' cross-entropy (with the run's label smoothing).
+
+    ``teacher_logits`` is (B, M, C): an ensemble's members are averaged as probabilities at
+    temperature T. The T^2 keeps the soft term's gradients at the same scale whatever T."""
+    import torch.nn.functional as F
+
+    t = temperature
+    target = (teacher_logits.float() / t).softmax(-1).mean(1)
+    soft = F.kl_div(F.log_softmax(logits.float() / t, -1), target, reduction="batchmean")
+    hard = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    return alpha * t * t * soft + (1 - alpha) * hard
 
 
 @dataclass
@@ -248,13 +277,15 @@ def train(
     run_key: str = "",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
+    distill: Distillation | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place; the pure core of the stage (no params file, no MLflow).
 
     ``checkpoint`` is rewritten atomically after every epoch; if it exists and was made
     with the same ``run_key``, training resumes from it; ``checkpoint_extra`` is stored in
     it as is (the MLflow run id, say). ``on_epoch`` receives each epoch's record (for
-    logging); if it raises, training stops after the checkpoint.
+    logging); if it raises, training stops after the checkpoint. ``distill``: train on a
+    teacher's soft labels as well as the labels (:func:`distillation_loss`).
     """
     import torch
     import torch.nn.functional as F
@@ -332,7 +363,13 @@ def train(
                 else:
                     batch = cfg.kind.augment(train_split.x[idx], rng, p)
                     logits = model(modeling.to_input(batch, cfg, device, p.channels_last))
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
+                if distill is not None:
+                    # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
+                    # leave its prediction nearly unchanged, and it costs no teacher forward.
+                    soft = torch.from_numpy(np.asarray(distill.logits[idx])).to(device)
+                    loss = distillation_loss(logits, soft, y, distill.temperature, distill.alpha, p.label_smoothing)
+                else:
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
             if not torch.isfinite(loss):
                 # One NaN poisons every weight it reaches: stop before the step, save nothing.
                 raise GraftError(
@@ -469,6 +506,29 @@ def resumed_logging(run_id: str, history: list[dict[str, Any]], parent: str | No
                                                 f"resumed from its checkpoint under {parent}")  # fmt: skip
 
 
+TEACHER_KEYS = ("reference", "model_name", "version", "run_id", "training_run_id", "model_dir", "architecture",
+                "weights_sha256")  # what a student's model.json keeps of each teacher
+
+
+def load_distillation(teacher_dir: Path, prepared: Path, params_path: Path) -> tuple[Distillation | None, list[dict[str, Any]]]:
+    """The teach stage's soft labels, checked against this training split, with the
+    distill params; (None, []) when there is no teacher."""
+    from stages import teach
+
+    info, logits_path = teach.read(teacher_dir)
+    if logits_path is None:
+        return None, []
+    p = load_section(teach.DistillParams, "distill", params_path)
+    if info.get("train_ids_sha256") != fsio.sha256_file(prepared / "train_ids.npy"):
+        raise GraftError(f"{teacher_dir}: the teacher's soft labels are for other training samples than {prepared}; "
+                         "rerun the teach stage (`dvc repro teach`)")  # fmt: skip
+    logits = NpyReader(logits_path)
+    if logits.shape[0] != info["samples"]:
+        raise GraftError(f"{logits_path}: {logits.shape[0]} rows, teacher.json says {info['samples']}; rerun teach")
+    teachers = [{k: t[k] for k in TEACHER_KEYS if k in t} for t in info["teachers"]]
+    return Distillation(logits, p.temperature, p.alpha), teachers
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -482,27 +542,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", required=True, type=Path, help="per-epoch history CSV (a DVC plot)")
     parser.add_argument("--plot", required=True, type=Path, help="learning curves PNG")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file for resuming")
+    parser.add_argument("--teacher", type=Path, help="teach output directory: distil from its soft labels, if any")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
 
     import mlflow
     import torch
 
-    from stages import tracking
+    from stages import teach, tracking
     from stages.preprocess import load_split
 
     params = load_section(FineTuneParams, "fine_tune", args.params)
     model, cfg = modeling.load(args.pretrained)
     train_split, val_split = (Split(*load_split(args.prepared, s)) for s in ("train", "val"))
+    distill, teachers = load_distillation(args.teacher, args.prepared, args.params) if args.teacher else (None, [])
     # Same params, same starting weights, same data: the checkpoint belongs to this run.
     data_hash = fsio.sha256_file(args.prepared / "train_y.npy") + fsio.sha256_file(args.prepared / "train_ids.npy")
-    run_key = fingerprint(asdict(params), fsio.sha256_file(args.pretrained / modeling.WEIGHTS), data_hash)
+    teacher_key = [fsio.sha256_file(distill.logits.path), distill.temperature, distill.alpha] if distill else None
+    run_key = fingerprint(asdict(params), fsio.sha256_file(args.pretrained / modeling.WEIGHTS), data_hash,
+                          *([teacher_key] if teacher_key else []))  # fmt: skip
     previous = torch.load(args.checkpoint, map_location="cpu", weights_only=False) if args.checkpoint.is_file() else {}
     resume_run = previous.get("mlflow_run_id") if previous.get("run_key") == run_key else None
 
     experiment_id = tracking.configure()
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
-    run_name = f"{cfg.architecture}-{params.mode}"
+    run_name = f"{cfg.architecture}-{params.mode}" + ("-distilled" if distill else "")
     # A resumed run keeps the parent it was created under.
     nest = {} if resume_run or not parent else {"nested": True, "parent_run_id": parent}
     with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name,
@@ -513,6 +577,9 @@ def main(argv: list[str] | None = None) -> None:
                              "pretrained_source": cfg.source, "graft.stage": "pipeline"})
             tracking.log_datasets(args.prepared, {"train": "training", "val": "validation"})
             tracking.log_lineage(args.params)
+            if distill:
+                mlflow.set_tags(teach.lineage_tags(teachers))
+                mlflow.log_artifact(str(args.teacher / "teacher.json"), "teacher")
         else:
             resumed_logging(run.info.run_id, previous.get("history", []), parent)
             for extra in ("reports/validation.json", "reports/preprocess.json"):
@@ -528,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # Checkpoints carry the run id, so a resumed training logs into the same run.
         result = train(model, cfg, train_split, val_split, params, args.checkpoint, run_key,
-                       on_epoch=log_epoch, checkpoint_extra={"mlflow_run_id": run.info.run_id})
+                       on_epoch=log_epoch, checkpoint_extra={"mlflow_run_id": run.info.run_id}, distill=distill)
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
@@ -539,7 +606,9 @@ def main(argv: list[str] | None = None) -> None:
             **{f"{k}_parameters": v for k, v in result.parameters.items()},
         }
         with fsio.atomic_dir(args.out) as tmp:
-            modeling.save(tmp, model, cfg, extra={"mode": params.mode, "training": summary},
+            lineage = {"distilled_from": {"teachers": teachers, "temperature": distill.temperature,
+                                          "alpha": distill.alpha}} if distill else {}  # fmt: skip
+            modeling.save(tmp, model, cfg, extra={"mode": params.mode, "training": summary, **lineage},
                           assets=args.pretrained / modeling.ASSETS)
             fsio.write_json(tmp / tracking.RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         write_history_csv(result.history, args.history)

@@ -24,6 +24,7 @@ import numpy as np
 from stages import fsio, registry
 from stages.common import GraftError, fault_point, stage_main
 from stages.config import DEFAULT_PARAMS, load_section, read_params
+from stages.samples import RawSamples
 
 
 @dataclass(frozen=True)
@@ -33,76 +34,23 @@ class RegisterParams:
     min_improvement: float  # accuracy points a candidate must gain over the champion
     require_significance: bool = False  # also require McNemar p < alpha
     alpha: float = 0.05
+    max_latency_ms: float | None = None  # a champion must predict one sample within this (batch 1); None: no limit
+
+    def validate(self) -> None:
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise GraftError(f"params.yaml: register.max_latency_ms must be > 0 or null, got {self.max_latency_ms!r}")
 
     @property
     def gate(self) -> registry.GateParams:
-        return registry.GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha)
+        return registry.GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha,
+                                   self.max_latency_ms)
 
 
-class TestSamples:
-    """The test split's raw samples as the registered model takes them (image bytes,
-    texts), read from the snapshot a batch at a time: scoring a model holds one batch.
-    Positions are those of the prepared test split (evaluate's order)."""
-
-    __test__ = False  # a data class, not a pytest test class, whatever its name
-
-    def __init__(self, raw_dir: Path, prepared_dir: Path):
-        from stages.ingest import SNAPSHOT, read_manifest, read_modality
-
-        self.modality = read_modality(raw_dir)
-        self.snapshot = raw_dir / SNAPSHOT
-        manifest, _ = read_manifest(raw_dir)
-        ids = [str(i) for i in np.load(prepared_dir / "test_ids.npy")]
-        rows = manifest.set_index("id").loc[ids]
-        self.position = dict(zip(rows["member"], range(len(ids)), strict=True))
-        self.truth: list[str] = rows["class_name"].tolist()
-
-    def __len__(self) -> int:
-        return len(self.truth)
-
-    def batches(self, size: int = 256):
-        """(positions, DataFrame of ``size`` samples), in the snapshot's order."""
-        import pandas as pd
-
-        from stages.ingest import iter_snapshot
-
-        positions: list[int] = []
-        values: list[Any] = []
-        seen = 0
-        for name, data in iter_snapshot(self.snapshot, self.position):
-            positions.append(self.position[name])
-            values.append(self.modality.from_raw(data))
-            if len(values) == size:
-                yield np.asarray(positions), pd.DataFrame({self.modality.INPUT_COLUMN: values})
-                seen += len(values)
-                positions, values = [], []
-        if values:
-            yield np.asarray(positions), pd.DataFrame({self.modality.INPUT_COLUMN: values})
-            seen += len(values)
-        if seen != len(self):
-            raise GraftError(f"{self.snapshot}: {len(self) - seen} test {self.modality.SAMPLES} are missing; rerun ingest")
-
-    def head(self, n: int = 2):
-        """The first ``n`` samples of the snapshot (an input example for the model's signature)."""
-        return next(iter(self.batches(n)))[1]
-
-    def frame(self):
-        """All samples in memory, in the prepared order: for small test splits (tests,
-        benchmarks), never for scoring."""
-        import pandas as pd
-
-        values: list[Any] = [None] * len(self)
-        for positions, frame in self.batches():
-            for pos, v in zip(positions, frame[self.modality.INPUT_COLUMN], strict=True):
-                values[pos] = v
-        return pd.DataFrame({self.modality.INPUT_COLUMN: values})
+def load_test_samples(raw_dir: Path, prepared_dir: Path) -> RawSamples:
+    return RawSamples(raw_dir, prepared_dir, "test")
 
 
-def load_test_samples(raw_dir: Path, prepared_dir: Path) -> TestSamples:
-    return TestSamples(raw_dir, prepared_dir)
-
-
-def score(pyfunc_model, samples: TestSamples, batch: int = 256) -> np.ndarray:
+def score(pyfunc_model, samples: RawSamples, batch: int = 256) -> np.ndarray:
     """Per-sample correctness of a pyfunc model on the raw test samples, in the prepared
     order (so two models' results pair up for McNemar's test)."""
     truth = np.asarray(samples.truth)
@@ -110,6 +58,16 @@ def score(pyfunc_model, samples: TestSamples, batch: int = 256) -> np.ndarray:
     for positions, frame in samples.batches(batch):
         correct[positions] = pyfunc_model.predict(frame)["class"].to_numpy() == truth[positions]
     return correct
+
+
+def serving_costs(candidate, champion, samples: RawSamples) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Both pyfuncs' serving cost, measured one after the other in this process on the
+    same test samples: a fair side-by-side, whatever machine register runs on."""
+    from stages import serving
+
+    frame = samples.head(serving.THROUGHPUT_BATCH)
+    measure = [serving.serving_cost(m.predict, frame) if m is not None else None for m in (candidate, champion)]
+    return measure[0], measure[1]
 
 
 def pip_requirements(modality) -> list[str]:
@@ -164,6 +122,9 @@ def describe(name: str, version: str, decision: registry.Decision, metrics: dict
               f"- MLflow run: {tags.get('mlflow_run_id', 'unknown')}"]  # fmt: skip
     if tags.get("training_run_id") and tags["training_run_id"] != tags.get("mlflow_run_id"):
         lines.append(f"- trained in MLflow run {tags['training_run_id']} (model restored from DVC's cache)")
+    if tags.get("graft.teacher"):
+        lines.append(f"- distilled from {tags['graft.teacher']} (training run {tags.get('graft.teacher_run_id', '?')}, "
+                     f"weights sha256 {tags.get('graft.teacher_weights_sha256', '?')[:16]})")
     if tags.get("prefect_flow_run_id"):
         lines.append(f"- Prefect flow run: {tags['prefect_flow_run_id']}")
     return "\n".join(lines)
@@ -179,12 +140,18 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     for line in registry.repair(client, params.model_name):
         print(f"register: repaired: {line}")
     samples = load_test_samples(raw_dir, prepared_dir)
+    distilled = fsio.read_json(model_dir / "model.json").get("distilled_from")
+    if distilled:  # the teachers this student learnt from, on its registry entry
+        from stages import teach
+
+        tags = {**tags, **teach.lineage_tags(distilled["teachers"])}
     with mlflow.start_run(run_id=run_id):
         info = log_candidate(model_dir, samples.head(2))
-    candidate_correct = score(mlflow.pyfunc.load_model(info.model_uri), samples)
+    candidate_model = mlflow.pyfunc.load_model(info.model_uri)
+    candidate_correct = score(candidate_model, samples)
 
     champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
-    champion_correct, incompatible = None, None
+    champion_correct, incompatible, champ_model = None, None, None
     if champion is not None:
         champ_model = mlflow.pyfunc.load_model(f"models:/{params.model_name}@{registry.CHAMPION}")
         champ_classes = champ_model.unwrap_python_model().cfg.classes
@@ -193,6 +160,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
             incompatible = f"champion v{champion.version} knows classes {champ_classes}, this data has {candidate_classes}"
         else:
             champion_correct = score(champ_model, samples)
+    serving = serving_costs(candidate_model, champ_model if champion_correct is not None else None, samples)
 
     try:
         client.get_registered_model(params.model_name)
@@ -208,7 +176,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     try:
         registry.wait_until_ready(client, params.model_name, version)
         decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
-                                   params.gate, incompatible, candidate_version=version)  # fmt: skip
+                                   params.gate, incompatible, candidate_version=version, serving=serving)  # fmt: skip
         if decision.promote:  # the gate says champion; the server says whether this user may crown it
             allowed, why = registry.may_move_champion(client, params.model_name)
             if not allowed:
@@ -246,6 +214,11 @@ def format_decision(decision: registry.Decision, name: str, version: str) -> str
              f"  candidate test accuracy {decision.candidate_accuracy:.4f} on {decision.n} test samples"]  # fmt: skip
     if decision.champion_accuracy is not None:
         lines.append(f"  champion v{decision.champion_version} on the same samples: {decision.champion_accuracy:.4f}")
+    if decision.candidate_serving:
+        c, ch = decision.candidate_serving, decision.champion_serving
+        lines.append(f"  serving: candidate {c['latency_ms_b1']:.2f} ms per sample (batch 1), {c['throughput_b64']:.0f}/s (batch 64)"
+                     + (f"; champion v{decision.champion_version} {ch['latency_ms_b1']:.2f} ms, {ch['throughput_b64']:.0f}/s"
+                        if ch else ""))  # fmt: skip
     if decision.mcnemar:
         m = decision.mcnemar
         lines.append(f"  McNemar: candidate-only correct {m['b']}, champion-only correct {m['c']}, p = {m['p_value']:.3g}")

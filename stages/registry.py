@@ -54,6 +54,7 @@ class GateParams:
     min_improvement: float  # accuracy points the candidate must gain over the champion
     require_significance: bool  # also require McNemar's p < alpha
     alpha: float
+    max_latency_ms: float | None = None  # a champion predicts one sample within this (batch 1)
 
 
 @dataclass
@@ -66,29 +67,43 @@ class Decision:
     mcnemar: dict[str, float] | None
     n: int
     replaces_challenger: str | None = None  # the challenger this candidate displaces, if any
+    # serving cost measured side by side in the deciding process (stages.serving.serving_cost)
+    candidate_serving: dict[str, float] | None = None
+    champion_serving: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def decide(candidate_correct: np.ndarray, champion_correct: np.ndarray | None, champion_version: str | None,
-           gate: GateParams, incompatible: str | None = None, candidate_version: str | None = None) -> Decision:  # fmt: skip
+           gate: GateParams, incompatible: str | None = None, candidate_version: str | None = None,
+           serving: tuple[dict[str, float] | None, dict[str, float] | None] = (None, None)) -> Decision:  # fmt: skip
     """Champion or not, and why. Both scores and the paired test are always reported when
     there is a champion. ``incompatible`` names why the champion could not be scored on
-    this data (another class list, say); the candidate is then not promoted automatically."""
+    this data (another class list, say); the candidate is then not promoted automatically.
+    ``serving``: the candidate's and the champion's serving cost, measured side by side;
+    with ``gate.max_latency_ms`` set, a candidate slower than that at batch 1 stays out."""
     n = int(len(candidate_correct))
     acc = float(candidate_correct.mean()) if n else 0.0
     champ = float(champion_correct.mean()) if champion_correct is not None else None
     test = mcnemar(candidate_correct, champion_correct) if champion_correct is not None else None
 
     def result(promote: bool, reason: str) -> Decision:
-        return Decision(promote, reason, acc, champion_version, champ, test, n)
+        return Decision(promote, reason, acc, champion_version, champ, test, n, None, *serving)
 
     if incompatible:
         return result(False, f"the champion cannot be compared on this data ({incompatible}); "
                              f"promote explicitly with `graft promote {candidate_version or 'VERSION'} --force`")  # fmt: skip
     if acc < gate.min_accuracy:
         return result(False, f"test accuracy {acc:.4f} is below register.min_accuracy {gate.min_accuracy}")
+    if gate.max_latency_ms is not None:
+        if serving[0] is None:
+            raise ValueError("register.max_latency_ms is set: the candidate's latency must be measured")
+        latency = serving[0]["latency_ms_b1"]
+        if latency > gate.max_latency_ms:
+            beside = f" (champion v{champion_version}: {serving[1]['latency_ms_b1']:.2f} ms)" if serving[1] else ""
+            return result(False, f"latency {latency:.2f} ms per sample at batch 1 exceeds register.max_latency_ms "
+                                 f"{gate.max_latency_ms:g}{beside}")  # fmt: skip
     if champ is None or test is None:
         return result(True, f"first champion: test accuracy {acc:.4f} >= register.min_accuracy {gate.min_accuracy}")
     gain = acc - champ

@@ -11,7 +11,10 @@ per class.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
@@ -25,6 +28,7 @@ class GraftClassifier(mlflow.pyfunc.PythonModel):
         from stages import modeling
 
         model_dir = Path(context.artifacts[MODEL_ARTIFACT])
+        self.model_dir = model_dir
         self.model, self.cfg = modeling.load(model_dir, modeling.resolve_device("cpu"))
         self.encoder = self.cfg.kind.Encoder(self.cfg.input, model_dir / modeling.ASSETS)
 
@@ -41,3 +45,47 @@ class GraftClassifier(mlflow.pyfunc.PythonModel):
         for i, c in enumerate(cfg.classes):
             out[f"p_{c}"] = probs[:, i]
         return out
+
+
+# --- what serving costs ----------------------------------------------------------------------
+
+LATENCY_REPEATS = 30  # single-sample calls; the median is robust to a scheduler hiccup
+THROUGHPUT_BATCH = 64
+THROUGHPUT_REPEATS = 3
+
+
+def serving_cost(predict: Callable[[pd.DataFrame], Any], samples: pd.DataFrame) -> dict[str, float]:
+    """What one prediction costs, end to end from raw samples (decode or tokenize, then
+    the forward pass), as a served model pays it: the median latency of one sample at
+    batch 1 (ms, after warm-up) and the throughput at batch 64 (samples/s).
+
+    ``predict`` takes a DataFrame of raw samples (a pyfunc's ``predict``); ``samples`` is
+    at least one row, repeated up to the batch size when there are fewer."""
+    if samples.empty:
+        raise ValueError("serving_cost needs at least one sample")
+    reps = -(-THROUGHPUT_BATCH // len(samples))
+    batch = pd.concat([samples] * reps, ignore_index=True).iloc[:THROUGHPUT_BATCH]
+    one = batch.iloc[:1]
+    for _ in range(3):  # warm-up: first calls allocate and pick kernels
+        predict(one)
+    times = []
+    for _ in range(LATENCY_REPEATS):
+        t0 = time.perf_counter()
+        predict(one)
+        times.append(time.perf_counter() - t0)
+    predict(batch)
+    t0 = time.perf_counter()
+    for _ in range(THROUGHPUT_REPEATS):
+        predict(batch)
+    elapsed = time.perf_counter() - t0
+    return {"latency_ms_b1": float(np.median(times) * 1000),
+            "latency_ms_b1_p95": float(np.percentile(times, 95) * 1000),
+            "throughput_b64": THROUGHPUT_BATCH * THROUGHPUT_REPEATS / elapsed}
+
+
+def model_size(model_dir: Path, model) -> dict[str, float]:
+    """The weights file's size (MB) and the parameter count: what shipping it costs."""
+    from stages import modeling
+
+    return {"size_mb": (Path(model_dir) / modeling.WEIGHTS).stat().st_size / 1e6,
+            "parameters": float(sum(p.numel() for p in model.parameters()))}

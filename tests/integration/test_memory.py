@@ -36,7 +36,7 @@ def two_sizes(tmp_path_factory):
                                fine_tune={"mode": "feature_extraction", "epochs": 2, "batch_size": 8,
                                           "eval_batch_size": 8},
                                register={"min_accuracy": 0.0})  # fmt: skip
-        out[label] = (project, run_stages(project, ("ingest", "validate", "preprocess", "load_pretrained", "fine_tune", "evaluate")))
+        out[label] = (project, run_stages(project, ("ingest", "validate", "preprocess", "load_pretrained", "teach", "fine_tune", "evaluate")))
     return out
 
 

@@ -147,10 +147,11 @@ def test_the_whole_pipeline_logs_one_mlflow_run(trained):
     assert "reports/fine_tune/history.csv" not in plots
     assert {"Learning curves (loss)", "Learning curves (accuracy)", "reports/evaluate/predictions.csv"} <= set(plots)
 
-    # Same params and data: nothing reruns. A new fine_tune param reruns fine_tune and what follows it only.
+    # Same params and data: nothing reruns. A new fine_tune (student) param reruns fine_tune and
+    # what follows it only: never ingest, preprocess, nor the teacher (teach).
     again = dvc(project, "repro")
     assert "Running stage" not in again.stdout
-    set_params(project, fine_tune={"lr": 0.001})
+    set_params(project, fine_tune={"lr": 0.001}, distill={"temperature": 2.0})
     third = dvc(project, "repro")
     ran = {line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"fine_tune", "evaluate", "register"}

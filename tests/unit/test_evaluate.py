@@ -94,7 +94,7 @@ def test_evaluate_refuses_a_model_with_non_finite_outputs(tmp_path, capsys):
         model.get_classifier().weight.fill_(float("nan"))
     modeling.save(model_dir, model, cfg)
     with pytest.raises(SystemExit) as e:
-        main(["--prepared", str(prepared), "--model", str(model_dir), "--reports", str(tmp_path / "reports")])
+        main(["--raw", str(raw), "--prepared", str(prepared), "--model", str(model_dir), "--reports", str(tmp_path / "reports")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "non-finite outputs (NaN or inf)" in err and "fine_tune.lr" in err

@@ -37,8 +37,9 @@ def test_project_graph_comes_from_dvc():
     from flows.training import pipeline
 
     graph = pipeline(ROOT)
-    assert graph.order == ["ingest", "validate", "preprocess", "load_pretrained", "fine_tune", "evaluate", "register"]
-    assert graph.upstream["evaluate"] == ["fine_tune", "preprocess"]
+    assert graph.order == ["ingest", "validate", "preprocess", "load_pretrained", "teach", "fine_tune", "evaluate", "register"]
+    assert graph.upstream["evaluate"] == ["fine_tune", "ingest", "preprocess"]
+    assert graph.upstream["fine_tune"] == ["load_pretrained", "preprocess", "teach"]
     assert graph.downstream_of({"load_pretrained"}) == ["load_pretrained", "fine_tune", "evaluate", "register"]
 
 
