@@ -88,6 +88,7 @@ test: setup postgres browser sshd  ## set up, then run the whole test suite (slo
 bench: setup  ## run the benchmarks alone (about 1.5 hours here), rewrite benchmarks/results-*.json and the README tables
 	$(BIN)/python benchmarks/transfer.py --full --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/memory.py --json benchmarks/results-cpu.json
+	$(BIN)/python benchmarks/distill.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/text.py --json benchmarks/results-text-cpu.json
 	$(BIN)/python benchmarks/report.py
 

@@ -298,8 +298,8 @@ def main() -> None:
             print(f"4. full data: test accuracy {full['test_accuracy']:.4f} in {full['fine_tune_seconds'] / 60:.1f} min "
                   f"({full['train_images']} train, {full['test_images']} test images, {full['epochs']} epochs)", flush=True)  # fmt: skip
     if args.json:
-        # benchmarks/memory.py's figures share the file: keep them.
-        kept = {k: v for k, v in (fsio.read_json(args.json) if args.json.is_file() else {}).items() if k == "memory"}
+        # benchmarks/memory.py's and distill.py's figures share the file: keep them.
+        kept = {k: v for k, v in (fsio.read_json(args.json) if args.json.is_file() else {}).items() if k in ("memory", "distill")}
         fsio.write_json(args.json, {**out, **kept})
     print(json.dumps(out, indent=2))
 

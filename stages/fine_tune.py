@@ -446,7 +446,8 @@ def train(
 # --- outputs and the thin main -------------------------------------------------------------
 
 
-def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smoothing: float = 0.0) -> None:
+def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smoothing: float = 0.0,
+                         distilled: bool = False) -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -459,7 +460,9 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smooth
         ax1.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=label)
         ax2.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=label)
     smoothing = f", label smoothing {label_smoothing:g}" if label_smoothing else ""
-    ax1.set(title=f"loss (cross-entropy{smoothing})", xlabel="epoch")
+    # A student's training loss is the distillation objective; validation stays cross-entropy.
+    what = f"train: distillation objective; val: cross-entropy{smoothing}" if distilled else f"cross-entropy{smoothing}"
+    ax1.set(title=f"loss ({what})", xlabel="epoch")
     ax2.set(title="accuracy", xlabel="epoch")
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -612,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
                           assets=args.pretrained / modeling.ASSETS)
             fsio.write_json(tmp / tracking.RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         write_history_csv(result.history, args.history)
-        plot_learning_curves(result.history, args.plot, params.label_smoothing)
+        plot_learning_curves(result.history, args.plot, params.label_smoothing, distilled=distill is not None)
         # Summaries get their own names (fit_*): the per-epoch series keep theirs, so no
         # chart mixes one value per epoch with a one-off figure.
         mlflow.log_metrics({f"fit_{k}": float(v) for k, v in summary.items()})

@@ -44,7 +44,7 @@ BATCH = 64
 
 @dataclass(frozen=True)
 class DistillParams:
-    teacher: str | list[str] | None = None  # None: no distillation
+    teacher: str | list[str] | None = None  # None: no distillation (a list arrives as a tuple)
     temperature: float = 4.0  # softens both distributions; the KL term is scaled by T^2
     alpha: float = 0.7  # weight of the teacher's term; 1 - alpha goes to the labels' cross-entropy
 
@@ -53,7 +53,7 @@ class DistillParams:
             raise GraftError(f"params.yaml: distill.temperature must be > 0, got {self.temperature!r}")
         if not 0 <= self.alpha <= 1:
             raise GraftError(f"params.yaml: distill.alpha must be between 0 and 1, got {self.alpha!r}")
-        if isinstance(self.teacher, list) and not self.teacher:
+        if self.teacher is not None and not isinstance(self.teacher, str) and not self.teacher:
             raise GraftError("params.yaml: distill.teacher is an empty list; use null for no teacher")
         for ref in self.references:
             if not ref.strip():
@@ -183,6 +183,8 @@ def soft_labels(teachers: list[Teacher], samples, classes: list[str], out: Path,
     n = len(samples)
     logits = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(n, len(teachers), len(classes)))
     column = samples.modality.INPUT_COLUMN
+    truth = np.array([classes.index(c) for c in samples.truth])
+    correct = np.zeros(len(teachers), dtype=np.int64)
     with torch.inference_mode():
         for positions, frame in progress(samples.batches(batch_size), total=math.ceil(n / batch_size),
                                          desc="teacher soft labels", unit="batch"):  # fmt: skip
@@ -190,11 +192,10 @@ def soft_labels(teachers: list[Teacher], samples, classes: list[str], out: Path,
             for m, (t, order) in enumerate(zip(teachers, orders, strict=True)):
                 z = t.model(modeling.to_input(t.encoder.batch(values), t.cfg, device)).float().cpu().numpy()
                 logits[positions, m] = z[:, order]
+                correct[m] += int((z[:, order].argmax(1) == truth[positions]).sum())
     logits.flush()
-    truth = np.array([classes.index(c) for c in samples.truth])
-    accuracy = (np.asarray(logits).argmax(2) == truth[:, None]).mean(0)
-    del logits
-    return accuracy
+    del logits  # written through a memory map: pages go to disk, not to this process
+    return correct / max(n, 1)
 
 
 def read(teacher_dir: Path) -> tuple[dict[str, Any], Path | None]:

@@ -116,7 +116,7 @@ def test_the_students_hyperparameters_never_rerun_the_teacher(distilled):
     assert stale_stages(project) == []
 
 
-def teach(project, teacher):
+def teach(project, teacher, out_name="bad-teacher-out"):
     """The teach stage alone, on a params file naming ``teacher``: (exit code, stderr)."""
     import yaml
 
@@ -124,12 +124,28 @@ def teach(project, teacher):
     params["distill"]["teacher"] = teacher
     path = project / "params-bad-teacher.yaml"
     path.write_text(yaml.safe_dump(params))
-    out = project / "bad-teacher-out"
+    out = project / out_name
     proc = subprocess.run([sys.executable, "-m", "stages.teach", "--raw", "data/raw", "--prepared", "data/prepared",
                            "--out", str(out), "--report", str(project / "bad-teacher.json"), "--params", str(path)],
                           cwd=project, env=project_env(project), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert not out.exists()  # nothing written, not even half
+    if proc.returncode != 0:
+        assert not out.exists()  # nothing written, not even half
     return proc.returncode, proc.stderr
+
+
+def test_an_ensemble_of_a_registered_model_and_a_model_folder(distilled):
+    """Two teachers of different kinds: one pass over the snapshot, one logits column each."""
+    project = distilled
+    code, err = teach(project, ["graft-classifier/1", str(project / "models/pretrained")], "ensemble")
+    assert code == 0, err
+    info = json.loads((project / "ensemble/teacher.json").read_text())
+    assert [t.get("version") for t in info["teachers"]] == ["1", None]
+    assert info["teachers"][1]["model_dir"] == str((project / "models/pretrained").resolve())
+    logits = np.load(project / "ensemble/logits.npy")
+    single = np.load(project / "data/teacher/logits.npy")
+    assert logits.shape == (single.shape[0], 2, 10)
+    np.testing.assert_allclose(logits[:, 0], single[:, 0], rtol=1e-5, atol=1e-5)  # v1 is the champion of the main run
+    assert not np.allclose(logits[:, 1], logits[:, 0])
 
 
 def test_a_bad_teacher_is_refused_before_any_training(distilled, tmp_path):

@@ -137,3 +137,25 @@ def test_the_memory_table_is_the_rendering_of_the_results_file(results):
     assert block == report.render_memory(results), (
         "README.md's memory table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
     )
+
+
+def test_the_distillation_figures_are_consistent(results):
+    """The distillation benchmark's derived figures follow from its measurements."""
+    d = results["distill"]
+    alone, taught, soft = d["student_alone"], d["student_distilled"], d["teacher_soft_labels"]
+    assert d["gain_points"] == pytest.approx(100 * (taught["accuracy"] - alone["accuracy"]))
+    # the headline student is the one with the best validation accuracy, never chosen on test
+    assert taught["best_val_accuracy"] == max(r["best_val_accuracy"] for r in d["distilled_runs"])
+    assert taught in d["distilled_runs"]
+    assert alone["architecture"] == taught["architecture"] and alone["image_size"] == taught["image_size"]
+    assert soft["on_the_fly_extra_seconds"] == pytest.approx(soft["seconds"] * taught["epochs_run"])
+    for f in (d["teacher"], alone, taught):
+        assert 0 < f["accuracy"] <= 1 and f["latency_ms_b1"] > 0 and f["size_mb"] > 0
+
+
+def test_the_distillation_table_is_the_rendering_of_the_results_file(results):
+    report = load("report")
+    block = report.current_block((ROOT / "README.md").read_text(), report.DISTILL_BEGIN, report.DISTILL_END)
+    assert block == report.render_distill(results), (
+        "README.md's distillation table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
+    )

@@ -72,3 +72,21 @@ def test_challenger_decision_does_not_offer_the_champion_alias():
     assert "@champion" not in text and "models:/m/2" in text and "champion stays v1" in text
     win = decide(vec(1, 1, 1, 1), None, None, GATE, candidate_version="1")
     assert "models:/m@champion" in format_decision(win, "m", "1")
+
+
+def test_a_latency_limit_keeps_a_slow_candidate_out_whatever_its_accuracy():
+    from dataclasses import replace
+
+    limited = replace(GATE, max_latency_ms=5.0)
+    fast, slow, champ_cost = {"latency_ms_b1": 3.0}, {"latency_ms_b1": 7.5}, {"latency_ms_b1": 4.0}
+    better, champ = vec(1, 1, 1, 1), vec(1, 0, 0, 1)
+    d = decide(better, champ, "1", limited, serving=(slow, champ_cost))
+    assert not d.promote and "latency 7.50 ms" in d.reason and "register.max_latency_ms 5" in d.reason
+    assert "champion v1: 4.00 ms" in d.reason
+    assert d.candidate_serving == slow and d.champion_serving == champ_cost  # side by side in the decision
+    assert decide(better, champ, "1", limited, serving=(fast, champ_cost)).promote
+    assert not decide(better, None, None, limited, serving=(slow, None)).promote  # a first champion too
+    # No limit: latency is reported, never decisive.
+    assert decide(better, champ, "1", GATE, serving=(slow, champ_cost)).promote
+    with pytest.raises(ValueError, match="latency must be measured"):
+        decide(better, champ, "1", limited)
