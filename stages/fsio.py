@@ -60,6 +60,11 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed while writing (kill -9 runs no cleanup) left its temporary folder:
+    # remove it now, or each kill leaks a copy of the output. Only stages call this, one
+    # at a time per output (DVC's repository lock, the flow's project lock).
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
