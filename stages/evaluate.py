@@ -10,6 +10,7 @@ of it goes to the pipeline's MLflow run.
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # Validation's batch size: the peak memory of a prediction is one batch's activations.
     batch_size = load_section(FineTuneParams, "fine_tune", args.params).eval_batch_size
+    # Serving cost first, in a fresh process, its model freed before the test split is
+    # scored: its batch of 64 is the same whatever the data's size, and measured after a
+    # whole split's predictions it grew the peak with the data (heap fragmentation).
+    cost = measure_serving(args.model, args.raw, args.prepared)
+    gc.collect()
     model, cfg = modeling.load(args.model, modeling.resolve_device())
     x, y = load_split(args.prepared, "test")
     ids = np.load(args.prepared / "test_ids.npy")
@@ -203,7 +209,6 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(mistakes, ignore_errors=True)  # DVC restores it as a whole; no stale file of another modality
     mistakes.mkdir()
     shown = cfg.kind.present_mistakes(x, y, probs, cfg.classes, args.prepared, mistakes)
-    cost = measure_serving(args.model, args.raw, args.prepared)
     fsio.write_json(out / "serving.json", cost)
 
     tracking.configure()
