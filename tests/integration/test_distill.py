@@ -13,15 +13,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import copy_project, dvc, project_env, requires_fashion_mnist, set_params
+from tests.integration.test_register_faults import TINY
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 
-TEACHER = dict(
-    ingest={"max_train_per_class": 12, "max_test_per_class": 4},
-    preprocess={"image_size": 32},
-    fine_tune={"epochs": 2, "batch_size": 16, "mode": "partial", "frozen_groups": 4},
-    register={"min_accuracy": 0.0},
-)
+# The teacher: the fault tests' tiny recipe (one fact in one place).
+TEACHER = TINY
 # A different network (0.6 M parameters against 3.4 M), trained from scratch, at 24 px.
 STUDENT = dict(
     preprocess={"image_size": 24},
