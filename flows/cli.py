@@ -411,6 +411,64 @@ def _repair(client, name: str, root: Path) -> None:
 
 
 @app.command()
+def drift(
+    path: Path = typer.Argument(..., help="incoming samples, as `graft predict` takes them (image models: an image folder; "
+                                "text models: a .txt file, a table, a folder of .txt files). A folder with one sub-folder per "
+                                "class (optionally under train/ and test/) is also tested class by class"),
+    reference: str = typer.Option(None, "--reference", "-r", help="what to test against: champion, another alias, "
+                                  "name/version, or a reference folder (a run's data/reference); default: drift.reference"),
+    alpha: float = typer.Option(None, help="the test's level (default: drift.alpha of params.yaml)"),
+    out: Path = typer.Option(None, "--out", "-o", help="also write the report here (drift.json and the plot drift.png)"),
+    exit_code: bool = typer.Option(False, "--exit-code", help="exit with 1 when the data drifted (for scripts and schedulers)"),
+    text_column: str = typer.Option("text", help="text models, table input: the column holding the texts"),
+    project: Path = PROJECT,
+) -> None:
+    """Test incoming samples for drift against the champion's training data: the drift gate's test (MMD in the
+    pretrained backbone's embedding space, overall and per class, and a domain classifier's AUC), and its verdict."""
+    import dataclasses
+    import tempfile
+
+    from stages import drift as drift_stage
+    from stages.common import GraftError
+    from stages.config import load_section
+
+    _quiet_defaults()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    _, name = _registry(project)
+    root = project.resolve()
+    if not path.exists():
+        _fail(f"{path}: no such file or folder", 2)
+    try:
+        p = load_section(drift_stage.DriftParams, "drift", root / "params.yaml")
+        p = dataclasses.replace(p, **({"alpha": alpha} if alpha is not None else {}))
+        p.validate()
+        ref_name = reference or p.reference or "champion"
+        with tempfile.TemporaryDirectory() as dst:
+            ref, why = drift_stage.resolve(ref_name, name, Path(dst))
+            if ref is None:
+                _fail(f"nothing to test against: {why}", 2)
+            items = drift_stage.folder_items(modalities_of(ref.identity), path, ref.classes, text_column)
+            report, new = drift_stage.test_items(items, ref, p, root / "models" / "pretrained")
+            if out is not None:
+                drift_stage.write_report(out, report, ref.embeddings, new)
+    except GraftError as e:
+        _fail(str(e), 2)
+    typer.echo(drift_stage.summary(report))
+    if not report.get("labelled"):
+        typer.echo("  (no class sub-folders: the overall test only)")
+    if out is not None:
+        typer.echo(f"  report -> {out / drift_stage.REPORT}, plot -> {out / drift_stage.PLOT}")
+    if exit_code and report["verdict"] == "drift":
+        raise typer.Exit(1)
+
+
+def modalities_of(identity: dict):
+    from stages import modalities
+
+    return modalities.get(identity.get("modality"))
+
+
+@app.command()
 def predict(
     path: Path = typer.Argument(..., help="what to classify. Image models: an image, or a folder searched recursively "
                                 "for images. Text models: a .txt file (one text per line), a CSV/TSV/JSON-lines table "
@@ -862,16 +920,26 @@ def serve(
 
 
 @app.command()
-def sensor(project: Path = PROJECT) -> None:
+def sensor(
+    trigger: str = typer.Option(None, help="change: retrain when the source changed; drift: only when it also drifted "
+                                "from the champion's data (default: sensor.trigger of graft.yaml)"),
+    project: Path = PROJECT,
+) -> None:
     """Check the data source once: start a training run if it changed since the last accepted run."""
     _quiet_defaults()
     root = project.resolve()
     _use_servers(root)
+    from flows.deploy import schedule_config
     from flows.sensor import data_sensor
 
-    result = data_sensor(project_dir=str(root))
+    trigger = trigger or schedule_config(root)[1].trigger
+    if trigger not in ("change", "drift"):
+        _fail(f"--trigger must be change or drift, got {trigger!r}", 2)
+    result = data_sensor(project_dir=str(root), trigger=trigger)
     fp = result["fingerprint"]
-    if not result["triggered"]:
+    if not result["triggered"] and result.get("drift") == "no_drift":
+        typer.echo(f"data changed ({fp['files']} files in {fp['path']}) but did not drift from the champion's: no training run")
+    elif not result["triggered"]:
         typer.echo(f"data unchanged ({fp['files']} files in {fp['path']}): no training run")
     elif result["summary"].get("skipped"):
         typer.echo(f"data changed, but {result['summary']['reason']}: skipped")

@@ -32,6 +32,15 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class SensorConfig:
     cron: str = "*/30 * * * *"
+    # change: retrain whenever the source changed; drift: only when the changed source also
+    # drifted from the champion's reference (stage drift's test), or there is none to test
+    trigger: str = "change"
+
+    def validate(self) -> None:
+        from stages.common import GraftError
+
+        if self.trigger not in ("change", "drift"):
+            raise GraftError(f"graft.yaml: sensor.trigger must be change or drift, got {self.trigger!r}")
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,10 @@ def deployments(root: Path, sensor: bool = True, verify: bool = False):
             data_sensor.to_deployment(
                 name=sensor_name,
                 schedule=Cron(sens.cron, timezone=sched.timezone),
-                parameters={"project_dir": str(root), "concurrency": sched.concurrency},
+                parameters={"project_dir": str(root), "concurrency": sched.concurrency, "trigger": sens.trigger},
                 concurrency_limit=1,
-                description=f"Retrain graft project {root} when its data source changes",
+                description=f"Retrain graft project {root} when its data source changes"
+                + (" and drifts from the champion's" if sens.trigger == "drift" else ""),
                 tags=["graft"],
             )
         )

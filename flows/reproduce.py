@@ -33,10 +33,11 @@ import yaml
 from stages.common import STATUS_ENV, GraftError
 
 RERUN_STAGES = ("preprocess", "load_pretrained", "fine_tune", "evaluate")
-# Restored by hash, not rerun: the data snapshot, the gate's report, and a teacher's soft
-# labels (the teacher itself may be long gone from the registry). Versions from before a
-# stage existed simply have none of it.
-RESTORED_STAGES = ("ingest", "validate", "teach")
+# Restored by hash, not rerun: the data snapshot, the gate's report, a teacher's soft
+# labels (the teacher itself may be long gone from the registry) and the drift gate's
+# reference and report (its verdict was against the champion of that day). Versions from
+# before a stage existed simply have none of it.
+RESTORED_STAGES = ("ingest", "validate", "teach", "drift")
 REPRODUCED_TAG = "graft.reproduced"
 # A rerun on other hardware (another CPU's kernels, a GPU) may differ in the last bits;
 # figures this close still count as reproduced. The CPU default is bit-identical.

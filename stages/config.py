@@ -181,6 +181,7 @@ SECTION_TYPES = {
     "load_pretrained": "stages.backbone:LoadPretrainedParams",
     "fine_tune": "stages.fine_tune:FineTuneParams",
     "distill": "stages.teach:DistillParams",
+    "drift": "stages.drift:DriftParams",
     "register": "stages.register:RegisterParams",
 }
 

@@ -125,14 +125,46 @@ def describe(name: str, version: str, decision: registry.Decision, metrics: dict
     if tags.get("graft.teacher"):
         lines.append(f"- distilled from {tags['graft.teacher']} (training run {tags.get('graft.teacher_run_id', '?')}, "
                      f"weights sha256 {tags.get('graft.teacher_weights_sha256', '?')[:16]})")
+    if tags.get("graft.drift"):
+        lines.append(f"- drift gate: {tags['graft.drift']}" + (f"; moved: {tags['graft.drift_moved']}" if tags.get("graft.drift_moved") else ""))
     if tags.get("prefect_flow_run_id"):
         lines.append(f"- Prefect flow run: {tags['prefect_flow_run_id']}")
     return "\n".join(lines)
 
 
+def log_drift(reference: Path | None, report_dir: Path | None) -> dict[str, str]:
+    """Into the active run: the drift reference of the data the model was trained on (what
+    later data is tested against once it is champion) and the drift gate's report; return
+    the version tags that say what the gate found."""
+    import mlflow
+
+    from stages import drift
+
+    if reference is not None and (reference / drift.INFO).is_file():
+        mlflow.log_artifacts(str(reference), drift.ARTIFACT)
+    if report_dir is None or not (report_dir / drift.REPORT).is_file():
+        return {}
+    for name in (drift.REPORT, drift.PLOT):
+        if (report_dir / name).is_file():
+            mlflow.log_artifact(str(report_dir / name), drift.REPORT_ARTIFACT)
+    report = fsio.read_json(report_dir / drift.REPORT)
+    tags = {"graft.drift": report["verdict"]}
+    if report.get("overall"):
+        o = report["overall"]
+        mlflow.log_metrics({"drift_p_value": o["p_value"], "drift_p_adjusted": report.get("p_adjusted_min", o["p_adjusted"]),
+                            "drift_domain_auc": o["domain_auc"], "drift_mmd2": o["mmd2"]})  # fmt: skip
+        tags["graft.drift"] += f" against {report['reference']['origin']} (p {o['p_value']:.4f}, AUC {o['domain_auc']:.3f})"
+        if report.get("moved"):
+            tags["graft.drift_moved"] = ", ".join(report["moved"])
+    mlflow.set_tags(tags)
+    return tags
+
+
 def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: RegisterParams, run_id: str,
-             tags: dict[str, str], metrics: dict[str, float]) -> tuple[registry.Decision, str]:  # fmt: skip
-    """Log, register, score, decide and set the alias; return the decision and the version."""
+             tags: dict[str, str], metrics: dict[str, float], reference: Path | None = None,
+             drift_report: Path | None = None) -> tuple[registry.Decision, str]:  # fmt: skip
+    """Log, register, score, decide and set the alias; return the decision and the version.
+    ``reference`` and ``drift_report`` (the drift stage's) go along with the model."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -147,6 +179,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
         tags = {**tags, **teach.lineage_tags(distilled["teachers"])}
     with mlflow.start_run(run_id=run_id):
         info = log_candidate(model_dir, samples.head(2))
+        tags = {**tags, **log_drift(reference, drift_report)}
     candidate_model = mlflow.pyfunc.load_model(info.model_uri)
     candidate_correct = score(candidate_model, samples)
 
@@ -242,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared", required=True, type=Path, help="preprocess output directory (test ids)")
     parser.add_argument("--metrics", required=True, type=Path, help="evaluate's metrics.json")
     parser.add_argument("--decision", required=True, type=Path, help="decision report JSON to write")
+    parser.add_argument("--reference", type=Path, help="the drift stage's reference (data/reference), kept with the version")
+    parser.add_argument("--drift", type=Path, help="the drift stage's report directory (reports/drift)")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
 
@@ -263,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     tags = {k: v for k, v in run_tags.items() if k in ("git_dirty", "data_version", "prefect_flow_run_id")}
     tags.update({"git_commit": run_tags[tracking.GIT_COMMIT_TAG], "params_hash": params_hash(args.params),
                  "mlflow_run_id": run_id, "training_run_id": runs["training_run_id"]})  # fmt: skip
-    decision, version = register(args.model, args.raw, args.prepared, params, run_id, tags, metrics)
+    decision, version = register(args.model, args.raw, args.prepared, params, run_id, tags, metrics,
+                                 args.reference, args.drift)  # fmt: skip
     import mlflow
 
     mlflow.MlflowClient().set_tag(run_id, tracking.REGISTERED_TAG, f"{params.model_name}/{version}")

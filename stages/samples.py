@@ -29,6 +29,16 @@ class RawSamples:
         self.position = dict(zip(rows["member"], range(len(ids)), strict=True))
         self.truth: list[str] = rows["class_name"].tolist()
 
+    def subset(self, positions) -> RawSamples:
+        """The samples at ``positions`` of this split, renumbered 0..k-1 in that order."""
+        import copy
+
+        keep = {int(q): i for i, q in enumerate(positions)}
+        out = copy.copy(self)
+        out.position = {m: keep[q] for m, q in self.position.items() if q in keep}
+        out.truth = [self.truth[int(q)] for q in positions]
+        return out
+
     def __len__(self) -> int:
         return len(self.truth)
 

@@ -114,7 +114,7 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert set(tasks) == set(first["stages"])
     waits = {name: {i.id for i in t.task_inputs.get("wait_for", [])} for name, t in tasks.items()}
     assert waits["evaluate"] == {tasks["fine_tune"].id, tasks["preprocess"].id, tasks["ingest"].id}
-    assert waits["fine_tune"] == {tasks["load_pretrained"].id, tasks["preprocess"].id, tasks["teach"].id}
+    assert waits["fine_tune"] == {tasks["load_pretrained"].id, tasks["preprocess"].id, tasks["teach"].id, tasks["drift"].id}
     assert waits["ingest"] == set() and waits["validate"] == {tasks["ingest"].id}
     summary_md = next(a for a in artifacts if a.key == "graft-run-summary").data
     assert "graft run: done" in summary_md and run.info.run_id in summary_md and "v1 is **champion**" in summary_md

@@ -244,7 +244,7 @@ def test_run_output_is_clean_and_a_register_rerun_logs_into_a_run_of_its_own(tea
     for noise in ("dvc push", "To track the changes with git", "%|", "cloudpickle", "CloudPickle", "Downloading artifacts",
                   "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"):  # fmt: skip
         assert noise not in out, noise
-    assert out.count("stages to run: ingest, validate, preprocess, load_pretrained, teach, fine_tune, evaluate, register") == 1
+    assert out.count("stages to run: ingest, validate, preprocess, load_pretrained, drift, teach, fine_tune, evaluate, register") == 1
 
     again = graft(team.project, "run", "--set", "register.alpha=0.01", env=team.erin, log=team.outputs)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

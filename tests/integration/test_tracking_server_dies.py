@@ -30,7 +30,7 @@ def test_killed_tracking_server_gives_a_clear_error_and_nothing_is_lost(project)
     try:
         env = {**project_env(project), **services.client_env(project)}
         uri = env["MLFLOW_TRACKING_URI"]
-        res = subprocess.run([sys.executable, "-m", "dvc", "repro", "load_pretrained", "teach"], cwd=project, env=env,
+        res = subprocess.run([sys.executable, "-m", "dvc", "repro", "load_pretrained", "teach", "drift"], cwd=project, env=env,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
 

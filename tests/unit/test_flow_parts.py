@@ -37,10 +37,10 @@ def test_project_graph_comes_from_dvc():
     from flows.training import pipeline
 
     graph = pipeline(ROOT)
-    assert graph.order == ["ingest", "validate", "preprocess", "load_pretrained", "teach", "fine_tune", "evaluate", "register"]
+    assert graph.order == ["ingest", "validate", "preprocess", "load_pretrained", "drift", "teach", "fine_tune", "evaluate", "register"]
     assert graph.upstream["evaluate"] == ["fine_tune", "ingest", "preprocess"]
-    assert graph.upstream["fine_tune"] == ["load_pretrained", "preprocess", "teach"]
-    assert graph.downstream_of({"load_pretrained"}) == ["load_pretrained", "fine_tune", "evaluate", "register"]
+    assert graph.upstream["fine_tune"] == ["drift", "load_pretrained", "preprocess", "teach"]  # the drift gate first
+    assert graph.downstream_of({"load_pretrained"}) == ["load_pretrained", "drift", "fine_tune", "evaluate", "register"]
 
 
 def test_stage_options_overlay_defaults(tmp_path):
