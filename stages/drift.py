@@ -181,20 +181,28 @@ def compare(ref: np.ndarray, ref_labels: np.ndarray, new: np.ndarray, new_labels
         out["warnings"].append(f"too few samples for a drift test ({len(ref)} reference, {len(new)} new; at least "
                                f"drift.min_samples = {p.min_samples} on each side): skipped")  # fmt: skip
         return {**out, "verdict": "skipped", "overall": None, "classes": {}, "moved": []}
-    overall = {**mmd_test(ref, new, p.permutations, p.seed), "domain_auc": domain_auc(ref, new, p.seed)}
     per_class: dict[str, dict[str, Any]] = {}
     if new_labels is not None:
         for i, c in enumerate(classes):
-            r, n = ref[ref_labels == i], new[new_labels == i]
-            if len(r) == 0 and len(n) == 0:
-                continue
-            entry: dict[str, Any] = {"reference": int(len(r)), "new": int(len(n))}
-            if min(len(r), len(n)) < p.min_samples:
-                entry["skipped"] = (f"fewer than {p.min_samples} samples" if len(r) and len(n)
-                                    else ("not in the reference" if not len(r) else "not in the new data"))  # fmt: skip
-            else:
-                entry.update(mmd_test(r, n, p.permutations, p.seed + 1 + i))
-            per_class[c] = entry
+            r, n = int((ref_labels == i).sum()), int((new_labels == i).sum())
+            if r or n:
+                per_class[c] = {"reference": r, "new": n}
+    testable = [c for c, e in per_class.items() if min(e["reference"], e["new"]) >= p.min_samples]
+    # Holm multiplies the smallest p-value by the family's size: enough permutations that
+    # a clear shift can still pass alpha with many classes (1 + 10 classes: 500 suffice).
+    permutations = max(p.permutations, math.ceil(2 * (1 + len(testable)) / p.alpha))
+    out["permutations"] = permutations
+    overall = {**mmd_test(ref, new, permutations, p.seed), "domain_auc": domain_auc(ref, new, p.seed)}
+    for i, c in enumerate(classes):
+        entry = per_class.get(c)
+        if entry is None:
+            continue
+        if c in testable:
+            entry.update(mmd_test(ref[ref_labels == i], new[new_labels == i], permutations, p.seed + 1 + i))  # type: ignore[index]
+        else:
+            r, n = entry["reference"], entry["new"]
+            entry["skipped"] = (f"fewer than {p.min_samples} samples" if r and n
+                                else ("not in the reference" if not r else "not in the new data"))  # fmt: skip
         short = [c for c, e in per_class.items() if "skipped" in e]
         if short:
             out["warnings"].append(f"per-class test skipped for {len(short)} class(es) ({', '.join(short[:5])}"
@@ -587,6 +595,27 @@ def source_items(root: Path, params_path: Path) -> list[tuple[str | None, Any]]:
     return [(c.class_name, lambda c=c: load(c)) for c in source.candidates if c.split == "train" and c.class_name not in dropped]
 
 
+def log_to_parent_run(report_dir: Path, report: dict[str, Any]) -> None:
+    """Under ``graft run``, the pipeline's MLflow run gets the report too: a gate that
+    stops training leaves no model run, and its verdict must still be in MLflow. (Every
+    trained model's run gets it from ``register``, with the reference.)"""
+    from stages import tracking
+
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    if not parent:
+        return
+    import mlflow
+
+    tracking.configure()
+    client = mlflow.MlflowClient()
+    for name in (REPORT, PLOT):
+        client.log_artifact(parent, str(report_dir / name), REPORT_ARTIFACT)
+    client.set_tag(parent, "graft.drift", report["verdict"])
+    if report.get("overall"):
+        client.log_metric(parent, "drift_p_adjusted", report["p_adjusted_min"])
+        client.log_metric(parent, "drift_domain_auc", report["overall"]["domain_auc"])
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -640,6 +669,7 @@ def main(argv: list[str] | None = None) -> None:
             ref_emb = reference.embeddings
     report["seconds"] = time.perf_counter() - t0
     write_report(args.report, report, ref_emb, mine)
+    log_to_parent_run(args.report, report)
     print(summary(report) + f"\n  ({report['seconds']:.1f}s; reference for this run: {len(mine)} samples -> {args.out}; "
           f"report -> {args.report / REPORT})")
     if report["verdict"] == "drift" and p.on_drift == "fail":

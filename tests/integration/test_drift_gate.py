@@ -174,3 +174,18 @@ def test_the_sensor_retrains_on_drift_only(v1, folders, prefect_harness, monkeyp
     assert (v1 / ".graft/drift_checked_source.json").is_file()
     set_params(v1, ingest={"path": str(folders["D"])})
     assert source_drift(v1)["verdict"] == "drift"  # what would start the training flow
+
+
+def test_another_input_size_is_embedded_with_the_references_own_backbone(v1, folders):
+    """This run at 24 px, the reference at 32: the new data is embedded again the
+    reference's way (its backbone rebuilt and checked), so the same images do not drift."""
+    set_params(v1, ingest={"path": str(folders["A"])}, preprocess={"image_size": 24},
+               drift={"reference": "graft-classifier/1", "on_drift": "fail"})  # fmt: skip
+    res = dvc(v1, "repro", "drift", check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((v1 / "reports/drift/drift.json").read_text())
+    assert report["re_embedded"] is True and report["verdict"] == "no_drift"
+    assert report["overall"]["mmd2"] == pytest.approx(0.0, abs=1e-6)  # the very images v1 was trained on
+    assert report["reference"]["backbone"]["input"]["image_size"] == 32
+    mine = json.loads((v1 / "data/reference/reference.json").read_text())
+    assert mine["backbone"]["input"]["image_size"] == 24  # this run's reference is its own

@@ -159,3 +159,25 @@ def test_the_distillation_table_is_the_rendering_of_the_results_file(results):
     assert block == report.render_distill(results), (
         "README.md's distillation table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
     )
+
+
+def test_the_drift_figures_are_consistent(results):
+    """The drift benchmark's counts and sums follow from its own runs."""
+    d = results["drift"]
+    fa, cost = d["false_alarms"], d["cost"]
+    assert fa["runs"] == len(fa["runs_detail"]) == d["settings"]["seeds"]
+    assert fa["alarms"] == sum(r["verdict"] == "drift" for r in fa["runs_detail"])
+    alpha = d["settings"]["alpha"]
+    for r in [*fa["runs_detail"], *d["power"].values()]:
+        assert (r["verdict"] == "drift") == (r["p_adjusted_min"] < alpha)
+        assert r["p_adjusted_min"] >= 1 / (d["settings"]["permutations"] + 1) and 0 <= r["domain_auc"] <= 1
+    assert cost["total_seconds"] == pytest.approx(cost["embed_seconds"] + cost["test_seconds"] + cost["plot_seconds"])
+    assert cost["images_per_second"] == pytest.approx(cost["samples"] / cost["embed_seconds"])
+
+
+def test_the_drift_table_is_the_rendering_of_the_results_file(results):
+    report = load("report")
+    block = report.current_block((ROOT / "README.md").read_text(), report.DRIFT_BEGIN, report.DRIFT_END)
+    assert block == report.render_drift(results), (
+        "README.md's drift table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
+    )

@@ -164,3 +164,45 @@ def test_class_folders_label_the_samples(tmp_path):
     assert error == "" and value[:4] == b"\x89PNG"
     write_image(tmp_path / "flat" / "a.png")
     assert [c for c, _ in folder_items(image, tmp_path / "flat", ["cat"])] == [None]  # no class folders: unlabelled
+
+
+@pytest.fixture(scope="module")
+def lite0_identity(tmp_path_factory):
+    """The identity the drift stage records for the packaged backbone at 32 px."""
+    from stages import modeling
+    from stages.backbone import LoadPretrainedParams
+    from stages.drift import identity_of
+    from stages.modalities import image
+
+    lp = LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0", 0.2, 42)
+    spec = {"image_size": 32, "interpolation": "bicubic", "resize": "center_crop"}
+    built = image.build(lp, 10, spec, tmp_path_factory.mktemp("assets"))
+    cfg = modeling.ModelConfig(architecture=built.architecture, classes=list("abcdefghij"), drop_rate=0.2,
+                               source=built.source, weights_sha256=built.weights_sha256, input=built.input)  # fmt: skip
+    return identity_of(built.model, cfg, 42)
+
+
+def test_the_references_backbone_is_rebuilt_from_its_source_and_checked(lite0_identity):
+    """Another run's backbone or input: the new data is embedded with the reference's own
+    backbone, rebuilt (any head) and checked against the recorded hash."""
+    from stages.drift import rebuild
+
+    e = rebuild(lite0_identity, None, "this run embeds with another backbone")
+    assert e.identity["backbone_sha256"] == lite0_identity["backbone_sha256"] and e.cfg.input["image_size"] == 32
+    tampered = {**lite0_identity, "backbone_sha256": "0" * 64}
+    with pytest.raises(GraftError, match="rebuilt from its source it is another network.*drift.reference"):
+        rebuild(tampered, None, "this run embeds with another backbone")
+    gone = {**lite0_identity, "source": "file:/nonexistent/weights.pth"}
+    with pytest.raises(GraftError, match="cannot be rebuilt here"):
+        rebuild(gone, None, "this run embeds with another backbone")
+
+
+def test_many_classes_get_enough_permutations_to_pass_holm():
+    """With 30 classes Holm multiplies the smallest p by 31: 100 permutations could never
+    go under alpha, so the test takes as many as the family needs."""
+    p = dataclasses.replace(DriftParams(), permutations=100, min_samples=10)
+    ref, ref_y = clouds(0, n=900, classes=30)
+    new, new_y = clouds(1, n=900, shift=1.0, classes=30)
+    report = compare(ref, ref_y, new, new_y, [f"c{i}" for i in range(30)], p)
+    assert report["permutations"] == 1240  # ceil(2 * 31 / 0.05)
+    assert report["verdict"] == "drift" and report["p_adjusted_min"] < 0.05
