@@ -450,7 +450,7 @@ def plot(report: dict[str, Any], ref: np.ndarray, new: np.ndarray, path: Path) -
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    if len(ref) >= 2 and len(new):
+    if len(ref) >= 2 and len(new) and ref.shape[1] == new.shape[1]:
         mean = ref.mean(0)
         _, _, vt = np.linalg.svd(ref - mean, full_matrices=False)
         rng = np.random.default_rng(0)
@@ -653,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
                         {"split": "train", "train_ids_sha256": fsio.sha256_file(args.prepared / "train_ids.npy")})  # fmt: skip
 
     base = {"on_drift": p.on_drift, "alpha": p.alpha, "backbone": embedder.describe()}
+    new = mine  # in the reference's space once tested (another backbone: embedded again)
     with tempfile.TemporaryDirectory() as dst:
         reference, why = (None, "drift.reference is null: no drift test") if p.reference is None else resolve(p.reference, model_name, Path(dst))
         if reference is None:
@@ -660,15 +661,16 @@ def main(argv: list[str] | None = None) -> None:
             ref_emb = None
         else:
             try:
-                report, _ = check(reference, embedder, lambda: raw_batches(subset), len(subset), labels, classes, p, mine)
+                report, new = check(reference, embedder, lambda: raw_batches(subset), len(subset), labels, classes, p, mine)
+                ref_emb = reference.embeddings
             except GraftError as e:
                 if p.on_drift == "fail":
                     raise
                 report = {**base, "verdict": "skipped", "reason": str(e), "new_samples": len(mine), "warnings": [str(e)]}
+                ref_emb = None  # not comparable: the plot shows this run's sample alone
             report = {**base, **report}
-            ref_emb = reference.embeddings
     report["seconds"] = time.perf_counter() - t0
-    write_report(args.report, report, ref_emb, mine)
+    write_report(args.report, report, ref_emb, new)
     log_to_parent_run(args.report, report)
     print(summary(report) + f"\n  ({report['seconds']:.1f}s; reference for this run: {len(mine)} samples -> {args.out}; "
           f"report -> {args.report / REPORT})")

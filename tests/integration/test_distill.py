@@ -64,6 +64,12 @@ def test_a_champion_teaches_a_student_and_the_registry_knows(distilled):
     report = json.loads((project / "reports/teach.json").read_text())
     assert report["teachers"][0]["train_accuracy"] == pytest.approx(float((logits[:, 0].argmax(1) == train_y).mean()))
 
+    # The drift gate compared the student's data with the champion's reference through the
+    # champion's own backbone (the student's is another network), rebuilt from its source.
+    drift = json.loads((project / "reports/drift/drift.json").read_text())
+    assert drift["re_embedded"] is True and drift["reference"]["origin"] == "graft-classifier v1"
+    assert drift["verdict"] == "no_drift" and drift["reference"]["backbone"]["architecture"] == "tf_efficientnet_lite0"
+
     student = json.loads((project / "models/fine_tuned/model.json").read_text())
     assert student["architecture"] == "mobilenetv3_small_050" and student["input"]["image_size"] == 24
     lineage = student["distilled_from"]

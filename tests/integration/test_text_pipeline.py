@@ -147,3 +147,22 @@ def test_bad_text_data_stops_at_validate_naming_rows(text_run, tmp_path):
     missing.write_text("body,stars\nfine,5\n")
     res = graft(project, "run", "--set", f"ingest.path={missing}")
     assert res.exit_code == 2 and "no column 'text' or 'category' (the file has: body, stars)" in res.output
+
+
+def test_graft_drift_reads_texts_through_the_same_seam(text_run, tmp_path):
+    """The drift gate on texts: the champion's reference was embedded by MiniLM; other
+    reviews do not drift, shipping notices do."""
+    project, _ = text_run
+    corpus = pd.read_csv(CORPUS)
+    # a random sample, like the training data (the file is ordered by film: its last 60
+    # reviews, of 4 films, were rightly told apart from the training sample, AUC 0.76)
+    reviews = corpus[corpus["category"] != "plot"]["text"].sample(60, random_state=0)
+    same = tmp_path / "reviews.txt"
+    same.write_text("\n".join(t.replace("\n", " ") for t in reviews) + "\n")
+    res = graft(project, "drift", str(same), "--exit-code")
+    assert res.exit_code == 0 and "no drift against graft-classifier v1" in res.output, res.output
+    notices = tmp_path / "notices.txt"
+    notices.write_text("\n".join(f"Order #{1000 + i} shipped on 2026-11-{1 + i % 28:02d} to warehouse {i % 7}, "
+                                 f"{i % 5 + 1} parcels, tracking code ZX{i:05d}." for i in range(60)) + "\n")  # fmt: skip
+    res = graft(project, "drift", str(notices), "--exit-code")
+    assert res.exit_code == 1 and "DRIFT against graft-classifier v1" in res.output, res.output
