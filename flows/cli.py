@@ -429,6 +429,7 @@ def drift(
     import tempfile
 
     from stages import drift as drift_stage
+    from stages import modalities
     from stages.common import GraftError
     from stages.config import load_section
 
@@ -447,7 +448,7 @@ def drift(
             ref, why = drift_stage.resolve(ref_name, name, Path(dst))
             if ref is None:
                 _fail(f"nothing to test against: {why}", 2)
-            items = drift_stage.folder_items(modalities_of(ref.identity), path, ref.classes, text_column)
+            items = drift_stage.folder_items(modalities.get(ref.identity.get("modality")), path, ref.classes, text_column)
             report, new = drift_stage.test_items(items, ref, p, root / "models" / "pretrained")
             if out is not None:
                 drift_stage.write_report(out, report, ref.embeddings, new)
@@ -460,12 +461,6 @@ def drift(
         typer.echo(f"  report -> {out / drift_stage.REPORT}, plot -> {out / drift_stage.PLOT}")
     if exit_code and report["verdict"] == "drift":
         raise typer.Exit(1)
-
-
-def modalities_of(identity: dict):
-    from stages import modalities
-
-    return modalities.get(identity.get("modality"))
 
 
 @app.command()

@@ -384,10 +384,7 @@ def resolve(ref: str, model_name: str, dst: Path) -> tuple[Reference | None, str
     folder that does not exist is a GraftError."""
     from stages.teach import parse_reference
 
-    try:
-        where = parse_reference(ref, model_name)
-    except GraftError as e:
-        raise GraftError(str(e).replace("distill.teacher", "drift.reference").replace("graft model folder", "reference folder")) from None
+    where = parse_reference(ref, model_name, "drift.reference", "reference directory", "reference folder (data/reference of a run)")
     if isinstance(where, Path):
         return read_reference(where, str(where)), ""
     import mlflow

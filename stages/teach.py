@@ -87,24 +87,25 @@ _VERSION = re.compile(r"^(?:(?P<name>[^/@\s]+)/)?(?P<version>\d+)$")
 _ALIAS = re.compile(r"^(?:(?P<name>[^/@\s]+)@)?(?P<alias>[A-Za-z_][\w-]*)$")
 
 
-def parse_reference(ref: str, model_name: str) -> tuple[str, str, str] | Path:
-    """A model directory (a path that exists, or one written like a path), or a registry
+def parse_reference(ref: str, model_name: str, key: str = "distill.teacher", what: str = "model directory",
+                    folder: str = "graft model folder (with model.json and weights.pt, e.g. models/fine_tuned of another project)",
+                    ) -> tuple[str, str, str] | Path:  # fmt: skip
+    """A directory (a path that exists, or one written like a path), or a registry
     reference as (name, "version" | "alias", value); bare versions and aliases belong to
-    ``model_name``."""
+    ``model_name``. ``key``, ``what`` and ``folder`` say in messages which param it is and what it wants."""
     ref = ref.strip()
     looks_like_path = ref.startswith(("/", "./", "../", "~")) or ref.endswith("/")
     path = Path(ref).expanduser()
     if path.exists() or looks_like_path:
         if not path.is_dir():
-            raise GraftError(f"distill.teacher: {ref}: no such model directory. Name a graft model folder "
-                             "(with model.json and weights.pt, e.g. models/fine_tuned of another project) "
+            raise GraftError(f"{key}: {ref}: no such {what}. Name a {folder} "
                              "or a registered model (champion, name@alias, name/version).")  # fmt: skip
         return path
     if m := _VERSION.match(ref):
         return (m["name"] or model_name, "version", m["version"])
     if m := _ALIAS.match(ref):
         return (m["name"] or model_name, "alias", m["alias"])
-    raise GraftError(f"distill.teacher: '{ref}' is neither a model directory nor a registry reference "
+    raise GraftError(f"{key}: '{ref}' is neither a {what} nor a registry reference "
                      "(champion, name@alias, name/version, a version number)")  # fmt: skip
 
 
