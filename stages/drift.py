@@ -628,6 +628,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, type=Path, help=f"report directory ({REPORT}, {PLOT})")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
+    from stages import threads
+
+    threads.sizer("drift")  # before any torch work: the CPUs other processes leave free
 
     from stages.backbone import LoadPretrainedParams
     from stages.register import RegisterParams

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reports", required=True, type=Path, help="directory for metrics and plots")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
+    from stages import threads
+
+    threads.sizer("evaluate")  # before any torch work: the CPUs other processes leave free
 
     import mlflow
 

@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drift", type=Path, help="the drift stage's report directory (reports/drift)")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
+    from stages import threads
+
+    threads.sizer("register")  # before any torch work: the CPUs other processes leave free
 
     # Loading the two models for the gate would draw MLflow's download bars into the log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

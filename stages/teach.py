@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, type=Path, help="JSON report to write (time, teacher accuracy)")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
+    from stages import threads
+
+    threads.sizer("teach")  # before any torch work: the CPUs other processes leave free
 
     params = load_section(DistillParams, "distill", args.params)
     if not params.references:
