@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,10 +39,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages import fsio, modeling
+from stages import distributed, fsio, modeling
 from stages.arrays import NpyReader, NpyWriter
-from stages.common import GraftError, fault_point, progress, stage_main
+from stages.common import STATUS_ENV, GraftError, fault_point, progress, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
+from stages.threads import ThreadSizer
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class FineTuneParams:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     channels_last: bool = True  # 1.5 to 2.7 times faster on CPU (stack-notes.md)
     eval_batch_size: int = 256  # predictions per batch: validation here, the test split in evaluate
+    nproc: int = 1  # processes (ranks) under torchrun with DistributedDataParallel; batch_size stays the global batch
+    sync_batchnorm: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
 
     def validate(self) -> None:
         checks = {
@@ -71,6 +75,7 @@ class FineTuneParams:
             "head_epochs": 0 <= self.head_epochs, "lr_decay": 0 < self.lr_decay <= 1,
             "warmup_epochs": self.warmup_epochs >= 0, "crop_padding": self.crop_padding >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1, "eval_batch_size": self.eval_batch_size >= 1,
+            "nproc": self.nproc >= 1,
         }  # fmt: skip
         for key, ok in checks.items():
             if not ok:
@@ -278,6 +283,8 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
     distill: Distillation | None = None,
+    threads: ThreadSizer | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place; the pure core of the stage (no params file, no MLflow).
 
@@ -285,13 +292,33 @@ def train(
     with the same ``run_key``, training resumes from it; ``checkpoint_extra`` is stored in
     it as is (the MLflow run id, say). ``on_epoch`` receives each epoch's record (for
     logging); if it raises, training stops after the checkpoint. ``distill``: train on a
-    teacher's soft labels as well as the labels (:func:`distillation_loss`).
+    teacher's soft labels as well as the labels (:func:`distillation_loss`). ``threads``:
+    re-sizes torch's thread pool between batches to the CPUs other processes leave free.
+    ``on_step(step, loss)``: each optimizer step's loss over the whole (global) batch, on
+    rank 0.
+
+    Under torchrun (``stages.distributed``) every rank calls this with the same arguments:
+    each trains on its slice of every batch, rank 0 alone validates and writes.
     """
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(p.seed)
+    rk = distributed.current()
+    torch.manual_seed(p.seed + rk.rank)  # rank 0 draws what a single process draws
     device = modeling.resolve_device(p.device)
+    if rk.distributed and device.type == "cuda":
+        device = torch.device("cuda", rk.local)  # one GPU per rank on its node
+    if rk.distributed and p.mode == "feature_extraction":
+        raise GraftError("fine_tune: feature_extraction trains the head on cached features in one process; "
+                         "set fine_tune.nproc to 1 for it")  # fmt: skip
+    if rk.distributed and p.sync_batchnorm:
+        if device.type != "cuda":
+            raise GraftError("params.yaml: fine_tune.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU "
+                             "kernel); on CPU leave it false: each rank normalises with its own slice's statistics")  # fmt: skip
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # same parameter and buffer names: it saves as the plain model
+    distributed.init(rk, device)
     model.to(device)
     if p.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -312,17 +339,21 @@ def train(
     start, best_acc, best_loss, best_epoch, bad_epochs = 0, -1.0, math.inf, -1, 0
     best_state: dict[str, Any] = {}
     resumed_from = None
-    if checkpoint is not None and checkpoint.is_file():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if rk.distributed:
+        ck = distributed.broadcast_checkpoint(checkpoint, rk) or {}
+    else:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint and checkpoint.is_file() else {}
+    if ck:
         if ck.get("run_key") == run_key:
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
-            torch.set_rng_state(ck["torch_rng"])
+            torch.set_rng_state(ck["torch_rng_ranks"][rk.rank] if rk.distributed else ck["torch_rng"])
             history, best_state = ck["history"], ck["best_state"]
             best_acc, best_loss, best_epoch, bad_epochs = ck["best_acc"], ck["best_loss"], ck["best_epoch"], ck["bad_epochs"]
             start = resumed_from = ck["epoch"] + 1
-            print(f"fine_tune: resuming after epoch {ck['epoch'] + 1} from {checkpoint}")
+            if rk.leader:
+                print(f"fine_tune: resuming after epoch {ck['epoch'] + 1} from {checkpoint}")
     if history and bad_epochs >= p.patience:
         start = p.epochs  # the interrupted run had already stopped early
 
@@ -343,30 +374,44 @@ def train(
         )
         cache_seconds = time.perf_counter() - t0
     stopped_early = False
+    net, wrapped_for = model, None  # what the batches go through: the model, or its DDP wrapper
     for epoch in range(start, p.epochs):
         t0 = time.perf_counter()
         unfrozen = active if epoch >= p.head_epochs else head_only
         set_trainable(groups, unfrozen)
+        if rk.distributed and wrapped_for != unfrozen:
+            # DDP fixes the parameters it synchronises when it is built: a new wrapper when
+            # gradual unfreezing changes them (every rank at the same epoch).
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = None
+            net = DistributedDataParallel(model, device_ids=[rk.local] if device.type == "cuda" else None)
+            wrapped_for = unfrozen
         model.train()
         freeze_batchnorm_stats(model)
         order, rng = epoch_order(len(train_split.y), p.seed, epoch)
-        total_loss, correct = 0.0, 0
-        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch", leave=False)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch", leave=False,
+                       disable=not rk.leader)  # fmt: skip
         for b in bar:
             idx = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
-            y = torch.from_numpy(train_split.y[idx]).to(device)
+            # Under torchrun: this rank's slice of the global batch (all of it otherwise).
+            part, weight = distributed.shard(len(idx), rk) if rk.distributed else (slice(None), 1.0)
+            y = torch.from_numpy(train_split.y[idx][part]).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 if cached is not None:
                     feats = torch.from_numpy(cached[0][idx]).to(device)
                     drop = getattr(model, "drop_rate", 0.0)
                     logits = model.get_classifier()(F.dropout(feats, p=drop, training=True))
                 else:
-                    batch = cfg.kind.augment(train_split.x[idx], rng, p)
-                    logits = model(modeling.to_input(batch, cfg, device, p.channels_last))
+                    # The whole batch is augmented on every rank, then sliced: the same
+                    # random flips and crops as one process, whatever the world size.
+                    batch = cfg.kind.augment(train_split.x[idx], rng, p)[part]
+                    logits = net(modeling.to_input(batch, cfg, device, p.channels_last))
                 if distill is not None:
                     # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
                     # leave its prediction nearly unchanged, and it costs no teacher forward.
-                    soft = torch.from_numpy(np.asarray(distill.logits[idx])).to(device)
+                    soft = torch.from_numpy(np.asarray(distill.logits[idx])[part]).to(device)
                     loss = distillation_loss(logits, soft, y, distill.temperature, distill.alpha, p.label_smoothing)
                 else:
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
@@ -378,15 +423,39 @@ def train(
                     f"`graft run --set fine_tune.lr={p.lr / 10:g}`. No model was saved."
                 )
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * weight if weight != 1.0 else loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
+            if threads is not None:
+                threads.step()
+            if weight:  # a zero-weight stand-in sample counts for nothing
+                total_loss += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if on_step is not None:
+                step_loss = loss.item()
+                if rk.distributed:  # the global batch's mean: the slices' sums over their sizes
+                    import torch.distributed as dist
+
+                    sums = torch.tensor([step_loss * len(y) * (weight > 0), len(y) * (weight > 0)], dtype=torch.float64)
+                    dist.all_reduce(sums)
+                    step_loss = float(sums[0] / sums[1])
+                if rk.leader:
+                    on_step(epoch * steps_per_epoch + b + 1, step_loss)
+            fault_point(f"fine_tune_rank{rk.rank}_epoch{epoch + 1}_batch{b + 1}")  # the kill tests' mid-epoch point
         train_seconds = time.perf_counter() - t0
-        val_loss, val_nll, val_acc = _evaluate(model, val_split, cfg, device, p, cached[1] if cached else None)
+        if rk.distributed:  # the epoch's training loss and accuracy over every rank's slices
+            import torch.distributed as dist
+
+            sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+            dist.all_reduce(sums)
+            total_loss, correct = float(sums[0]), int(sums[1])
+        # Rank 0 validates (its BatchNorm statistics are the ones DDP spreads) and every
+        # rank takes its verdict, so they all stop at the same epoch.
+        val = _evaluate(model, val_split, cfg, device, p, cached[1] if cached else None) if rk.leader else None
+        val_loss, val_nll, val_acc = distributed.broadcast(val, rk)
         counts = modeling.count_parameters(model)
         record = {
             "epoch": epoch + 1,
@@ -399,6 +468,7 @@ def train(
             "samples_per_second": len(train_split.y) / train_seconds,
             "trainable_parameters": counts["trainable"],
             "frozen_parameters": counts["frozen"],
+            "threads": torch.get_num_threads(),  # at the epoch's end: throughput is read against it
         }
         for g in optimizer.param_groups:  # one learning rate per layer group
             record.setdefault(f"lr_{g['name'].rsplit('_', 1)[0]}", g["lr"])
@@ -410,27 +480,30 @@ def train(
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-        print(
+        if rk.leader:
+            print(
             f"epoch {epoch + 1}/{p.epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
             f"val loss {val_loss:.4f} acc {val_acc:.4f} | {record['samples_per_second']:.0f} samples/s, "
             f"{record['epoch_seconds']:.1f}s, {counts['trainable']:,} trainable",
             flush=True,
-        )
-        if checkpoint is not None:
+            )  # fmt: skip
+        rngs = distributed.gather(torch.get_rng_state(), rk)  # every rank's, for an exact resume
+        if checkpoint is not None and rk.leader:
             state = {
                 "run_key": run_key, "epoch": epoch, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "history": history, "best_state": best_state,
+                "torch_rng": torch.get_rng_state(), "torch_rng_ranks": rngs, "history": history, "best_state": best_state,
                 "best_acc": best_acc, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 **(checkpoint_extra or {}),
             }  # fmt: skip
             with fsio.atomic_path(checkpoint) as tmp:
                 torch.save(state, tmp)
-        if on_epoch is not None:
+        if on_epoch is not None and rk.leader:
             on_epoch(record)
         if bad_epochs >= p.patience:
             stopped_early = True
-            print(f"fine_tune: no better validation accuracy for {p.patience} epochs; stopping early")
+            if rk.leader:
+                print(f"fine_tune: no better validation accuracy for {p.patience} epochs; stopping early")
             break
     if cache_dir is not None:
         cached = None
@@ -552,10 +625,27 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
     import torch
 
-    from stages import teach, tracking
+    from stages import teach, threads, tracking
     from stages.preprocess import load_split
 
     params = load_section(FineTuneParams, "fine_tune", args.params)
+    rk = distributed.current()
+    if params.nproc > 1 and not rk.distributed:
+        if params.mode == "feature_extraction":
+            print(f"fine_tune: fine_tune.nproc={params.nproc} ignored: feature_extraction trains the head on cached "
+                  "features, seconds of work for one process")  # fmt: skip
+        else:
+            # The same stage again, as nproc ranks; the ranks report through this process.
+            print(f"fine_tune: {params.nproc} processes under torchrun (DistributedDataParallel, "
+                  f"{'NCCL' if modeling.resolve_device(params.device).type == 'cuda' else 'gloo'}); "
+                  f"global batch {params.batch_size}", flush=True)  # fmt: skip
+            env = {k: v for k, v in os.environ.items() if k != STATUS_ENV}
+            code = distributed.launch(params.nproc, "stages.fine_tune", sys.argv[1:] if argv is None else argv, env)
+            if code:
+                raise SystemExit(f"fine_tune: a rank under torchrun failed (exit code {code}; its output is above); "
+                                 "rerun: training resumes from the last epoch's checkpoint")  # fmt: skip
+            return
+    sizer = threads.sizer("fine_tune" + (f" rank {rk.rank}" if rk.distributed else ""))
     model, cfg = modeling.load(args.pretrained)
     train_split, val_split = (Split(*load_split(args.prepared, s)) for s in ("train", "val"))
     distill, teachers = load_distillation(args.teacher, args.prepared, args.params) if args.teacher else (None, [])
@@ -564,6 +654,10 @@ def main(argv: list[str] | None = None) -> None:
     teacher_key = [fsio.sha256_file(distill.logits.path), distill.temperature, distill.alpha] if distill else None
     run_key = fingerprint(asdict(params), fsio.sha256_file(args.pretrained / modeling.WEIGHTS), data_hash,
                           *([teacher_key] if teacher_key else []))  # fmt: skip
+    if not rk.leader:  # rank 0 alone logs and writes; the others train with it
+        train(model, cfg, train_split, val_split, params, args.checkpoint, run_key, distill=distill, threads=sizer)
+        distributed.shutdown()
+        return
     previous = torch.load(args.checkpoint, map_location="cpu", weights_only=False) if args.checkpoint.is_file() else {}
     resume_run = previous.get("mlflow_run_id") if previous.get("run_key") == run_key else None
 
@@ -598,7 +692,8 @@ def main(argv: list[str] | None = None) -> None:
 
         # Checkpoints carry the run id, so a resumed training logs into the same run.
         result = train(model, cfg, train_split, val_split, params, args.checkpoint, run_key,
-                       on_epoch=log_epoch, checkpoint_extra={"mlflow_run_id": run.info.run_id}, distill=distill)
+                       on_epoch=log_epoch, checkpoint_extra={"mlflow_run_id": run.info.run_id}, distill=distill,
+                       threads=sizer)
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
@@ -621,9 +716,11 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics({f"fit_{k}": float(v) for k, v in summary.items()})
         # What `graft reproduce` compares a rerun's weights with, byte for byte.
         mlflow.set_tag(tracking.WEIGHTS_TAG, fsio.sha256_file(args.out / modeling.WEIGHTS))
+        mlflow.set_tag("graft.threads", sizer.describe())  # why this run's samples/s were what they were
         mlflow.log_artifact(str(args.history), "training")
         mlflow.log_artifact(str(args.plot), "training")
     args.checkpoint.unlink(missing_ok=True)  # the final model is saved; nothing to resume
+    distributed.shutdown()
     print(
         f"fine_tune: {params.mode}, best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
         f"of {len(result.history)}, {summary['train_seconds']:.0f}s, {summary['samples_per_second_mean']:.0f} samples/s "
