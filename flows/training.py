@@ -121,13 +121,16 @@ def _retry_condition(task_, task_run, state) -> bool:
 
 
 @task(retry_condition_fn=_retry_condition)
-def run_stage(root: str, stage: str, env: dict[str, str], from_remote: bool = False):
+def run_stage(root: str, stage: str, env: dict[str, str], from_remote: bool = False, planned: bool = True):
     """Run one DVC stage (``dvc repro --single-item``) if DVC finds it stale; its output
     goes to the Prefect log. Returns ``ran``, ``restored`` (DVC put the outputs back
     from its run-cache without running the stage's code), or a ``Cached`` state.
-    ``from_remote``: the run-cache may also come from the DVC remote (``--pull``)."""
+    ``from_remote``: the run-cache may also come from the DVC remote (``--pull``).
+    ``planned=False``: DVC's status at the start of the run found neither the stage nor
+    anything upstream of it changed, so it is Cached without asking DVC again (each
+    question opens the repository: 0.5 s a stage, most of a no-op run's time)."""
     logger = get_run_logger()
-    if not stale_stages(Path(root), [stage]):
+    if not planned or not stale_stages(Path(root), [stage]):
         return Completed(message=f"DVC: stage '{stage}' unchanged, skipped", name="Cached", data="cached")
     status_file = Path(root) / STATUS_DIR / f"{stage}.json"
     status_file.unlink(missing_ok=True)
@@ -374,7 +377,8 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
                 # a failed push is queued and retried by every later push.
                 remote.push(root, logger, run_id=flow_run_id)
             # wait_for: the upstream stages' states, so Prefect's run graph is DVC's graph.
-            state = runner(str(root), stage, env, from_remote, wait_for=[states[u] for u in graph.upstream[stage]], return_state=True)
+            state = runner(str(root), stage, env, from_remote, stage in planned,
+                           wait_for=[states[u] for u in graph.upstream[stage]], return_state=True)  # fmt: skip
             states[stage] = state
             if not state.is_completed():
                 failure = state.data if isinstance(state.data, StageFailed) else None
