@@ -105,6 +105,7 @@ bench: setup mnist-data  ## run the benchmarks alone (about 1.5 hours here), rew
 	$(BIN)/python benchmarks/memory.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/distill.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/drift.py --json benchmarks/results-cpu.json
+	$(BIN)/python benchmarks/machine.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/text.py --json benchmarks/results-text-cpu.json
 	$(BIN)/python benchmarks/report.py
 

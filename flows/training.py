@@ -78,14 +78,28 @@ class Pipeline:
 def pipeline(root: Path) -> Pipeline:
     """The pipeline's graph, from DVC's own index (an edge points from a stage to a stage
     it depends on)."""
-    import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        order = [s.name for s in reversed(list(nx.topological_sort(graph)))]
-        upstream = {s.name: sorted(d.name for d in graph.successors(s)) for s in graph.nodes}
+        return _graph(repo)
+
+
+def _graph(repo) -> Pipeline:
+    import networkx as nx
+
+    graph = repo.index.graph
+    order = [s.name for s in reversed(list(nx.topological_sort(graph)))]
+    upstream = {s.name: sorted(d.name for d in graph.successors(s)) for s in graph.nodes}
     return Pipeline(order, upstream)
+
+
+def plan(root: Path) -> tuple[Pipeline, list[str]]:
+    """The graph and the stages DVC sees as changed, from one opening of the repository
+    (each opening costs a few tenths of a second: a no-op run is mostly this)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return _graph(repo), sorted(key.rsplit(":", 1)[-1] for key in repo.status())
 
 
 def stale_stages(root: Path, stages: list[str] | None = None) -> list[str]:
@@ -327,15 +341,13 @@ def _write_overrides(root: Path, overrides: list[str], logger) -> None:
 
 
 def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]:
-    import mlflow
     from prefect.runtime import flow_run
 
     from stages import tracking
 
     from flows import remote
 
-    graph = pipeline(root)
-    stale = stale_stages(root)
+    graph, stale = plan(root)
     # Outputs missing here but recorded in dvc.lock (a fresh clone, a clean worker): the
     # DVC remote may hold them, and restoring beats recomputing.
     pulled = remote.pull(root, stale, logger) if stale else []
@@ -347,6 +359,8 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
     parent_id = None
     client = None
     if planned:
+        import mlflow  # only when something runs: its import is a second of a no-op run
+
         experiment_id = tracking.configure(root)
         client = mlflow.MlflowClient()
         tags = {**tracking.run_tags(root, data=False), "graft.kind": "flow", "mlflow.runName": f"flow-{flow_run.name or 'local'}",
@@ -401,7 +415,7 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
     summary = read_summary(root, results)
     summary["flow_run_id"] = flow_run_id
     summary["mlflow_parent_run_id"] = parent_id
-    summary["tracking_uri"] = mlflow.get_tracking_uri() if client else None
+    summary["tracking_uri"] = mlflow.get_tracking_uri() if client else None  # mlflow: imported above when client is set
     if client and parent_id:
         metrics = summary.get("metrics") or {}
         for k in ("accuracy", "macro_f1", "ece"):
