@@ -348,7 +348,10 @@ def train(
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
-            torch.set_rng_state(ck["torch_rng_ranks"][rk.rank] if rk.distributed else ck["torch_rng"])
+            # Each rank's own RNG state where the checkpoint has it (a checkpoint of another
+            # world size, or older than graft's torchrun, has rank 0's alone).
+            rngs = ck.get("torch_rng_ranks") or []
+            torch.set_rng_state(rngs[rk.rank] if rk.distributed and rk.rank < len(rngs) else ck["torch_rng"])
             history, best_state = ck["history"], ck["best_state"]
             best_acc, best_loss, best_epoch, bad_epochs = ck["best_acc"], ck["best_loss"], ck["best_epoch"], ck["bad_epochs"]
             start = resumed_from = ck["epoch"] + 1
