@@ -150,6 +150,9 @@ def run_stages(project: Path, stages=MEASURED) -> dict[str, dict]:
     from tests.conftest import project_env
 
     env = project_env(project)
+    # One thread count at both sizes: each thread's buffers are memory too, and the sizer's
+    # choice (stages/threads.py) depends on what else runs, this sampler included.
+    env.setdefault("GRAFT_THREADS", str(len(os.sched_getaffinity(0))))
     out = {}
     for stage in stages:
         r = out[stage] = run_stage(project, stage, env)
