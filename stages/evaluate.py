@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     headline = {k: m[k] for k in ("accuracy", "macro_f1", "ece", "n")}
     headline["per_class_f1"] = {c: v["f1"] for c, v in m["per_class"].items()}
     fsio.write_json(out / "metrics.json", headline)
-    fsio.write_json(out / "evaluation.json", m)
+    fsio.write_json(out / "evaluation.json", {**m, "tta": modeling.tta_of(cfg)})
     pred = probs.argmax(1)
     names = np.array(cfg.classes)
     rows = ["id,actual,predicted,confidence"] + [
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     with mlflow.start_run(run_id=run_id):
         tracking.log_datasets(args.prepared, {"test": "testing"})
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items() if k != "per_class_f1"})
+        mlflow.set_tag("graft.tta", modeling.tta_of(cfg))  # the test-time augmentation these figures include
         mlflow.log_metrics({f"test_f1_{c.replace('/', '_')}": v for c, v in headline["per_class_f1"].items()})
         mlflow.log_metrics({f"serving_{k}": float(v) for k, v in cost.items()})
         for path in [*(out / name for name in ("metrics.json", "evaluation.json", "confusion_matrix.csv",
@@ -229,11 +230,16 @@ def main(argv: list[str] | None = None) -> None:
                                                "serving.json")), *shown]:
             mlflow.log_artifact(str(path), "evaluation")
     print(
-        f"evaluate: test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
+        f"evaluate: test accuracy {m['accuracy']:.4f}{tta_note(cfg)}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
         f"on {m['n']} {cfg.kind.SAMPLES} -> {out}/ (MLflow run {run_id})\n"
         f"evaluate: serving cost {cost['latency_ms_b1']:.1f} ms per sample at batch 1, {cost['throughput_b64']:.0f} "
         f"samples/s at batch 64, {cost['size_mb']:.1f} MB of weights"
     )
+
+
+def tta_note(cfg) -> str:
+    how = modeling.tta_of(cfg)
+    return "" if how == "none" else f" (test-time augmentation: {how})"
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class FineTuneParams:
     eval_batch_size: int = 256  # predictions per batch: validation here, the test split in evaluate
     nproc: int = 1  # processes (ranks) under torchrun with DistributedDataParallel; batch_size stays the global batch
     sync_batchnorm: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
+    ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights (0.999, say)
+    min_image_size: int | None = None  # images: progressive resizing, the first epoch at this size, growing to full
+    tta: str = "none"  # none | a test-time view of the modality (images: hflip), saved with the model
 
     def validate(self) -> None:
         checks = {
@@ -75,7 +78,8 @@ class FineTuneParams:
             "head_epochs": 0 <= self.head_epochs, "lr_decay": 0 < self.lr_decay <= 1,
             "warmup_epochs": self.warmup_epochs >= 0, "crop_padding": self.crop_padding >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1, "eval_batch_size": self.eval_batch_size >= 1,
-            "nproc": self.nproc >= 1,
+            "nproc": self.nproc >= 1, "ema_decay": 0 <= self.ema_decay < 1,
+            "min_image_size": self.min_image_size is None or self.min_image_size >= 8,
         }  # fmt: skip
         for key, ok in checks.items():
             if not ok:
@@ -198,6 +202,61 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (parameters and BatchNorm
+    statistics), updated after every optimizer step: the averaged model generalises
+    better than the last step's, most of all at the end of a short schedule.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the
+    average forgets the pretrained starting point within a few hundred steps instead of
+    the thousands ``decay`` alone would take (TensorFlow's and timm's convention)."""
+
+    def __init__(self, model, decay: float):
+        import copy
+
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        for t in self.model.parameters():
+            t.requires_grad_(False)
+
+    def update(self, model) -> None:
+        import torch
+
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            avg, cur = self.model.state_dict(), model.state_dict()
+            floats = [k for k, v in avg.items() if v.is_floating_point()]
+            torch._foreach_lerp_([avg[k] for k in floats], [cur[k].detach() for k in floats], 1.0 - d)
+            for k, v in avg.items():
+                if not v.is_floating_point():
+                    v.copy_(cur[k])  # counters (BatchNorm's batches seen): the live model's
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+def progressive_size(p: FineTuneParams, epoch: int, full: int) -> int:
+    """The input size of ``epoch`` under progressive resizing: ``min_image_size`` at the
+    first epoch, growing linearly to the prepared size at the last, in steps of 8 pixels
+    (what the networks' strides divide evenly); validation and testing stay at full size."""
+    low = min(p.min_image_size or full, full)
+    frac = epoch / (p.epochs - 1) if p.epochs > 1 else 1.0  # a single epoch trains at full size
+    return min(full, max(low, int(round((low + (full - low) * frac) / 8)) * 8))
+
+
+def with_tta(cfg: modeling.ModelConfig, tta: str) -> modeling.ModelConfig:
+    """The model's config with its test-time augmentation, saved in model.json so that
+    evaluate, the promotion gate and the registered pyfunc predict the same way."""
+    from dataclasses import replace
+
+    return replace(cfg, input={**cfg.input, "tta": tta}) if tta != "none" else cfg
+
+
 # --- data --------------------------------------------------------------------------------
 
 
@@ -318,6 +377,11 @@ def train(
         from timm.layers import convert_sync_batchnorm
 
         model = convert_sync_batchnorm(model)  # same parameter and buffer names: it saves as the plain model
+    if p.tta != "none" and p.tta not in cfg.kind.TEST_VIEWS:
+        offered = ", ".join(cfg.kind.TEST_VIEWS) or "none for this modality"
+        raise GraftError(f"params.yaml: fine_tune.tta={p.tta!r} is not a test-time augmentation of {cfg.modality} "
+                         f"models; use none ({cfg.modality} offers: {offered})")  # fmt: skip
+    cfg = with_tta(cfg, p.tta)  # validation predicts as the shipped model will
     distributed.init(rk, device)
     model.to(device)
     if p.channels_last:
@@ -335,6 +399,8 @@ def train(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
+    ema = WeightAverage(model, p.ema_decay) if p.ema_decay else None
+
     history: list[dict[str, Any]] = []
     start, best_acc, best_loss, best_epoch, bad_epochs = 0, -1.0, math.inf, -1, 0
     best_state: dict[str, Any] = {}
@@ -348,6 +414,8 @@ def train(
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
             # Each rank's own RNG state where the checkpoint has it (a checkpoint of another
             # world size, or older than graft's torchrun, has rank 0's alone).
             rngs = ck.get("torch_rng_ranks") or []
@@ -393,6 +461,7 @@ def train(
         model.train()
         freeze_batchnorm_stats(model)
         order, rng = epoch_order(len(train_split.y), p.seed, epoch)
+        size = None  # progressive resizing: this epoch's input size, known from the first batch
         total_loss, correct, seen = 0.0, 0, 0
         bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch", leave=False,
                        disable=not rk.leader)  # fmt: skip
@@ -410,7 +479,11 @@ def train(
                     # The whole batch is augmented on every rank, then sliced: the same
                     # random flips and crops as one process, whatever the world size.
                     batch = cfg.kind.augment(train_split.x[idx], rng, p)[part]
-                    logits = net(modeling.to_input(batch, cfg, device, p.channels_last))
+                    inp = modeling.to_input(batch, cfg, device, p.channels_last)
+                    if p.min_image_size is not None:
+                        size = progressive_size(p, epoch, inp.shape[-1])
+                        inp = cfg.kind.rescale(inp, size)
+                    logits = net(inp)
                 if distill is not None:
                     # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
                     # leave its prediction nearly unchanged, and it costs no teacher forward.
@@ -430,6 +503,8 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             if threads is not None:
                 threads.step()
             if weight:  # a zero-weight stand-in sample counts for nothing
@@ -457,7 +532,10 @@ def train(
             total_loss, correct = float(sums[0]), int(sums[1])
         # Rank 0 validates (its BatchNorm statistics are the ones DDP spreads) and every
         # rank takes its verdict, so they all stop at the same epoch.
-        val = _evaluate(model, val_split, cfg, device, p, cached[1] if cached else None) if rk.leader else None
+        shipped = ema.model if ema is not None else model  # what validation judges is what ships
+        # Cached features are of the plain samples: with test-time views, the backbone runs.
+        feats = cached[1] if cached and p.tta == "none" else None
+        val = _evaluate(shipped, val_split, cfg, device, p, feats) if rk.leader else None
         val_loss, val_nll, val_acc = distributed.broadcast(val, rk)
         counts = modeling.count_parameters(model)
         record = {
@@ -473,6 +551,8 @@ def train(
             "frozen_parameters": counts["frozen"],
             "threads": torch.get_num_threads(),  # at the epoch's end: throughput is read against it
         }
+        if size:
+            record["image_size"] = size
         for g in optimizer.param_groups:  # one learning rate per layer group
             record.setdefault(f"lr_{g['name'].rsplit('_', 1)[0]}", g["lr"])
         if cached is not None and epoch == start:
@@ -480,7 +560,7 @@ def train(
         history.append(record)
         if val_acc > best_acc or (val_acc == best_acc and val_nll < best_loss):
             best_acc, best_loss, best_epoch, bad_epochs = val_acc, val_nll, epoch + 1, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in shipped.state_dict().items()}
         else:
             bad_epochs += 1
         if rk.leader:
@@ -497,7 +577,7 @@ def train(
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "torch_rng_ranks": rngs, "history": history, "best_state": best_state,
                 "best_acc": best_acc, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                **(checkpoint_extra or {}),
+                **({"ema": ema.state_dict()} if ema is not None else {}), **(checkpoint_extra or {}),
             }  # fmt: skip
             with fsio.atomic_path(checkpoint) as tmp:
                 torch.save(state, tmp)
@@ -709,7 +789,7 @@ def main(argv: list[str] | None = None) -> None:
         with fsio.atomic_dir(args.out) as tmp:
             lineage = {"distilled_from": {"teachers": teachers, "temperature": distill.temperature,
                                           "alpha": distill.alpha}} if distill else {}  # fmt: skip
-            modeling.save(tmp, model, cfg, extra={"mode": params.mode, "training": summary, **lineage},
+            modeling.save(tmp, model, with_tta(cfg, params.tta), extra={"mode": params.mode, "training": summary, **lineage},
                           assets=args.pretrained / modeling.ASSETS)
             fsio.write_json(tmp / tracking.RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         write_history_csv(result.history, args.history)

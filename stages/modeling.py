@@ -65,21 +65,31 @@ def to_input(batch: np.ndarray, cfg: ModelConfig, device, channels_last: bool = 
     return cfg.kind.to_input(batch, cfg, device, channels_last)
 
 
+def tta_of(cfg: ModelConfig) -> str:
+    """The model's test-time augmentation ("none", or a view of its modality's TEST_VIEWS)."""
+    return cfg.input.get("tta", "none")
+
+
 def predict_proba(model, samples: np.ndarray, cfg: ModelConfig, device=None, batch_size: int = 256,
-                  channels_last: bool = True, desc: str | None = None) -> np.ndarray:
-    """Class probabilities (N, C) for encoded samples, in eval mode, without gradients."""
+                  channels_last: bool = True, desc: str | None = None, tta: str | None = None) -> np.ndarray:
+    """Class probabilities (N, C) for encoded samples, in eval mode, without gradients.
+
+    With test-time augmentation (``tta``, by default the model's own, saved in its
+    config) the probabilities are the mean over the modality's views of each sample."""
     import torch
 
     from stages.common import progress
 
     device = device or next(model.parameters()).device
+    how = tta_of(cfg) if tta is None else tta
     model.eval()
     out = []
     starts = range(0, len(samples), batch_size)
     with torch.inference_mode():
         for s in progress(starts, desc=desc, unit="batch", disable=desc is None):
-            logits = model(to_input(samples[s : s + batch_size], cfg, device, channels_last))
-            out.append(logits.float().softmax(dim=1).cpu().numpy())
+            views = cfg.kind.test_views(to_input(samples[s : s + batch_size], cfg, device, channels_last), how)
+            probs = sum(model(v).float().softmax(dim=1) for v in views) / len(views)
+            out.append(probs.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(cfg.classes)), dtype=np.float32)
 
 

@@ -92,7 +92,11 @@ def log_candidate(model_dir: Path, example):
     artifacts = {serving.MODEL_ARTIFACT: str(model_dir)}
     wrapper = serving.GraftClassifier()  # only to compute the output schema here
     wrapper.load_context(type("Ctx", (), {"artifacts": artifacts})())
-    signature = mlflow.models.infer_signature(example_df, wrapper.predict(None, example_df))
+    from stages import modeling
+
+    # The params a caller may pass at predict time, with the model's own as defaults.
+    signature = mlflow.models.infer_signature(example_df, wrapper.predict(None, example_df),
+                                              params={"tta": modeling.tta_of(wrapper.cfg)})  # fmt: skip
     stages_dir = Path(serving.__file__).parent
     return mlflow.pyfunc.log_model(
         name="model",

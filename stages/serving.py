@@ -6,7 +6,8 @@ tokenized with the tokenizer saved beside the weights) and feeds the model with
 from training. Input: a DataFrame with the modality's column: ``image`` (encoded image
 bytes: PNG, JPEG, BMP, WebP; base64 over JSON) or ``text`` (strings). Output: one row per
 sample with the predicted ``class``, its ``probability``, and one ``p_<class>`` column
-per class.
+per class. Param ``tta``: the test-time augmentation, by default the one the model was
+trained to ship with (``fine_tune.tta``); ``none`` turns it off (half the cost for images).
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ class GraftClassifier(mlflow.pyfunc.PythonModel):
         cfg, column = self.cfg, self.cfg.kind.INPUT_COLUMN
         if column not in model_input:
             raise ValueError(f"input needs a column '{column}' ({cfg.modality} model)")
+        tta = (params or {}).get("tta") or modeling.tta_of(cfg)
+        if tta != "none" and tta not in cfg.kind.TEST_VIEWS:
+            raise ValueError(f"params: tta={tta!r} is not a test-time augmentation of {cfg.modality} models; "
+                             f"use one of: {', '.join(('none', *cfg.kind.TEST_VIEWS))}")  # fmt: skip
         batch = self.encoder.batch(list(model_input[column]))
-        probs = modeling.predict_proba(self.model, batch, cfg)
+        probs = modeling.predict_proba(self.model, batch, cfg, tta=tta)
         best = probs.argmax(1) if len(probs) else np.zeros(0, dtype=int)
         out = pd.DataFrame({"class": [cfg.classes[i] for i in best], "probability": probs[np.arange(len(best)), best]})
         for i, c in enumerate(cfg.classes):

@@ -214,6 +214,27 @@ def to_input(batch: np.ndarray, cfg, device, channels_last: bool = True):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
+TEST_VIEWS = ("hflip",)  # test-time augmentation: the views predictions may average over
+
+
+def test_views(x, how: str) -> list:
+    """The model inputs whose predictions are averaged at test time: the image alone, or
+    (``hflip``) the image and its mirror image, as training's flips taught the model."""
+    return [x, x.flip(3)] if how == "hflip" else [x]
+
+
+def rescale(x, size: int):
+    """A batch of model inputs at ``size`` x ``size`` pixels (progressive resizing trains on
+    smaller images first). Antialiased, so shrinking averages pixels rather than skipping them."""
+    import torch
+    import torch.nn.functional as F
+
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else out
+
+
 def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
     """Random horizontal flip and padded random crop, on uint8 (N, H, W, 3)."""
     out = batch.copy()

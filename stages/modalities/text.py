@@ -609,6 +609,18 @@ def to_input(batch: np.ndarray, cfg, device, channels_last: bool = True):
     return torch.from_numpy(np.ascontiguousarray(batch[:, : max(width, 1)], dtype=np.int64)).to(device)
 
 
+TEST_VIEWS: tuple[str, ...] = ()  # no test-time augmentation for texts
+
+
+def test_views(x, how: str) -> list:
+    return [x]
+
+
+def rescale(x, size: int):
+    raise GraftError("params.yaml: fine_tune.min_image_size (progressive resizing) is for images; set it to null "
+                     "for a text model")
+
+
 def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
     """No augmentation for text (fine_tune.hflip and crop_padding are image settings)."""
     return batch

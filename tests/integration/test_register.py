@@ -104,3 +104,39 @@ def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):
     assert decision.n == len(truth)
     assert decision.champion_accuracy == pytest.approx(accuracy(vit.eval(), vit_cfg))
     assert decision.candidate_accuracy == pytest.approx(accuracy(candidate_model, candidate_cfg))
+
+
+def test_registered_model_flips_at_test_time_by_default_and_on_request_not(candidate):
+    """A model trained with fine_tune.tta=hflip serves the mean of each image's and its
+    mirror image's probabilities; the pyfunc's `tta` param turns that off per call."""
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from stages.fine_tune import with_tta
+    from stages.register import load_test_samples
+
+    model_dir, raw, prepared, run_id = candidate
+    model, cfg = modeling.load(model_dir)
+    modeling.save(model_dir, model, with_tta(cfg, "hflip"))
+    params = RegisterParams(model_name=NAME, min_accuracy=0.0, min_improvement=0.0)
+    decision, version = register(model_dir, raw, prepared, params, run_id, {}, {})
+    assert decision.promote
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
+    frame = load_test_samples(raw, prepared).frame().iloc[:4].reset_index(drop=True)
+
+    def mirrored(data: bytes) -> bytes:
+        import io
+
+        out = io.BytesIO()
+        Image.open(io.BytesIO(data)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out, format="PNG")
+        return out.getvalue()
+
+    cols = [f"p_{c}" for c in cfg.classes]
+    served = pyfunc.predict(frame)[cols].to_numpy()
+    plain = pyfunc.predict(frame, params={"tta": "none"})[cols].to_numpy()
+    flipped = pyfunc.predict(frame.assign(image=frame["image"].map(mirrored)), params={"tta": "none"})[cols].to_numpy()
+    assert np.allclose(served, (plain + flipped) / 2, atol=1e-5)
+    assert not np.allclose(served, plain, atol=1e-4)
+    with pytest.raises(Exception, match="tta='vflip'.*none, hflip"):
+        pyfunc.predict(frame, params={"tta": "vflip"})

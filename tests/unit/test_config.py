@@ -141,8 +141,14 @@ def test_presets_switch_modality_and_back_to_the_committed_params(tmp_path):
     as_text = apply_overrides(committed, preset_overrides("text", ROOT))
     assert as_text["ingest"]["source"] == "texttable" and as_text["ingest"]["drop_classes"] == ["plot"]
     assert apply_overrides(as_text, preset_overrides("image", ROOT)) == apply_overrides(committed, [])
-    with pytest.raises(ParamsError, match="no preset 'speech'.*known presets: image, text"):
+    with pytest.raises(ParamsError, match="no preset 'speech'.*known presets: full, image, text"):
         preset_overrides("speech", ROOT)
+    # The full-data profile changes keys the image preset restores: --preset image undoes it.
+    full = yaml.safe_load((ROOT / "presets" / "full.yaml").read_text())
+    assert {(s, k) for s, ks in full.items() for k in ks} <= keys["image"]
+    as_full = apply_overrides(committed, preset_overrides("full", ROOT))
+    assert as_full["ingest"]["max_train_per_class"] is None and as_full["fine_tune"]["tta"] == "hflip"
+    assert apply_overrides(as_full, preset_overrides("image", ROOT)) == apply_overrides(committed, [])
     # A backbone of the other modality is refused before anything runs, with the way out.
     with pytest.raises(ParamsError, match="known packaged text encoders.*--preset text"):
         apply_overrides(committed, ["ingest.source=texttable"])

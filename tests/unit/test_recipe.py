@@ -1,0 +1,123 @@
+"""The accuracy levers of fine_tune: a moving average of the weights (EMA), progressive
+resizing and test-time augmentation, on the tiny synthetic images of test_fine_tune."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from stages import modeling
+from stages.common import GraftError
+from stages.fine_tune import WeightAverage, progressive_size, train, with_tta
+
+from test_fine_tune import BASE, Crash, data, make_model  # noqa: F401  (data: the fixture)
+
+
+def test_weight_average_follows_the_warmed_up_decay():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    avg = WeightAverage(net, decay=0.9)
+    expected = {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+    for n in range(1, 30):
+        with torch.no_grad():
+            for t in net.parameters():
+                t.add_(torch.randn_like(t))
+        net.train()(torch.randn(4, 3))  # moves BatchNorm's running statistics too
+        avg.update(net)
+        d = min(0.9, (1 + n) / (10 + n))
+        for k in expected:
+            expected[k] = d * expected[k] + (1 - d) * net.state_dict()[k]
+    got = avg.model.state_dict()
+    for k, v in expected.items():
+        assert torch.allclose(got[k], v, atol=1e-5), k
+    assert torch.equal(got["1.num_batches_tracked"], net.state_dict()["1.num_batches_tracked"])
+    assert not any(t.requires_grad for t in avg.model.parameters())
+
+
+def test_ema_ships_the_averaged_weights_and_resumes_exactly(tmp_path, data):  # noqa: F811
+    train_split, val_split = data
+    p = replace(BASE, epochs=3, ema_decay=0.9, patience=99)
+    model, cfg = make_model()
+    r = train(model, cfg, train_split, val_split, p)
+    shipped = model.state_dict()
+    plain, cfg = make_model()
+    train(plain, cfg, train_split, val_split, replace(p, ema_decay=0.0))
+    # Same batches, same steps: only the average differs, so the weights must.
+    assert any(not torch.equal(shipped[k], plain.state_dict()[k]) for k in shipped if shipped[k].is_floating_point())
+    assert r.best_val_accuracy >= 0.75
+
+    ck = tmp_path / "ck.pt"
+
+    def crash_after_first(record):
+        if record["epoch"] == 1:
+            raise Crash
+
+    interrupted, cfg = make_model()
+    with pytest.raises(Crash):
+        train(interrupted, cfg, train_split, val_split, p, ck, run_key="k", on_epoch=crash_after_first)
+    assert "ema" in torch.load(ck, weights_only=False)
+    fresh, cfg = make_model()
+    r2 = train(fresh, cfg, train_split, val_split, p, ck, run_key="k")
+    assert r2.resumed_from == 1
+    assert all(torch.equal(fresh.state_dict()[k], shipped[k]) for k in shipped)
+
+
+def test_progressive_sizes_grow_to_full_in_steps_of_eight():
+    p = replace(BASE, epochs=5, min_image_size=32)
+    assert [progressive_size(p, e, 64) for e in range(5)] == [32, 40, 48, 56, 64]
+    assert [progressive_size(replace(p, epochs=1), 0, 64)] == [64]  # one epoch: the full size
+    assert progressive_size(replace(p, min_image_size=96), 0, 64) == 64  # never above the data's size
+
+
+def test_progressive_resizing_trains_small_and_validates_full(data):  # noqa: F811
+    train_split, val_split = data
+    model, cfg = make_model()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    r = train(model, cfg, train_split, val_split, replace(BASE, epochs=3, min_image_size=16, patience=99))
+    assert [h["image_size"] for h in r.history] == [16, 24, 32]
+    assert {s for training, s in seen if training} == {16, 24, 32}
+    assert {s for training, s in seen if not training} == {32}  # validation: the prepared size
+
+
+def test_tta_averages_the_mirror_image_and_is_saved_with_the_model(tmp_path, data):  # noqa: F811
+    _, val_split = data
+    model, cfg = make_model()
+    model.eval()
+    plain = modeling.predict_proba(model, val_split.x, cfg)
+    mirrored = modeling.predict_proba(model, val_split.x[:, :, ::-1], cfg)
+    tta_cfg = with_tta(cfg, "hflip")
+    both = modeling.predict_proba(model, val_split.x, tta_cfg)
+    assert np.allclose(both, (plain + mirrored) / 2, atol=1e-5)
+    assert not np.allclose(both, plain, atol=1e-4)  # the view changes the prediction: a real average
+    assert np.allclose(modeling.predict_proba(model, val_split.x, tta_cfg, tta="none"), plain, atol=1e-6)
+    modeling.save(tmp_path / "m", model, tta_cfg)
+    _, loaded = modeling.load(tmp_path / "m")
+    assert modeling.tta_of(loaded) == "hflip" and modeling.tta_of(cfg) == "none"
+
+
+def test_unknown_tta_is_named_with_what_the_modality_offers(data):  # noqa: F811
+    train_split, val_split = data
+    model, cfg = make_model()
+    with pytest.raises(GraftError, match=r"fine_tune.tta='vflip'.*image.*hflip"):
+        train(model, cfg, train_split, val_split, replace(BASE, tta="vflip"))
+
+
+def test_bad_lever_values_are_named():
+    for bad, key in ((replace(BASE, ema_decay=1.0), "ema_decay"), (replace(BASE, min_image_size=4), "min_image_size")):
+        with pytest.raises(GraftError, match=f"fine_tune.{key}"):
+            bad.validate()
+
+
+def test_a_tta_the_modality_lacks_is_refused_before_anything_runs():
+    from stages.config import ParamsError, apply_overrides, read_params
+    from tests.conftest import ROOT
+
+    committed = read_params(ROOT / "params.yaml")
+    with pytest.raises(ParamsError, match=r"fine_tune.tta='vflip'.*image models; use one of: none, hflip"):
+        apply_overrides(committed, ["fine_tune.tta=vflip"])
+    text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto"]
+    with pytest.raises(ParamsError, match=r"fine_tune.tta='hflip'.*text models; use one of: none$"):
+        apply_overrides(committed, [*text, "fine_tune.tta=hflip"])
+    assert apply_overrides(committed, [*text, "fine_tune.tta=none"])["fine_tune"]["tta"] == "none"
