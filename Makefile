@@ -100,12 +100,14 @@ run-text: setup  ## the text run: fresh vs rotten reviews, MiniLM fine-tuned (gr
 test: setup postgres browser sshd  ## set up, then run the whole test suite (slow integration tests included)
 	$(BIN)/python -m pytest
 
-bench: setup mnist-data  ## run the benchmarks alone (about 1.5 hours here), rewrite benchmarks/results-*.json and the README tables
+bench: setup mnist-data  ## run the benchmarks alone (about 2.5 hours here), rewrite benchmarks/results-*.json and the README tables
 	$(BIN)/python benchmarks/transfer.py --full --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/memory.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/distill.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/drift.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/machine.py --json benchmarks/results-cpu.json
+	$(BIN)/python benchmarks/accuracy.py --preset image --json benchmarks/results-cpu.json
+	$(BIN)/python benchmarks/accuracy.py --preset full --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/text.py --json benchmarks/results-text-cpu.json
 	$(BIN)/python benchmarks/report.py
 

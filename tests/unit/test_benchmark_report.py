@@ -181,3 +181,24 @@ def test_the_drift_table_is_the_rendering_of_the_results_file(results):
     assert block == report.render_drift(results), (
         "README.md's drift table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
     )
+
+
+def test_the_accuracy_figures_are_consistent(results):
+    """Each variant's shipped accuracy is the one of its own TTA setting, its curve runs in
+    time order to its total minutes, and its best epoch is the curve's best validation."""
+    for preset, a in results["accuracy_per_minute"].items():
+        for name, v in a["variants"].items():
+            tta = {**a["recipe"], **v["overrides"]}["tta"]
+            assert v["test_accuracy"] == v["test_accuracy_hflip_tta" if tta == "hflip" else "test_accuracy_no_tta"], name
+            minutes = [p["minutes"] for p in v["curve"]]
+            assert minutes == sorted(minutes) and minutes[-1] <= v["fine_tune_minutes"] and len(minutes) == v["epochs_run"]
+            assert max(p["val_accuracy"] for p in v["curve"]) == pytest.approx(v["best_val_accuracy"]), name
+
+
+@pytest.mark.parametrize("block", ["ACCURACY", "MACHINE"])
+def test_the_accuracy_and_machine_use_tables_are_the_rendering_of_the_results_file(results, block):
+    report = load("report")
+    current = report.current_block((ROOT / "README.md").read_text(), getattr(report, f"{block}_BEGIN"),
+                                   getattr(report, f"{block}_END"))  # fmt: skip
+    render = report.render_accuracy if block == "ACCURACY" else report.render_machine_use
+    assert current == render(results), f"README.md's {block.lower()} table is stale: run python benchmarks/report.py"
