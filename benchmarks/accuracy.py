@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from stages import fsio, modeling
 from stages.backbone import LoadPretrainedParams
 from stages.config import DEFAULT_PARAMS, apply_overrides, parse_value, preset_overrides, read_params, section
-from stages.fine_tune import FineTuneParams, Split, train
+from stages.fine_tune import FineTuneParams, Split, train, with_tta
 from stages.ingest import IngestParams
 from stages.preprocess import PreprocessParams, load_split
 
@@ -93,7 +93,7 @@ def run_variant(prepared: Path, backbone: LoadPretrainedParams, ft: FineTunePara
 
     result = train(model, cfg, tr, va, ft, on_epoch=on_epoch)
     minutes = (time.perf_counter() - clock[0]) / 60
-    shipped = replace(cfg, input={**cfg.input, "tta": ft.tta}) if ft.tta != "none" else cfg
+    shipped = with_tta(cfg, ft.tta)
     test = {}
     for tta in ("none", "hflip"):
         probs = modeling.predict_proba(model, te.x, shipped, batch_size=ft.eval_batch_size, tta=tta)

@@ -205,10 +205,12 @@ def check_all(params: dict[str, Any]) -> None:
     except GraftError as e:
         raise ParamsError(f"{e} (ingest.source {parsed['ingest'].source} is {parsed['ingest'].modality.SAMPLES}; "
                           "`graft run --preset text` or `--preset image` sets every key a modality needs)") from None
-    modality, tta = parsed["ingest"].modality, parsed["fine_tune"].tta
-    if tta != "none" and tta not in modality.TEST_VIEWS:
-        raise ParamsError(f"params.yaml: fine_tune.tta={tta!r} is not a test-time augmentation of {modality.NAME} "
-                          f"models; use one of: {', '.join(('none', *modality.TEST_VIEWS))}")  # fmt: skip
+    from stages import modeling
+
+    try:
+        modeling.check_tta(parsed["ingest"].modality, parsed["fine_tune"].tta, "params.yaml: fine_tune.tta")
+    except GraftError as e:
+        raise ParamsError(str(e)) from None
 
 
 PRESETS = Path("presets")

@@ -377,10 +377,7 @@ def train(
         from timm.layers import convert_sync_batchnorm
 
         model = convert_sync_batchnorm(model)  # same parameter and buffer names: it saves as the plain model
-    if p.tta != "none" and p.tta not in cfg.kind.TEST_VIEWS:
-        offered = ", ".join(cfg.kind.TEST_VIEWS) or "none for this modality"
-        raise GraftError(f"params.yaml: fine_tune.tta={p.tta!r} is not a test-time augmentation of {cfg.modality} "
-                         f"models; use none ({cfg.modality} offers: {offered})")  # fmt: skip
+    modeling.check_tta(cfg.kind, p.tta, "params.yaml: fine_tune.tta")
     cfg = with_tta(cfg, p.tta)  # validation predicts as the shipped model will
     distributed.init(rk, device)
     model.to(device)

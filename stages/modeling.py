@@ -65,6 +65,14 @@ def to_input(batch: np.ndarray, cfg: ModelConfig, device, channels_last: bool = 
     return cfg.kind.to_input(batch, cfg, device, channels_last)
 
 
+def check_tta(kind, tta: str, key: str) -> None:
+    """Refuse a test-time augmentation the modality ``kind`` does not offer, naming ``key``
+    (where the value came from) and the values it does offer."""
+    if tta != "none" and tta not in kind.TEST_VIEWS:
+        raise GraftError(f"{key}={tta!r} is not a test-time augmentation of {kind.NAME} models; "
+                         f"use one of: {', '.join(('none', *kind.TEST_VIEWS))}")  # fmt: skip
+
+
 def tta_of(cfg: ModelConfig) -> str:
     """The model's test-time augmentation ("none", or a view of its modality's TEST_VIEWS)."""
     return cfg.input.get("tta", "none")

@@ -40,9 +40,7 @@ class GraftClassifier(mlflow.pyfunc.PythonModel):
         if column not in model_input:
             raise ValueError(f"input needs a column '{column}' ({cfg.modality} model)")
         tta = (params or {}).get("tta") or modeling.tta_of(cfg)
-        if tta != "none" and tta not in cfg.kind.TEST_VIEWS:
-            raise ValueError(f"params: tta={tta!r} is not a test-time augmentation of {cfg.modality} models; "
-                             f"use one of: {', '.join(('none', *cfg.kind.TEST_VIEWS))}")  # fmt: skip
+        modeling.check_tta(cfg.kind, tta, "params: tta")
         batch = self.encoder.batch(list(model_input[column]))
         probs = modeling.predict_proba(self.model, batch, cfg, tta=tta)
         best = probs.argmax(1) if len(probs) else np.zeros(0, dtype=int)
