@@ -153,6 +153,11 @@ def run_stages(project: Path, stages=MEASURED) -> dict[str, dict]:
     # One thread count at both sizes: each thread's buffers are memory too, and the sizer's
     # choice (stages/threads.py) depends on what else runs, this sampler included.
     env.setdefault("GRAFT_THREADS", str(len(os.sched_getaffinity(0))))
+    # Every block over 64 KB mmapped and returned to the kernel when freed: the peak is
+    # then what the stage held at once. With glibc's moving threshold, freed blocks stay
+    # in the heap in a pattern that differs between runs: evaluate's peak at the same size
+    # varied by 80 MB (798 to 879), by 1 MB with this; it is a measurement setting.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     out = {}
     for stage in stages:
         r = out[stage] = run_stage(project, stage, env)

@@ -207,8 +207,10 @@ def read_modality(data_dir: Path):
     return modalities.get(fsio.read_json(meta).get("modality") if meta.is_file() else None)
 
 
-def read_manifest(raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Load ``manifest.csv`` and ``classes.json`` from an ingest output directory."""
+def read_manifest(raw_dir: Path, columns: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Load ``manifest.csv`` and ``classes.json`` from an ingest output directory; only
+    ``columns``, if given (a reader that needs three of them holds a fraction of the
+    memory: a full row's strings, its hashes and paths, take about a kilobyte)."""
     manifest_path, classes_path = raw_dir / "manifest.csv", raw_dir / "classes.json"
     for p in (manifest_path, classes_path):
         if not p.is_file():
@@ -217,10 +219,11 @@ def read_manifest(raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     numbers = [c for c, t in extra.items() if t == "Int64"]
     manifest = pd.read_csv(
         manifest_path,
+        usecols=columns,
         dtype={c: str for c in MANIFEST_COLUMNS + list(extra) if c not in ("label", *numbers)},
         keep_default_na=False,
         na_values={c: [""] for c in ("label", *numbers)},
-    ).astype({c: "Int64" for c in numbers})
+    ).astype({c: "Int64" for c in numbers if columns is None or c in columns})
     for c in ("error", "class_name", *[c for c in extra if c not in numbers]):
         if c in manifest:
             manifest[c] = manifest[c].replace("", None)

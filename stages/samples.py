@@ -22,7 +22,7 @@ class RawSamples:
 
         self.modality = read_modality(raw_dir)
         self.snapshot = raw_dir / SNAPSHOT
-        manifest, _ = read_manifest(raw_dir)
+        manifest, _ = read_manifest(raw_dir, columns=["id", "class_name", "member"])
         self.split = split
         ids = [str(i) for i in np.load(prepared_dir / f"{split}_ids.npy")]
         rows = manifest.set_index("id").loc[ids]

@@ -30,6 +30,9 @@ def test_imagefolder_manifest(tmp_path, image_folder):
         assert tar.getnames() == manifest["member"].tolist()
     again, _ = read_manifest(out)
     assert again["sha256"].tolist() == manifest["sha256"].tolist()
+    some, _ = read_manifest(out, columns=["id", "class_name", "width"])  # a reader that needs a few
+    assert list(some.columns) == ["id", "class_name", "width"]
+    assert some["width"].dtype == "Int64" and some["id"].tolist() == manifest["id"].tolist()
 
 
 def test_split_folders_and_formats(tmp_path):
