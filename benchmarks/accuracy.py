@@ -47,6 +47,8 @@ VARIANTS = {
         "ema": {"ema_decay": 0.995},
         "full-mode": {"mode": "full"},
         "progressive": {"min_image_size": 32, "epochs": 8},
+        "mixup": {"mixup_alpha": 0.2},
+        "cutmix": {"cutmix_alpha": 1.0},
     },
     "full": {
         "preset": {},

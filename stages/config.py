@@ -211,6 +211,10 @@ def check_all(params: dict[str, Any]) -> None:
         modeling.check_tta(parsed["ingest"].modality, parsed["fine_tune"].tta, "params.yaml: fine_tune.tta")
     except GraftError as e:
         raise ParamsError(str(e)) from None
+    ft, modality = parsed["fine_tune"], parsed["ingest"].modality
+    if (ft.mixup_alpha or ft.cutmix_alpha) and not modality.MIXABLE:
+        raise ParamsError(f"params.yaml: fine_tune.mixup_alpha and cutmix_alpha are for images, and ingest.source "
+                          f"{parsed['ingest'].source} is {modality.SAMPLES}; set them to 0")
 
 
 PRESETS = Path("presets")

@@ -70,6 +70,8 @@ class FineTuneParams:
     ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights (0.999, say)
     min_image_size: int | None = None  # images: progressive resizing, the first epoch at this size, growing to full
     tta: str = "none"  # none | a test-time view of the modality (images: hflip), saved with the model
+    mixup_alpha: float = 0.0  # images: >0 blends each training image with another, weight ~ Beta(a, a)
+    cutmix_alpha: float = 0.0  # images: >0 pastes a box of another image, area ~ Beta(a, a); both >0: one per batch
 
     def validate(self) -> None:
         checks = {
@@ -80,10 +82,14 @@ class FineTuneParams:
             "label_smoothing": 0 <= self.label_smoothing < 1, "eval_batch_size": self.eval_batch_size >= 1,
             "nproc": self.nproc >= 1, "ema_decay": 0 <= self.ema_decay < 1,
             "min_image_size": self.min_image_size is None or self.min_image_size >= 8,
+            "mixup_alpha": self.mixup_alpha >= 0, "cutmix_alpha": self.cutmix_alpha >= 0,
         }  # fmt: skip
         for key, ok in checks.items():
             if not ok:
                 raise GraftError(f"params.yaml: fine_tune.{key} has an invalid value: {getattr(self, key)!r}")
+        if self.mode == "feature_extraction" and (self.mixup_alpha or self.cutmix_alpha):
+            raise GraftError("params.yaml: fine_tune.mixup_alpha and cutmix_alpha need mode partial or full: "
+                             "feature_extraction trains the head on cached features of the unmixed samples; set them to 0")
 
 
 @dataclass
@@ -467,6 +473,7 @@ def train(
             # Under torchrun: this rank's slice of the global batch (all of it otherwise).
             part, weight = distributed.shard(len(idx), rk) if rk.distributed else (slice(None), 1.0)
             y = torch.from_numpy(train_split.y[idx][part]).to(device)
+            mixed = None  # mixup / CutMix: (each sample's partner in the batch, the weight of its own label)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 if cached is not None:
                     feats = torch.from_numpy(cached[0][idx]).to(device)
@@ -475,19 +482,28 @@ def train(
                 else:
                     # The whole batch is augmented on every rank, then sliced: the same
                     # random flips and crops as one process, whatever the world size.
-                    batch = cfg.kind.augment(train_split.x[idx], rng, p)[part]
+                    # Mixed before slicing, too: a sample's partner may be on another rank.
+                    batch, mixed = cfg.kind.mix(cfg.kind.augment(train_split.x[idx], rng, p), rng, p)
+                    batch = batch[part]
                     inp = modeling.to_input(batch, cfg, device, p.channels_last)
                     if p.min_image_size is not None:
                         size = progressive_size(p, epoch, inp.shape[-1])
                         inp = cfg.kind.rescale(inp, size)
                     logits = net(inp)
-                if distill is not None:
-                    # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
-                    # leave its prediction nearly unchanged, and it costs no teacher forward.
-                    soft = torch.from_numpy(np.asarray(distill.logits[idx])[part]).to(device)
-                    loss = distillation_loss(logits, soft, y, distill.temperature, distill.alpha, p.label_smoothing)
-                else:
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
+                # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
+                # leave its prediction nearly unchanged, and it costs no teacher forward.
+                teacher = np.asarray(distill.logits[idx]) if distill is not None else None
+
+                def criterion(order=slice(None)):  # the loss against the labels of batch[order]
+                    labels = torch.from_numpy(train_split.y[idx][order][part]).to(device)
+                    if teacher is None:
+                        return F.cross_entropy(logits.float(), labels, label_smoothing=p.label_smoothing)
+                    soft = torch.from_numpy(teacher[order][part]).to(device)
+                    return distillation_loss(logits, soft, labels, distill.temperature, distill.alpha, p.label_smoothing)
+
+                # A mixed sample's target is the same mix of both samples' targets; the
+                # losses are linear in the target, so it is the same mix of both losses.
+                loss = criterion() if mixed is None else mixed[1] * criterion() + (1 - mixed[1]) * criterion(mixed[0])
             if not torch.isfinite(loss):
                 # One NaN poisons every weight it reaches: stop before the step, save nothing.
                 raise GraftError(
@@ -506,7 +522,12 @@ def train(
                 threads.step()
             if weight:  # a zero-weight stand-in sample counts for nothing
                 total_loss += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
+                hits = logits.argmax(1)
+                if mixed is None:
+                    correct += int((hits == y).sum())
+                else:  # against the mixed target: each label at its weight in it
+                    partner = torch.from_numpy(train_split.y[idx][mixed[0]][part]).to(device)
+                    correct += mixed[1] * float((hits == y).sum()) + (1 - mixed[1]) * float((hits == partner).sum())
                 seen += len(y)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if on_step is not None:
@@ -526,7 +547,7 @@ def train(
 
             sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
             dist.all_reduce(sums)
-            total_loss, correct = float(sums[0]), int(sums[1])
+            total_loss, correct = float(sums[0]), float(sums[1])
         # Rank 0 validates (its BatchNorm statistics are the ones DDP spreads) and every
         # rank takes its verdict, so they all stop at the same epoch.
         shipped = ema.model if ema is not None else model  # what validation judges is what ships

@@ -251,6 +251,34 @@ def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
     return out
 
 
+MIXABLE = True  # fine_tune.mixup_alpha and cutmix_alpha apply
+
+
+def mix(batch: np.ndarray, rng: np.random.Generator, p) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:
+    """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019) of a training batch, uint8
+    (N, H, W, 3), with a permutation of itself; with ``lam ~ Beta(a, a)``: mixup blends
+    ``lam * x + (1 - lam) * x[perm]``, CutMix pastes a box of ``x[perm]`` covering ``1 - lam``
+    of the image (lam then is the share actually kept, the box being clipped at the
+    edges). Returns the batch and (perm, lam), or the batch untouched and None when
+    fine_tune asks for neither. Both asked for: each batch takes one, at even odds."""
+    asked = [(kind, a) for kind, a in (("mixup", p.mixup_alpha), ("cutmix", p.cutmix_alpha)) if a > 0]
+    if not asked:
+        return batch, None
+    kind, a = asked[int(rng.random() < 0.5)] if len(asked) == 2 else asked[0]
+    lam = float(rng.beta(a, a))
+    perm = rng.permutation(len(batch))
+    if kind == "mixup":
+        return np.rint(lam * batch + (1.0 - lam) * batch[perm]).astype(batch.dtype), (perm, lam)
+    _, h, w, _ = batch.shape
+    cut = np.sqrt(1.0 - lam)
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = np.clip([cy - int(h * cut) // 2, cy + int(h * cut) // 2], 0, h)
+    x0, x1 = np.clip([cx - int(w * cut) // 2, cx + int(w * cut) // 2], 0, w)
+    out = batch.copy()
+    out[:, y0:y1, x0:x1] = batch[perm, y0:y1, x0:x1]
+    return out, (perm, 1.0 - float((y1 - y0) * (x1 - x0)) / (h * w))
+
+
 # --- people ----------------------------------------------------------------------------------
 
 

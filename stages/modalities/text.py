@@ -626,6 +626,15 @@ def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
     return batch
 
 
+MIXABLE = False  # token ids have no halfway point: no mixup or CutMix
+
+
+def mix(batch: np.ndarray, rng: np.random.Generator, p):
+    if p.mixup_alpha or p.cutmix_alpha:  # config.check_all refuses it first; a guard for direct callers
+        raise GraftError("params.yaml: fine_tune.mixup_alpha and cutmix_alpha are for images; set them to 0 for a text model")
+    return batch, None
+
+
 # --- people ----------------------------------------------------------------------------------
 
 

@@ -121,3 +121,67 @@ def test_a_tta_the_modality_lacks_is_refused_before_anything_runs():
     with pytest.raises(ParamsError, match=r"fine_tune.tta='hflip'.*text models; use one of: none$"):
         apply_overrides(committed, [*text, "fine_tune.tta=hflip"])
     assert apply_overrides(committed, [*text, "fine_tune.tta=none"])["fine_tune"]["tta"] == "none"
+
+
+def test_mixup_blends_each_image_with_its_partner_by_lam():
+    from stages.modalities import image
+
+    batch = np.random.default_rng(1).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    assert image.mix(batch, np.random.default_rng(0), BASE) == (batch, None)  # neither asked: untouched
+    p = replace(BASE, mixup_alpha=0.4)
+    out, (perm, lam) = image.mix(batch, np.random.default_rng(0), p)
+    assert sorted(perm) == list(range(16)) and 0 < lam < 1 and out.dtype == np.uint8
+    expected = lam * batch.astype(float) + (1 - lam) * batch[perm]
+    assert np.abs(out - expected).max() <= 0.5 + 1e-9  # the blend, rounded to the nearest level
+    again, (perm2, lam2) = image.mix(batch, np.random.default_rng(0), p)  # the epoch's seeded generator decides
+    assert np.array_equal(again, out) and np.array_equal(perm2, perm) and lam2 == lam
+
+
+def test_cutmix_pastes_a_box_and_lam_is_the_share_kept():
+    from stages.modalities import image
+
+    batch = np.repeat(np.arange(16, dtype=np.uint8)[:, None, None, None] * 10, 32, 1).repeat(32, 2).repeat(3, 3)
+    p = replace(BASE, cutmix_alpha=1.0)
+    for seed in range(20):
+        out, (perm, lam) = image.mix(batch, np.random.default_rng(seed), p)
+        moved = perm != np.arange(16)
+        own = (out == batch).all(-1)  # (N, H, W): pixels still the sample's own
+        for i in np.flatnonzero(moved):
+            # Every pixel is the sample's own or its partner's, and lam is the own share.
+            assert ((out[i] == batch[i]) | (out[i] == batch[perm[i]])).all()
+            assert own[i].mean() == pytest.approx(lam)
+        pasted = ~own[moved]
+        if pasted.any():  # one box for the whole batch: the same pixels in every image
+            assert (pasted == pasted[0]).all()
+            rows, cols = np.flatnonzero(pasted[0].any(1)), np.flatnonzero(pasted[0].any(0))
+            assert pasted[0].sum() == len(rows) * len(cols)  # a rectangle
+            assert np.array_equal(rows, np.arange(rows[0], rows[-1] + 1))
+
+
+def test_training_with_mixing_is_seeded_and_changes_the_weights(data):  # noqa: F811
+    train_split, val_split = data
+    p = replace(BASE, epochs=2, patience=99, mixup_alpha=0.4, cutmix_alpha=1.0)
+    runs = []
+    for params in (p, p, replace(p, mixup_alpha=0.0, cutmix_alpha=0.0)):
+        model, cfg = make_model()
+        r = train(model, cfg, train_split, val_split, params)
+        assert all(np.isfinite(h["train_loss"]) for h in r.history)
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # same seed, same mixes
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0] if runs[0][k].is_floating_point())
+
+
+def test_mixing_is_refused_where_it_cannot_apply():
+    from stages.config import ParamsError, apply_overrides, read_params
+    from tests.conftest import ROOT
+
+    with pytest.raises(GraftError, match="fine_tune.mixup_alpha and cutmix_alpha need mode partial or full"):
+        replace(BASE, mode="feature_extraction", cutmix_alpha=1.0).validate()
+    with pytest.raises(GraftError, match="fine_tune.mixup_alpha"):
+        replace(BASE, mixup_alpha=-1.0).validate()
+    committed = read_params(ROOT / "params.yaml")
+    text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
+            "fine_tune.tta=none"]  # fmt: skip
+    with pytest.raises(ParamsError, match=r"fine_tune.mixup_alpha and cutmix_alpha are for images.*texts; set them to 0"):
+        apply_overrides(committed, [*text, "fine_tune.mixup_alpha=0.2"])
+    assert apply_overrides(committed, ["fine_tune.cutmix_alpha=1.0"])["fine_tune"]["cutmix_alpha"] == 1.0
