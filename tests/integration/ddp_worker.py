@@ -1,5 +1,5 @@
 """Run under torchrun (or alone) by test_ddp.py: fine_tune's training core on a project's
-prepared data, writing rank 0's per-step losses and final validation accuracy to JSON.
+prepared data, writing rank 0's per-step losses and each epoch's validation accuracy to JSON.
 
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/integration/ddp_worker.py \\
         PROJECT BATCH EPOCHS OUT.json
@@ -25,7 +25,7 @@ def main() -> None:
     losses: list[float] = []
     result = train(model, cfg, tr, va, p, on_step=lambda step, loss: losses.append(loss))
     if distributed.current().leader:
-        out.write_text(json.dumps({"losses": losses, "val_accuracy": result.history[-1]["val_accuracy"],
+        out.write_text(json.dumps({"losses": losses, "val_accuracy": [h["val_accuracy"] for h in result.history],
                                    "train_loss": [h["train_loss"] for h in result.history]}))
     distributed.shutdown()
 

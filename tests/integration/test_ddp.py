@@ -22,9 +22,17 @@ pytestmark = [requires_fashion_mnist]
 WORKER = ROOT / "tests" / "integration" / "ddp_worker.py"
 # Two ranks at 32 normalise BatchNorm over 32 images where one process uses 64: the same
 # images, the same weights and the same augmentation, so the losses differ by that alone.
-# Measured on the first 10 steps (Intel Xeon, 2 cores): at most 2.7% apart; validation
-# accuracy after 6 epochs 0.7533 (one) and 0.7444 (two ranks). The bound leaves room for hardware.
+# Measured on the first 10 steps (Intel Xeon and AMD EPYC, 2 cores): at most 2.7% apart.
+# The bound leaves room for hardware.
 LOSS_RTOL = 0.05
+# The two trajectories then part (BatchNorm's statistics differ from the first step), and
+# one epoch's accuracy on 450 images moves by 1.5 points between neighbouring epochs of a
+# single run: after 6 epochs, 0.7533 (one) against 0.7444 (two ranks) on the Xeon, 0.7511
+# against 0.7356 on the AMD EPYC (10 epochs: 0.7600 and 0.7778). So the accuracies are
+# compared over the last 3 epochs of the cosine schedule's tail, where 4 runs on the AMD
+# (6 and 10 epochs, two learning rates) were 0.8 to 1.6 points apart.
+ACCURACY_EPOCHS = 3
+ACCURACY_TOLERANCE = 0.02
 EPOCHS = 6
 
 
@@ -56,11 +64,15 @@ def test_two_ranks_of_32_match_one_process_of_64(prepared, tmp_path):
     two = worker(prepared, 2, tmp_path / "two.json")
     assert len(one["losses"]) == len(two["losses"]) == EPOCHS * 17  # 1,050 training images, global batch 64
     first = np.array(one["losses"][:10]), np.array(two["losses"][:10])
-    print(f"first 10 losses, largest relative gap {np.max(np.abs(first[1] / first[0] - 1)):.4f}; "
-          f"val accuracy one process {one['val_accuracy']:.4f}, two ranks {two['val_accuracy']:.4f}")
+    tail = [float(np.mean(r["val_accuracy"][-ACCURACY_EPOCHS:])) for r in (one, two)]
+    print(f"first 10 losses, largest relative gap {np.max(np.abs(first[1] / first[0] - 1)):.4f}; val accuracy "
+          f"per epoch, one process {one['val_accuracy']}, two ranks {two['val_accuracy']}; last {ACCURACY_EPOCHS} "
+          f"epochs' mean {tail[0]:.4f} and {tail[1]:.4f}")  # fmt: skip
     np.testing.assert_allclose(first[1], first[0], rtol=LOSS_RTOL)
     assert not np.array_equal(first[0], first[1])  # two ranks really ran: BatchNorm saw 32, not 64
-    assert abs(one["val_accuracy"] - two["val_accuracy"]) <= 0.01 + 1e-9, (one["val_accuracy"], two["val_accuracy"])
+    assert len(one["val_accuracy"]) == len(two["val_accuracy"]) == EPOCHS
+    assert min(tail) > 0.6  # both learnt (chance is 0.1)
+    assert abs(tail[0] - tail[1]) <= ACCURACY_TOLERANCE, tail
 
 
 def stage(project: Path, name: str, **extra: str) -> subprocess.CompletedProcess:
