@@ -493,9 +493,9 @@ def train(
                 # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
                 # leave its prediction nearly unchanged, and it costs no teacher forward.
                 teacher = np.asarray(distill.logits[idx]) if distill is not None else None
+                partner = None if mixed is None else torch.from_numpy(train_split.y[idx][mixed[0]][part]).to(device)
 
-                def criterion(order=slice(None)):  # the loss against the labels of batch[order]
-                    labels = torch.from_numpy(train_split.y[idx][order][part]).to(device)
+                def criterion(labels, order=slice(None)):  # against the labels (and teachers) of batch[order]
                     if teacher is None:
                         return F.cross_entropy(logits.float(), labels, label_smoothing=p.label_smoothing)
                     soft = torch.from_numpy(teacher[order][part]).to(device)
@@ -503,7 +503,7 @@ def train(
 
                 # A mixed sample's target is the same mix of both samples' targets; the
                 # losses are linear in the target, so it is the same mix of both losses.
-                loss = criterion() if mixed is None else mixed[1] * criterion() + (1 - mixed[1]) * criterion(mixed[0])
+                loss = criterion(y) if mixed is None else mixed[1] * criterion(y) + (1 - mixed[1]) * criterion(partner, mixed[0])
             if not torch.isfinite(loss):
                 # One NaN poisons every weight it reaches: stop before the step, save nothing.
                 raise GraftError(
@@ -526,7 +526,6 @@ def train(
                 if mixed is None:
                     correct += int((hits == y).sum())
                 else:  # against the mixed target: each label at its weight in it
-                    partner = torch.from_numpy(train_split.y[idx][mixed[0]][part]).to(device)
                     correct += mixed[1] * float((hits == y).sum()) + (1 - mixed[1]) * float((hits == partner).sum())
                 seen += len(y)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
