@@ -109,7 +109,17 @@ def run(
     except (ParamsError, GraftError) as e:
         _fail(str(e), BAD_INPUT_EXIT)
     _use_servers(root)
-    from flows.training import StageFailed, training_pipeline
+    if not overrides:  # nothing stale: DVC's answer and Prefect's record, without the flow engine
+        from flows import noop
+
+        summary = noop.try_run(root)
+        if summary is not None:
+            typer.echo(f"graft run: nothing changed in DVC's view; recorded as Prefect flow run "
+                       f"'{summary['flow_run_name']}' ({noop.flow_run_url(summary['flow_run_id'])})")  # fmt: skip
+            print_summary(summary, root)
+            return
+    from flows.pipeline import StageFailed
+    from flows.training import training_pipeline
 
     state = training_pipeline(project_dir=str(root), overrides=overrides, concurrency=concurrency.value,
                               return_state=True)  # fmt: skip
@@ -395,7 +405,7 @@ REPAIR_AFTER_SECONDS = 600  # a registration takes seconds to a minute: older le
 def _repair(client, name: str, root: Path) -> None:
     """Finish or undo an interrupted registration or alias move (see registry.repair), but
     only while no training run holds the project: a registration under way is not a wreck."""
-    from flows.training import ProjectLock
+    from flows.pipeline import ProjectLock
     from stages import registry
 
     lock = ProjectLock(root)
@@ -858,7 +868,7 @@ def pull(
         restored = remote.restore_from_run_cache(root)
     except GraftError as e:
         _fail(str(e))
-    from flows.training import stale_stages
+    from flows.pipeline import stale_stages
 
     typer.echo(f"DVC remote {result['remote']}: {result['fetched']} file(s) fetched, {result['changed']} output(s) checked out")
     if restored:

@@ -230,7 +230,7 @@ def pull(root: Path, stages: list[str], logger) -> list[str]:
         return []
     from dvc.repo import Repo
 
-    from flows.training import stale_stages
+    from flows.pipeline import stale_stages
 
     try:
         with Repo(str(root)) as repo:
@@ -275,7 +275,7 @@ def restore_from_run_cache(root: Path) -> list[str]:
     from dvc.repo import Repo
     from dvc.stage.cache import RunCacheNotFoundError
 
-    from flows.training import pipeline
+    from flows.pipeline import pipeline
 
     restored = []
     with Repo(str(root)) as repo, repo.lock:

@@ -105,7 +105,7 @@ def test_a_champion_teaches_a_student_and_the_registry_knows(distilled):
 
 
 def test_the_students_hyperparameters_never_rerun_the_teacher(distilled):
-    from flows.training import stale_stages
+    from flows.pipeline import stale_stages
 
     project = distilled
     before = (project / "params.yaml").read_text()

@@ -161,7 +161,8 @@ def test_the_gate_stops_before_training_on_fail_and_trains_with_a_warning(v1, fo
 def test_the_sensor_retrains_on_drift_only(v1, folders, prefect_harness, monkeypatch):
     """trigger=drift: a changed source that did not drift starts no training (and is not
     embedded again on the next check); one that drifted does."""
-    from flows.sensor import data_sensor, fingerprint, record_accepted, source_drift
+    from flows.fingerprint import fingerprint, record_accepted
+    from flows.sensor import data_sensor, source_drift
 
     for key, value in project_env(v1).items():
         if key in ("MLFLOW_TRACKING_URI", "DVC_SITE_CACHE_DIR", "DVC_NO_ANALYTICS"):

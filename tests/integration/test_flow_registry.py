@@ -294,7 +294,8 @@ def champion_accuracy_line(output):
 
 
 def test_validation_failure_stops_the_flow_at_validate(prefect_harness, project_run_env, tmp_path):
-    from flows.training import StageFailed, training_pipeline
+    from flows.pipeline import StageFailed
+    from flows.training import training_pipeline
     from tests.conftest import make_image_folder
 
     project = project_run_env
@@ -320,7 +321,8 @@ def test_a_stage_past_its_timeout_is_stopped_with_its_whole_process_group(prefec
     import psutil
     import yaml
 
-    from flows.training import StageFailed, training_pipeline
+    from flows.pipeline import StageFailed
+    from flows.training import training_pipeline
 
     project = project_run_env
     set_params(project, **TINY)

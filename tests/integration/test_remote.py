@@ -20,7 +20,7 @@ def test_an_ssh_remote_carries_the_bytes_through_a_real_sshd(sshd, project, tmp_
     import pwd
 
     from flows import remote
-    from flows.training import stale_stages
+    from flows.pipeline import stale_stages
 
     monkeypatch.setenv("HOME", str(sshd.client_home))  # its known_hosts trusts the test server
     set_params(project, **TINY)
@@ -90,7 +90,7 @@ def test_an_ssh_url_source_is_read_through_dvc_and_tracked_as_a_dependency(sshd,
     import pwd
     import shutil
 
-    from flows import sensor
+    from flows.fingerprint import fingerprint
     from stages.common import GraftError
     from stages.config import load_section
     from stages.ingest import IngestParams, check_source
@@ -109,7 +109,7 @@ def test_an_ssh_url_source_is_read_through_dvc_and_tracked_as_a_dependency(sshd,
     url = sshd.url("images")
     set_params(project, ingest={"source": "imagefolder", "path": url, "max_train_per_class": None})
 
-    before = sensor.fingerprint(project)
+    before = fingerprint(project)
     assert before["files"] == 22 and "error" not in before
     res = dvc(project, "repro", "ingest", check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -126,7 +126,7 @@ def test_an_ssh_url_source_is_read_through_dvc_and_tracked_as_a_dependency(sshd,
     write_image(images / "dog" / "new.png", seed=999)
     os.chown(images / "dog" / "new.png", owner.pw_uid, owner.pw_gid)
     assert "changed deps" in dvc(project, "status", "ingest").stdout
-    after = sensor.fingerprint(project)
+    after = fingerprint(project)
     assert after["files"] == 23 and after["fingerprint"] != before["fingerprint"]
 
     set_params(project, ingest={"path": sshd.url("no-such-folder")})

@@ -107,7 +107,7 @@ def wait_for_scheduled_run(deployment: str, timeout: float):
     raise AssertionError(f"no run of {deployment} ended within {timeout:.0f} s")
 
 
-def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
+def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path, monkeypatch):
     import mlflow
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -180,7 +180,90 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path):
                         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert ui.returncode == 0 and f"already serves the UI: open {st['mlflow']['url']}" in ui.stdout
 
+    noop_run_is_recorded_without_the_engine(project, env, monkeypatch)
     browse_the_uis(st, pipeline_run, str(run.id), tmp_path)
+
+
+def noop_run_is_recorded_without_the_engine(project, env, monkeypatch):
+    """Nothing changed since the scheduled run: `graft run` answers from DVC's status and
+    records the run through Prefect's REST API (flows/noop.py), the same record the flow
+    would leave; it declines (and leaves no record) when another run holds the lock or
+    the server fails midway."""
+    import mlflow
+
+    from flows import noop
+    from flows.pipeline import ProjectLock, pipeline
+
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(key, env[key])
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    api = env["PREFECT_API_URL"]
+    before = training_flow_runs(api)
+
+    lock = ProjectLock(project)
+    assert lock.acquire(wait=False)
+    try:
+        assert noop.try_run(project) is None  # another run trains: the flow waits or skips
+    finally:
+        lock.release()
+
+    real_call = noop.PrefectAPI.call
+
+    def server_fails_on_task_runs(self, method, path, body=None):
+        if path == "/task_runs/":
+            raise OSError("connection reset by peer")
+        return real_call(self, method, path, body)
+
+    monkeypatch.setattr(noop.PrefectAPI, "call", server_fails_on_task_runs)
+    assert noop.try_run(project) is None
+    monkeypatch.setattr(noop.PrefectAPI, "call", real_call)
+    assert [r.id for r in training_flow_runs(api)] == [r.id for r in before]  # the half-recorded flow run was deleted
+
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--project", str(project)], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "nothing changed in DVC's view; recorded as Prefect flow run" in res.stdout and "stages run:    none" in res.stdout
+    new = [r for r in training_flow_runs(api) if r.id not in {b.id for b in before}]
+    assert len(new) == 1 and new[0].state.is_completed() and str(new[0].id) in res.stdout
+    tasks = noop_task_runs(api, new[0].id)
+    graph = pipeline(project)
+    assert sorted(tasks) == sorted(graph.order)
+    assert all(t.state.is_completed() and t.state.name == "Cached" for t in tasks.values())
+    for stage, t in tasks.items():  # DVC's edges, as the flow draws them
+        assert {i.id for i in t.task_inputs.get("wait_for", [])} == {tasks[u].id for u in graph.upstream[stage]}
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+
+
+def training_flow_runs(api_url):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["graft-training"])))
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
+
+
+def noop_task_runs(api_url, flow_run_id):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        runs = asyncio.run(read())
+    return {r.name.rsplit("-", 1)[0].removeprefix("dvc-"): r for r in runs}
 
 
 def browse_the_uis(st, pipeline_run, flow_run_id, shots):
@@ -235,7 +318,8 @@ def flow_run_name(api_url, flow_run_id):
 
 def test_sensor_overlap_and_webhooks(prefect_harness, project_run_env, tmp_path, webhook):
     from flows.sensor import data_sensor
-    from flows.training import ProjectLock, StageFailed, training_pipeline
+    from flows.pipeline import ProjectLock, StageFailed
+    from flows.training import training_pipeline
 
     project = project_run_env
     src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=14)

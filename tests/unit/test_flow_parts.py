@@ -9,8 +9,9 @@ from prefect.states import Failed
 
 from flows.config import stage_options
 from flows.notify import notify
-from flows.sensor import fingerprint
-from flows.training import ProjectLock, StageFailed, _retry_condition
+from flows.fingerprint import fingerprint
+from flows.pipeline import ProjectLock, StageFailed
+from flows.training import _retry_condition
 from stages.config import ParamsError
 from tests.conftest import ROOT, make_image_folder
 
@@ -25,7 +26,7 @@ def test_bad_input_is_not_retried_but_crashes_are():
 
 
 def test_planned_stages_follow_the_graph_from_the_changed_ones():
-    from flows.training import Pipeline
+    from flows.pipeline import Pipeline
 
     chain = Pipeline(["a", "b", "c", "d"], {"a": [], "b": ["a"], "c": ["b"], "d": ["a"]})
     assert chain.downstream_of({"b"}) == ["b", "c"]
@@ -34,7 +35,7 @@ def test_planned_stages_follow_the_graph_from_the_changed_ones():
 
 
 def test_project_graph_comes_from_dvc():
-    from flows.training import pipeline
+    from flows.pipeline import pipeline
 
     graph = pipeline(ROOT)
     assert graph.order == ["ingest", "validate", "preprocess", "load_pretrained", "drift", "teach", "fine_tune", "evaluate", "register"]
