@@ -15,6 +15,10 @@ parameters to write, no Prefect server named in the environment (Prefect's tempo
 server costs more than this saves), TLS settings urllib does not read, another run
 holding the lock, a stale stage, or any answer from the server other than the expected
 one (a flow run already created is then deleted, so a run is never recorded twice).
+
+A run killed while it writes (``kill -9``) leaves its flow run Running, and, unlike the
+flow's, with no heartbeat for Prefect to notice. It held the project's lock meanwhile, so
+the next run here that takes the lock knows it is dead and marks it Crashed.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from flows.pipeline import Pipeline, ProjectLock, plan, read_summary, summary_markdown
+from stages.common import fault_point
 
 FLOW_NAME = "graft-training"  # the flow's name in flows/training.py: one history for both paths
 TASK_KEY = "run_stage"  # the flow's task function: the UI groups the task runs by it
+TAG = "graft-noop"  # on the flow runs written here, so a later run can find one left Running
 TIMEOUT_S = 10.0  # per request; a server this slow is better left to Prefect's own client
 # Prefect client settings this module cannot honour with urllib: with one set, the flow runs.
 UNSUPPORTED = ("PREFECT_API_SSL_CERT_FILE", "PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "PREFECT_CLIENT_CUSTOM_HEADERS")
@@ -83,9 +89,10 @@ def _record(api: PrefectAPI, root: Path, graph: Pipeline, on_stages) -> tuple[st
     and the summary. A failure after the flow run exists deletes it, then re-raises."""
     flow_id = api.call("POST", "/flows/", {"name": FLOW_NAME})["id"]
     params = {"project_dir": str(root), "overrides": [], "concurrency": "wait", "wait_timeout": None}
-    run = api.call("POST", "/flow_runs/", {"flow_id": flow_id, "parameters": params,
+    run = api.call("POST", "/flow_runs/", {"flow_id": flow_id, "parameters": params, "tags": [TAG],
                                           "state": {"type": "RUNNING", "name": "Running"}})  # fmt: skip
     run_id = run["id"]
+    fault_point("noop_after_flow_run_created")
     try:
         summary = on_stages(run_id)
         ids: dict[str, str] = {}
@@ -113,6 +120,20 @@ def _record(api: PrefectAPI, root: Path, graph: Pipeline, on_stages) -> tuple[st
     return run_id, run.get("name", ""), summary
 
 
+def end_dead_runs(api: PrefectAPI, root: Path) -> list[str]:
+    """Mark Crashed this project's flow runs written here and still Running: the caller
+    holds the project's lock, which their writer held until it died. Returns their ids."""
+    found = api.call("POST", "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [TAG]}, "state": {"type": {"any_": ["RUNNING"]}}},
+                                                   "limit": 200})  # fmt: skip
+    dead = [r["id"] for r in found if (r.get("parameters") or {}).get("project_dir") == str(root)]
+    for run_id in dead:
+        api.set_state("flow_runs", run_id, {"type": "CRASHED", "name": "Crashed",
+                                            "message": "the graft run writing it was killed before it finished "
+                                                       "(found by a later run of the project)"})  # fmt: skip
+        log.warning("Prefect flow run %s was left Running by a killed graft run: marked Crashed", run_id)
+    return dead
+
+
 def flow_run_url(run_id: str) -> str:
     """The flow run's page in the UI of a self-hosted Prefect server (the UI at the root,
     the API under /api); elsewhere (Prefect Cloud) the id alone."""
@@ -133,6 +154,11 @@ def try_run(root: Path) -> dict[str, Any] | None:
     if not lock.acquire(wait=False):
         return None  # the flow waits for it, or skips, as --concurrency says
     try:
+        try:
+            end_dead_runs(api, root)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.debug("Prefect's API did not answer as expected (%s): running the flow instead", e)
+            return None
         graph, stale = plan(root)
         if stale:
             return None

@@ -188,7 +188,7 @@ def noop_run_is_recorded_without_the_engine(project, env, monkeypatch):
     """Nothing changed since the scheduled run: `graft run` answers from DVC's status and
     records the run through Prefect's REST API (flows/noop.py), the same record the flow
     would leave; it declines (and leaves no record) when another run holds the lock or
-    the server fails midway."""
+    the server fails midway; one killed while it writes is marked Crashed by the next."""
     import mlflow
 
     from flows import noop
@@ -220,11 +220,24 @@ def noop_run_is_recorded_without_the_engine(project, env, monkeypatch):
     monkeypatch.setattr(noop.PrefectAPI, "call", real_call)
     assert [r.id for r in training_flow_runs(api)] == [r.id for r in before]  # the half-recorded flow run was deleted
 
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--project", str(project)], cwd=project, env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    def graft_run(**extra):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--project", str(project)], cwd=project,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    # kill -9 right after the flow run is created: it is left Running (no heartbeat), and
+    # the next run, holding the lock its writer held, marks it Crashed.
+    killed = graft_run(GRAFT_FAULT_POINT="noop_after_flow_run_created")
+    assert killed.returncode == -signal.SIGKILL
+    (orphan,) = [r for r in training_flow_runs(api) if r.id not in {b.id for b in before}]
+    assert orphan.state.is_running()
+
+    res = graft_run()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "nothing changed in DVC's view; recorded as Prefect flow run" in res.stdout and "stages run:    none" in res.stdout
-    new = [r for r in training_flow_runs(api) if r.id not in {b.id for b in before}]
+    assert f"{orphan.id} was left Running by a killed graft run: marked Crashed" in res.stderr
+    runs = {r.id: r for r in training_flow_runs(api)}
+    assert runs[orphan.id].state.is_crashed()
+    new = [r for r in runs.values() if r.id not in {b.id for b in before} | {orphan.id}]
     assert len(new) == 1 and new[0].state.is_completed() and str(new[0].id) in res.stdout
     tasks = noop_task_runs(api, new[0].id)
     graph = pipeline(project)
