@@ -1,5 +1,6 @@
 """fine_tune under torchrun on CPU: two real gloo processes against one, and a rank
-killed mid-epoch (SIGKILL) followed by a rerun that resumes from the checkpoint.
+killed mid-epoch (SIGKILL) followed by a rerun that resumes from the checkpoint (with
+mixup and CutMix on).
 
 On a slice of Fashion-MNIST (150 images a class, 32 px, 450 of them for validation), prepared once for the module by
 the real stages (ingest, validate, preprocess, load_pretrained through DVC)."""
@@ -34,6 +35,7 @@ LOSS_RTOL = 0.05
 ACCURACY_EPOCHS = 3
 ACCURACY_TOLERANCE = 0.02
 EPOCHS = 6
+TRAIN_IMAGES = 1050  # of the slice: 150 a class, 30 % of them held out for validation
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def worker(project: Path, nproc: int, out: Path) -> dict:
 def test_two_ranks_of_32_match_one_process_of_64(prepared, tmp_path):
     one = worker(prepared, 1, tmp_path / "one.json")
     two = worker(prepared, 2, tmp_path / "two.json")
-    assert len(one["losses"]) == len(two["losses"]) == EPOCHS * 17  # 1,050 training images, global batch 64
+    assert len(one["losses"]) == len(two["losses"]) == EPOCHS * -(-TRAIN_IMAGES // 64)  # global batch 64
     first = np.array(one["losses"][:10]), np.array(two["losses"][:10])
     tail = [float(np.mean(r["val_accuracy"][-ACCURACY_EPOCHS:])) for r in (one, two)]
     print(f"first 10 losses, largest relative gap {np.max(np.abs(first[1] / first[0] - 1)):.4f}; val accuracy "
@@ -86,6 +88,10 @@ def stage(project: Path, name: str, **extra: str) -> subprocess.CompletedProcess
 def test_stage_under_torchrun_resumes_after_a_rank_is_killed_mid_epoch(prepared, tmp_path):
     params = yaml.safe_load((prepared / "params.yaml").read_text())
     params["fine_tune"]["nproc"] = 2
+    # Mixup and CutMix on (one or the other per batch): the whole batch is mixed before a
+    # rank takes its slice, from the epoch's seeded generator, so a resumed run mixes as
+    # the uninterrupted one did and the weights below must still match bit for bit.
+    params["fine_tune"].update(mixup_alpha=0.2, cutmix_alpha=1.0)
     (prepared / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     whole = stage(prepared, "whole")
@@ -112,3 +118,9 @@ def test_stage_under_torchrun_resumes_after_a_rank_is_killed_mid_epoch(prepared,
     assert a.read_bytes() == b.read_bytes()
     history = (prepared / "reports" / "killed" / "history.csv").read_text().splitlines()
     assert len(history) == 3  # header and both epochs, the first from the checkpoint
+    # Mixing really ran: accuracy against mixed targets counts fractions of images, so
+    # times the 1,050 training images it is no whole number (unmixed, it always is).
+    import csv
+
+    rows = list(csv.DictReader((prepared / "reports" / "whole" / "history.csv").open()))
+    assert any(abs(float(r["train_accuracy"]) * TRAIN_IMAGES - round(float(r["train_accuracy"]) * TRAIN_IMAGES)) > 0.01 for r in rows)
