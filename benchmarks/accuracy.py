@@ -49,6 +49,9 @@ VARIANTS = {
         "progressive": {"min_image_size": 32, "epochs": 8},
         "mixup": {"mixup_alpha": 0.2},
         "cutmix": {"cutmix_alpha": 1.0},
+        "no-smoothing": {"label_smoothing": 0.0},
+        "lr-0.004": {"lr": 0.004},
+        "frozen-1": {"frozen_groups": 1},
     },
     "full": {
         "preset": {},
