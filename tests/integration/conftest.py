@@ -122,3 +122,32 @@ def sshd():
         _kill_user_processes(SSH_USER)  # its sessions too
         subprocess.run(["userdel", SSH_USER], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def prefect_task_runs(flow_run_id, api_url=None):
+    """{task name: task run} of one flow run, and the flow run's artifacts, from the Prefect API
+    (this process's, or the server at ``api_url``)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    # Prefect 3 records task-run states from events, asynchronously: right after the flow
+    # returns, a retried task can still read as "AwaitingRetry" or "Running". Wait (bounded)
+    # until the server has every task run in a final state.
+    async def read():
+        async with get_client() as client:
+            for _ in range(120):
+                runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                if runs and all(r.state is not None and r.state.is_final() for r in runs):
+                    break
+                await asyncio.sleep(0.25)
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            return {r.name.rsplit("-", 1)[0].removeprefix("dvc-"): r for r in runs}, artifacts
+
+    if api_url is None:
+        return asyncio.run(read())
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())

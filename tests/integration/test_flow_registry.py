@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import dvc, requires_fashion_mnist, set_params
+from tests.integration.conftest import prefect_task_runs
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 
@@ -38,29 +39,6 @@ def registry(project):
 
     client = mlflow.MlflowClient()
     return client, reg
-
-
-def prefect_task_runs(flow_run_id):
-    """{task name: task run} of one flow run, and the flow run's artifacts, from the Prefect API."""
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
-
-    # Prefect 3 records task-run states from events, asynchronously: right after the flow
-    # returns, a retried task can still read as "AwaitingRetry" or "Running". Wait (bounded)
-    # until the server has every task run in a final state.
-    async def read():
-        async with get_client() as client:
-            for _ in range(120):
-                runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-                if runs and all(r.state is not None and r.state.is_final() for r in runs):
-                    break
-                await asyncio.sleep(0.25)
-            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-            return {r.name.rsplit("-", 1)[0].removeprefix("dvc-"): r for r in runs}, artifacts
-
-    return asyncio.run(read())
 
 
 def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import yaml
 
 from flows import services
 from tests.conftest import make_image_folder, project_env, set_params
+from tests.integration.conftest import prefect_task_runs
 
 pytestmark = pytest.mark.slow
 
@@ -239,7 +240,7 @@ def noop_run_is_recorded_without_the_engine(project, env, monkeypatch):
     assert runs[orphan.id].state.is_crashed()
     new = [r for r in runs.values() if r.id not in {b.id for b in before} | {orphan.id}]
     assert len(new) == 1 and new[0].state.is_completed() and str(new[0].id) in res.stdout
-    tasks = noop_task_runs(api, new[0].id)
+    tasks, _ = prefect_task_runs(new[0].id, api)
     graph = pipeline(project)
     assert sorted(tasks) == sorted(graph.order)
     assert all(t.state.is_completed() and t.state.name == "Cached" for t in tasks.values())
@@ -261,22 +262,6 @@ def training_flow_runs(api_url):
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         return asyncio.run(read())
-
-
-def noop_task_runs(api_url, flow_run_id):
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        runs = asyncio.run(read())
-    return {r.name.rsplit("-", 1)[0].removeprefix("dvc-"): r for r in runs}
 
 
 def browse_the_uis(st, pipeline_run, flow_run_id, shots):
