@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import base64
 import datetime
+import http.client
 import json
 import logging
 import os
+import random
+import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,11 @@ from stages.common import fault_point
 FLOW_NAME = "graft-training"  # the flow's name in flows/training.py: one history for both paths
 TASK_KEY = "run_stage"  # the flow's task function: the UI groups the task runs by it
 TAG = "graft-noop"  # on the flow runs written here, so a later run can find one left Running
-TIMEOUT_S = 10.0  # per request; a server this slow is better left to Prefect's own client
+# As Prefect's own client (its settings, same defaults): the server answers 503 when its
+# SQLite database is busy with its own services' writes (that happens on 2 cores), 429 when
+# rate-limited; those, and a connection reset after one good answer, are retried with
+# exponential back-off and jitter instead of giving up the shortcut.
+RETRY_CODES = {408, 429, 502, 503}
 # Prefect client settings this module cannot honour with urllib: with one set, the flow runs.
 UNSUPPORTED = ("PREFECT_API_SSL_CERT_FILE", "PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "PREFECT_CLIENT_CUSTOM_HEADERS")
 
@@ -50,32 +58,71 @@ class PrefectAPI:
     """The few calls of Prefect's REST API a cached run needs (auth as Prefect's client:
     the basic-auth string first, else the API key as a bearer token)."""
 
-    def __init__(self, url: str, auth_string: str | None = None, api_key: str | None = None):
+    backoff_s = 2.0  # the first retry's wait, doubled each time (Prefect's client: 2 ** try)
+
+    def __init__(self, url: str, auth_string: str | None = None, api_key: str | None = None, timeout_s: float = 60.0,
+                 max_retries: int = 5, jitter: float = 0.2):  # fmt: skip
         self.url = url.rstrip("/")
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if auth_string:
             self.headers["Authorization"] = "Basic " + base64.b64encode(auth_string.encode()).decode()
         elif api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout_s, self.max_retries, self.jitter = timeout_s, max_retries, jitter
+        self._connected = False  # a refused first connection is a wrong URL, not a hiccup: no retry
 
     @classmethod
     def from_env(cls) -> PrefectAPI | None:
-        url = os.environ.get("PREFECT_API_URL")
-        if not url or any(os.environ.get(k) for k in UNSUPPORTED):
+        env = os.environ
+        url = env.get("PREFECT_API_URL")
+        if not url or any(env.get(k) for k in UNSUPPORTED):
             return None
-        return cls(url, os.environ.get("PREFECT_API_AUTH_STRING"), os.environ.get("PREFECT_API_KEY"))
+        try:
+            limits = dict(timeout_s=float(env.get("PREFECT_API_REQUEST_TIMEOUT") or 60.0),
+                          max_retries=int(env.get("PREFECT_CLIENT_MAX_RETRIES") or 5),
+                          jitter=float(env.get("PREFECT_CLIENT_RETRY_JITTER_FACTOR") or 0.2))  # fmt: skip
+        except ValueError:
+            return None  # Prefect's own settings will name the bad value
+        return cls(url, env.get("PREFECT_API_AUTH_STRING"), env.get("PREFECT_API_KEY"), **limits)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=self.headers)
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
-            raw = resp.read()
-        return json.loads(raw) if raw else None
+        for attempt in range(self.max_retries + 1):
+            req = urllib.request.Request(self.url + path, data=data, method=method, headers=self.headers)
+            wait = None
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    raw = resp.read()
+                self._connected = True
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as e:
+                self._connected = True
+                if e.code not in RETRY_CODES or attempt == self.max_retries:
+                    raise
+                wait = _retry_after(e.headers.get("Retry-After"))
+                reason: object = f"HTTP {e.code}"
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+                if not self._connected or attempt == self.max_retries:
+                    raise
+                reason = getattr(e, "reason", e)
+            if wait is None:
+                wait = self.backoff_s * 2**attempt
+                wait *= random.uniform(1 - self.jitter, 1 + self.jitter)
+            log.debug("Prefect's API: %s %s answered %s; again in %.1f s", method, path, reason, wait)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def set_state(self, kind: str, run_id: str, state: dict[str, Any]) -> None:
         answer = self.call("POST", f"/{kind}/{run_id}/set_state", {"state": state})
         if (answer or {}).get("status") != "ACCEPT":
             raise ValueError(f"Prefect refused the state {state['type']} for {kind} {run_id}: {answer}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare from Prefect; the back-off applies
 
 
 def _now() -> str:
@@ -89,7 +136,10 @@ def _record(api: PrefectAPI, root: Path, graph: Pipeline, on_stages) -> tuple[st
     and the summary. A failure after the flow run exists deletes it, then re-raises."""
     flow_id = api.call("POST", "/flows/", {"name": FLOW_NAME})["id"]
     params = {"project_dir": str(root), "overrides": [], "concurrency": "wait", "wait_timeout": None}
+    # The idempotency key makes a retried create (its answer lost to a reset) return the
+    # same flow run instead of a second one.
     run = api.call("POST", "/flow_runs/", {"flow_id": flow_id, "parameters": params, "tags": [TAG],
+                                          "idempotency_key": f"graft-noop-{uuid.uuid4()}",
                                           "state": {"type": "RUNNING", "name": "Running"}})  # fmt: skip
     run_id = run["id"]
     fault_point("noop_after_flow_run_created")
@@ -157,7 +207,7 @@ def try_run(root: Path) -> dict[str, Any] | None:
         try:
             end_dead_runs(api, root)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            log.debug("Prefect's API did not answer as expected (%s): running the flow instead", e)
+            log.warning("graft run: Prefect's API did not answer as expected (%s): running the flow instead", e)
             return None
         graph, stale = plan(root)
         if stale:
@@ -173,7 +223,7 @@ def try_run(root: Path) -> dict[str, Any] | None:
         try:
             run_id, name, summary = _record(api, root, graph, around_stages)
         except (OSError, ValueError, KeyError, TypeError) as e:  # urllib's errors are OSErrors
-            log.debug("recording the no-op run in Prefect failed (%s): running the flow instead", e)
+            log.warning("graft run: recording the no-op run in Prefect failed (%s): running the flow instead", e)
             return None
         record_accepted(root, source)
         summary["flow_run_name"] = name

@@ -1,0 +1,105 @@
+"""flows/noop.py's REST calls retry as Prefect's own client does: on 503 (the server's
+SQLite busy with its own writes), 429, 502, 408 and on a connection lost after a first
+answer; never on other errors, nor on a first connection refused (a wrong URL). Served
+by a real HTTP server on 127.0.0.1 that answers from a script."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from flows import noop
+
+
+@pytest.fixture
+def scripted():
+    """A server answering each request with the next (status, headers) of ``script``
+    (200 with a JSON body once the script runs out); ``seen`` lists the requests."""
+    state = {"script": [], "seen": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            state["seen"].append((self.path, json.loads(body) if body else None))
+            status, headers = state["script"].pop(0) if state["script"] else (200, {})
+            if status == "drop":  # close the connection without an answer
+                self.close_connection = True
+                self.wfile.flush()
+                self.connection.shutdown(2)
+                return
+            payload = json.dumps({"ok": len(state["seen"])}).encode()
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/api"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    waited: list[float] = []
+    monkeypatch.setattr(noop.time, "sleep", waited.append)
+    return waited
+
+
+def test_busy_server_answers_are_retried_with_jittered_backoff(scripted, sleeps):
+    scripted["script"] = [(503, {}), (503, {}), (429, {"Retry-After": "7"})]
+    api = noop.PrefectAPI(scripted["url"], max_retries=5, jitter=0.2)
+    assert api.call("POST", "/flow_runs/", {"x": 1}) == {"ok": 4}
+    assert [p for p, _ in scripted["seen"]] == ["/api/flow_runs/"] * 4
+    assert all(b == {"x": 1} for _, b in scripted["seen"])  # the same body each time
+    assert 1.6 <= sleeps[0] <= 2.4 and 3.2 <= sleeps[1] <= 4.8  # 2 ** try, +-20 %
+    assert sleeps[2] == 7.0  # the server's Retry-After wins
+
+
+def test_other_errors_and_the_last_retry_are_raised(scripted, sleeps):
+    scripted["script"] = [(500, {})]
+    api = noop.PrefectAPI(scripted["url"], max_retries=5)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        api.call("POST", "/task_runs/", {})
+    assert e.value.code == 500 and len(scripted["seen"]) == 1 and sleeps == []
+
+    scripted["script"] = [(503, {"Retry-After": "0"})] * 5
+    scripted["seen"].clear()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        noop.PrefectAPI(scripted["url"], max_retries=2).call("POST", "/logs/", [])
+    assert e.value.code == 503 and len(scripted["seen"]) == 3  # one try and two retries
+
+
+def test_a_dropped_connection_is_retried_only_after_a_first_answer(scripted, sleeps):
+    api = noop.PrefectAPI(scripted["url"], max_retries=3)
+    scripted["script"] = [("drop", {})]
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        api.call("POST", "/flows/", {"name": "f"})  # never connected: maybe the wrong URL
+    assert sleeps == []
+
+    assert api.call("POST", "/flows/", {"name": "f"}) == {"ok": 2}
+    scripted["script"] = [("drop", {})]
+    assert api.call("POST", "/flows/", {"name": "f"}) == {"ok": 4}  # dropped once, then answered
+    assert len(sleeps) == 1
+
+
+def test_settings_come_from_prefects_environment_variables(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    monkeypatch.setenv("PREFECT_API_REQUEST_TIMEOUT", "12.5")
+    monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "0")
+    api = noop.PrefectAPI.from_env()
+    assert api is not None and api.timeout_s == 12.5 and api.max_retries == 0
+    monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "many")
+    assert noop.PrefectAPI.from_env() is None  # the flow runs, and Prefect names the bad setting
