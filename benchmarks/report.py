@@ -299,6 +299,14 @@ def render_accuracy(results: dict) -> str:
                       ACCURACY_END])
 
 
+def noop_alone(wo: dict) -> str:
+    """The no-servers target, with the server's start-up measured in the same run (older
+    results have no such figure)."""
+    if "temporary_server_start_s" not in wo:
+        return "the temporary server's start-up only"
+    return f"the temporary server's start-up only ({wo['temporary_server_start_s']:.2f} s alone)"
+
+
 def render_machine_use(results: dict) -> str:
     """The machine-use block (markers included), from the "machine_use" key that
     ``benchmarks/machine.py`` adds to results-cpu.json."""
@@ -314,7 +322,7 @@ def render_machine_use(results: dict) -> str:
              f"| no-op `graft run`, servers up | {ws['graft_run_s']:.2f} s | `dvc repro`: {ws['dvc_repro_s']:.2f} s | "
              f"+{ws['extra_s']:.2f} s | {TARGETS['noop']} |",
              f"| no-op `graft run`, no servers (a temporary Prefect server starts) | {wo['graft_run_s']:.2f} s | "
-             f"`dvc repro`: {wo['dvc_repro_s']:.2f} s | +{wo['extra_s']:.2f} s | |",
+             f"`dvc repro`: {wo['dvc_repro_s']:.2f} s | +{wo['extra_s']:.2f} s | {noop_alone(wo)} |",
              f"| registered pyfunc, batch 64 from PNG bytes | {sv['pyfunc_b64_img_s']:.0f} img/s (decoding "
              f"{sv['decode_share_b64']:.0%} of it) | the bare model on decoded tensors: {sv['bare_b64_img_s']:.0f} img/s | "
              f"{sv['throughput_ratio']:.2f}x | {TARGETS['pyfunc']} |",

@@ -95,7 +95,7 @@ def run(
 ) -> None:
     """Run the whole pipeline through the Prefect flow: stages DVC finds unchanged are skipped; a new model is registered and promoted only if it beats the current champion.
 
-    With graft's servers up and nothing changed, the run is recorded in Prefect (every stage Cached) without starting the flow engine: about a second more than `dvc repro`.
+    With nothing changed, the run is recorded in Prefect (every stage Cached) without the flow engine: with graft's servers up, a second or two more than `dvc repro`; without them, Prefect's temporary server's start-up more.
 
     Exit codes: 0 done (or skipped), 1 a stage crashed, 2 bad input (a wrong parameter, a missing or broken data source)."""
     _quiet_defaults()

@@ -10,11 +10,16 @@ run's log line and its summary artifact. It does what the flow does around the s
 too: holds the project's lock, accepts the source's fingerprint, pushes to the DVC
 remote when there is one.
 
+With no server named, Prefect's client would start its temporary server for the flow;
+this module starts the same one itself (same command, same database under PREFECT_HOME),
+only once DVC has said nothing is stale, so the server's start-up is the only cost over
+``dvc repro``, not that plus Prefect's import and engine.
+
 It answers only when that is safe; ``None`` sends the caller through the full flow:
-parameters to write, no Prefect server named in the environment (Prefect's temporary
-server costs more than this saves), TLS settings urllib does not read, another run
-holding the lock, a stale stage, or any answer from the server other than the expected
-one (a flow run already created is then deleted, so a run is never recorded twice).
+parameters to write, Prefect settings this module does not read (TLS, custom headers, an
+API or profile named in a settings file), another run holding the lock, a stale stage,
+or any answer from the server other than the expected one (a flow run already created is
+then deleted, so a run is never recorded twice).
 
 A run killed while it writes (``kill -9``) leaves its flow run Running, and, unlike the
 flow's, with no heartbeat for Prefect to notice. It held the project's lock meanwhile, so
@@ -31,11 +36,17 @@ import logging
 import os
 import random
 import time
+import importlib.util
+import socket
+import subprocess
+import sys
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flows.pipeline import Pipeline, ProjectLock, plan, read_summary, summary_markdown
 from stages.common import fault_point
@@ -72,9 +83,11 @@ class PrefectAPI:
         self._connected = False  # a refused first connection is a wrong URL, not a hiccup: no retry
 
     @classmethod
-    def from_env(cls) -> PrefectAPI | None:
+    def from_env(cls, url: str | None = None) -> PrefectAPI | None:
+        """The API named by PREFECT_API_URL (or at ``url``), with Prefect's client settings
+        from the environment; None when there is none, or with a setting urllib cannot honour."""
         env = os.environ
-        url = env.get("PREFECT_API_URL")
+        url = url or env.get("PREFECT_API_URL")
         if not url or any(env.get(k) for k in UNSUPPORTED):
             return None
         try:
@@ -116,6 +129,100 @@ class PrefectAPI:
         answer = self.call("POST", f"/{kind}/{run_id}/set_state", {"state": state})
         if (answer or {}).get("status") != "ACCEPT":
             raise ValueError(f"Prefect refused the state {state['type']} for {kind} {run_id}: {answer}")
+
+
+FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def temporary_server_wanted(cwd: Path) -> bool:
+    """Whether Prefect's client, in this process, would start its temporary server: no API
+    named in the environment or the active profile, and ephemeral mode on (the default
+    profile's). Settings files in the working directory (.env, prefect.toml, pyproject's
+    [tool.prefect]) could name an API too; with one there, leave the question to Prefect."""
+    env = os.environ
+    if env.get("PREFECT_API_URL") or any((cwd / f).is_file() for f in (".env", "prefect.toml")):
+        return False
+    try:
+        if "prefect" in tomllib.loads((cwd / "pyproject.toml").read_text()).get("tool", {}):
+            return False
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    spec = importlib.util.find_spec("prefect")  # finds the package without importing it
+    if spec is None or spec.origin is None:
+        return False
+    home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    user_path = Path(env.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        default = tomllib.loads((Path(spec.origin).parent / "settings" / "profiles.toml").read_text())
+        user = tomllib.loads(user_path.read_text()) if user_path.is_file() else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    active = env.get("PREFECT_PROFILE") or user.get("active") or default.get("active")
+    profile = {**default.get("profiles", {}).get(active, {}), **user.get("profiles", {}).get(active, {})}
+    if any(k.startswith("PREFECT_API_") for k in profile):
+        return False
+    for key in ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
+        value = env.get(key) or profile.get(key)
+        if value is not None:
+            return str(value).strip().lower() not in FALSE
+    return False  # Prefect's own default: off
+
+
+@contextmanager
+def temporary_server(timeout_s: float | None = None) -> Iterator[str]:
+    """Prefect's temporary server, started as its client starts one (prefect.server.api.
+    server.SubprocessASGIServer: uvicorn on a free port of 8000-8999, the UI off, the
+    database of this PREFECT_HOME), stopped on exit. Yields its API URL; raises OSError when
+    it does not answer its health check in time (Prefect's setting, 20 s by default)."""
+    timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
+    site = Path(importlib.util.find_spec("prefect").origin).parent.parent
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    deadline = time.monotonic() + timeout_s
+    proc = None
+    try:
+        while proc is None or proc.poll() is not None:  # exited: its port was taken meanwhile
+            if time.monotonic() > deadline:
+                raise OSError(f"Prefect's temporary server did not start within {timeout_s:.0f} s")
+            port = _free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory",
+                                     "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                                     "--log-level", "error", "--lifespan", "on"], env=env)  # fmt: skip
+            url = f"http://127.0.0.1:{port}/api"
+            while proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except (OSError, http.client.HTTPException):
+                    pass
+                if time.monotonic() > deadline:
+                    raise OSError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s")
+                time.sleep(0.1)
+            else:
+                continue
+            log.info("Prefect's temporary server on %s (no graft servers running)", url)
+            yield url
+            return
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _free_port() -> int:
+    for _ in range(50):
+        port = random.randrange(8000, 9000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise OSError("no free port in 8000-8999 for Prefect's temporary server")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -198,17 +305,21 @@ def try_run(root: Path) -> dict[str, Any] | None:
     from flows.fingerprint import fingerprint, record_accepted
 
     api = PrefectAPI.from_env()
-    if api is None:
+    # No server named: Prefect would start its temporary server; so does this, once DVC
+    # has said there is nothing to run (the flow would start its own otherwise).
+    temporary = api is None and PrefectAPI.from_env("http://127.0.0.1") is not None and temporary_server_wanted(Path.cwd())
+    if api is None and not temporary:
         return None
     lock = ProjectLock(root)
     if not lock.acquire(wait=False):
         return None  # the flow waits for it, or skips, as --concurrency says
     try:
-        try:
-            end_dead_runs(api, root)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("graft run: Prefect's API did not answer as expected (%s): running the flow instead", e)
-            return None
+        if api is not None:
+            try:
+                end_dead_runs(api, root)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("graft run: Prefect's API did not answer as expected (%s): running the flow instead", e)
+                return None
         graph, stale = plan(root)
         if stale:
             return None
@@ -221,7 +332,14 @@ def try_run(root: Path) -> dict[str, Any] | None:
             return summary
 
         try:
-            run_id, name, summary = _record(api, root, graph, around_stages)
+            if api is not None:
+                run_id, name, summary = _record(api, root, graph, around_stages)
+            else:
+                with temporary_server() as url:
+                    api = PrefectAPI.from_env(url)
+                    assert api is not None  # the same settings were read above
+                    end_dead_runs(api, root)
+                    run_id, name, summary = _record(api, root, graph, around_stages)
         except (OSError, ValueError, KeyError, TypeError) as e:  # urllib's errors are OSErrors
             log.warning("graft run: recording the no-op run in Prefect failed (%s): running the flow instead", e)
             return None
