@@ -97,7 +97,8 @@ def feature_rows(f: dict) -> list[list[str]]:
 def default_row(d: dict, s: dict) -> list[str]:
     lrs = ", ".join(f"{r['lr']:g}" for r in s["sweep"])
     return [
-        f"default params ({d['train_images']:,} train images, partial fine-tuning, {d['epochs']} epochs)",
+        f"default params ({d['train_images']:,} train images, partial fine-tuning with {d.get('frozen_groups', 2)} groups frozen, "
+        f"{d['epochs']} epochs)",
         f"test accuracy {d['test_accuracy']:.4f}, fine-tune {d['fine_tune_seconds']:.0f} s",
         f"from `scratch:`, full fine-tuning, no LR decay, lr {s['lr']:g} (best val accuracy of {lrs}): "
         f"{s['test_accuracy']:.4f} in {s['fine_tune_seconds']:.0f} s",
@@ -263,7 +264,8 @@ def _recipe(r: dict) -> str:
     """The recipe's levers, as the params that set them."""
     full = f"{r['image_size']} px"
     size = f"{r['min_image_size']} px growing to {full}" if r.get("min_image_size") else full
-    parts = [r["mode"], f"{r['epochs']} epochs", size, f"EMA {r['ema_decay']:g}" if r.get("ema_decay") else None,
+    mode = f"partial ({r['frozen_groups']} groups frozen)" if r["mode"] == "partial" and "frozen_groups" in r else r["mode"]
+    parts = [mode, f"{r['epochs']} epochs", size, f"EMA {r['ema_decay']:g}" if r.get("ema_decay") else None,
              f"TTA {r['tta']}" if r.get("tta", "none") != "none" else None]
     return ", ".join(p for p in parts if p)
 

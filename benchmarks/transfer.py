@@ -285,7 +285,7 @@ def main() -> None:
                   f"({f['end_to_end_speedup']:.1f}x)", flush=True)  # fmt: skip
 
         if "default" in sections:
-            d = out["default"] = fit_and_test(prepared, backbone, ft)
+            d = out["default"] = {**fit_and_test(prepared, backbone, ft), "frozen_groups": ft.frozen_groups}
             s = out["scratch"] = measure_scratch(prepared, backbone, ft)
             print(f"3. default params: test accuracy {d['test_accuracy']:.4f} in {d['fine_tune_seconds']:.0f}s "
                   f"({d['train_images']} train images); from scratch (full, lr {s['lr']:g}) {s['test_accuracy']:.4f} in "
