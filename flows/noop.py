@@ -31,15 +31,15 @@ from __future__ import annotations
 import base64
 import datetime
 import http.client
+import importlib.util
 import json
 import logging
 import os
 import random
-import time
-import importlib.util
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.error
 import urllib.request
