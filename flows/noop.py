@@ -186,7 +186,8 @@ def temporary_server(timeout_s: float | None = None) -> Iterator[str]:
             port = _free_port()
             proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory",
                                      "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-                                     "--log-level", "error", "--lifespan", "on"], env=env)  # fmt: skip
+                                     "--log-level", "error", "--lifespan", "on"], env=env,
+                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)  # fmt: skip
             url = f"http://127.0.0.1:{port}/api"
             while proc.poll() is None:
                 try:
@@ -211,6 +212,18 @@ def temporary_server(timeout_s: float | None = None) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _die_with_parent() -> None:
+    """Run in the server's process before it execs: Linux sends it SIGTERM when the
+    `graft run` that started it dies, by kill -9 too, where no ``finally`` runs."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _free_port() -> int:

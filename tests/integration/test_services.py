@@ -189,7 +189,8 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path, m
 def noop_run_without_servers(project, env, tmp_path):
     """With no graft servers, a no-op `graft run` starts Prefect's temporary server itself
     (as Prefect's client would, on the same database under PREFECT_HOME), records the run
-    there and stops it: no Prefect import, no flow engine, nothing left running."""
+    there and stops it: no Prefect import, no flow engine, nothing left running, even
+    when `graft run` is killed (-9) while the server is up."""
     import sqlite3
 
     import psutil
@@ -199,34 +200,50 @@ def noop_run_without_servers(project, env, tmp_path):
     services.stop(project)
     home = tmp_path / "prefect-home"
     clean = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_AUTH_STRING")}
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "flows.cli", "run", "--project", str(project)], cwd=project,
-                         env={**clean, "PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    clean.update(PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
+
+    def graft_run(*python_flags, **extra):
+        return subprocess.run([sys.executable, *python_flags, "-m", "flows.cli", "run", "--project", str(project)], cwd=project,
+                              env={**clean, **extra}, capture_output=True, text=True, timeout=180)  # fmt: skip
+
+    def servers_left():
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if "prefect.server.api.server:create_app" in " ".join(proc.info["cmdline"] or ()) and \
+                        proc.environ().get("PREFECT_HOME") == str(home):  # fmt: skip
+                    found.append(proc)
+            except psutil.Error:
+                pass
+        return found
+
+    killed = graft_run(GRAFT_FAULT_POINT="noop_after_flow_run_created")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
+    deadline = time.monotonic() + 30
+    while servers_left() and time.monotonic() < deadline:  # SIGTERM from the kernel, then uvicorn's orderly stop
+        time.sleep(0.5)
+    assert servers_left() == [], "the temporary server outlived the killed graft run"
+
+    res = graft_run("-X", "importtime")
     said = res.stdout[-2000:] + res.stderr[-3000:]
     assert res.returncode == 0, said
     assert "no graft servers running" in res.stdout and "nothing changed in DVC's view; recorded as Prefect flow run" in res.stdout, said
+    assert "was left Running by a killed graft run: marked Crashed" in res.stderr, said
     imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
     assert "prefect" not in imported and "mlflow" not in imported  # the temporary server imports them, not graft run
     run_id = res.stdout.split("(id ", 1)[1].split(")", 1)[0]
 
     db = sqlite3.connect(home / "prefect.db")
     try:
-        (state,) = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (run_id,)).fetchone()
+        states = dict(db.execute("SELECT id, state_type FROM flow_run").fetchall())
         tasks = db.execute("SELECT name, state_type, state_name FROM task_run WHERE flow_run_id = ?", (run_id,)).fetchall()
     finally:
         db.close()
-    assert state == "COMPLETED"
+    assert sorted(states.values()) == ["COMPLETED", "CRASHED"] and states[run_id] == "COMPLETED"
     graph = pipeline(project)
     assert sorted(n.rsplit("-", 1)[0].removeprefix("dvc-") for n, _, _ in tasks) == sorted(graph.order)
     assert {(t, n) for _, t, n in tasks} == {("COMPLETED", "Cached")}
-    left = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if "prefect.server.api.server:create_app" in " ".join(proc.info["cmdline"] or ()) and \
-                    proc.environ().get("PREFECT_HOME") == str(home):  # fmt: skip
-                left.append(proc)
-        except psutil.Error:
-            pass
-    assert left == [], "Prefect's temporary server was left running"
+    assert servers_left() == [], "Prefect's temporary server was left running"
 
 
 def noop_run_is_recorded_without_the_engine(project, env, monkeypatch):
