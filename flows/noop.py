@@ -86,17 +86,10 @@ class PrefectAPI:
     def from_env(cls, url: str | None = None) -> PrefectAPI | None:
         """The API named by PREFECT_API_URL (or at ``url``), with Prefect's client settings
         from the environment; None when there is none, or with a setting urllib cannot honour."""
-        env = os.environ
-        url = url or env.get("PREFECT_API_URL")
-        if not url or any(env.get(k) for k in UNSUPPORTED):
-            return None
-        try:
-            limits = dict(timeout_s=float(env.get("PREFECT_API_REQUEST_TIMEOUT") or 60.0),
-                          max_retries=int(env.get("PREFECT_CLIENT_MAX_RETRIES") or 5),
-                          jitter=float(env.get("PREFECT_CLIENT_RETRY_JITTER_FACTOR") or 0.2))  # fmt: skip
-        except ValueError:
-            return None  # Prefect's own settings will name the bad value
-        return cls(url, env.get("PREFECT_API_AUTH_STRING"), env.get("PREFECT_API_KEY"), **limits)
+        url = url or os.environ.get("PREFECT_API_URL")
+        settings = client_settings()
+        return cls(url, **settings) if url and settings is not None else None
+
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -131,6 +124,20 @@ class PrefectAPI:
             raise ValueError(f"Prefect refused the state {state['type']} for {kind} {run_id}: {answer}")
 
 
+def client_settings() -> dict[str, Any] | None:
+    """Prefect's client settings from the environment, as PrefectAPI takes them; None with
+    one urllib cannot honour or a bad value (Prefect's own settings will name it)."""
+    env = os.environ
+    if any(env.get(k) for k in UNSUPPORTED):
+        return None
+    try:
+        return dict(auth_string=env.get("PREFECT_API_AUTH_STRING"), api_key=env.get("PREFECT_API_KEY"),
+                    timeout_s=float(env.get("PREFECT_API_REQUEST_TIMEOUT") or 60.0),
+                    max_retries=int(env.get("PREFECT_CLIENT_MAX_RETRIES") or 5),
+                    jitter=float(env.get("PREFECT_CLIENT_RETRY_JITTER_FACTOR") or 0.2))  # fmt: skip
+    except ValueError:
+        return None
+
 FALSE = {"0", "false", "f", "no", "n", "off"}
 
 
@@ -147,13 +154,13 @@ def temporary_server_wanted(cwd: Path) -> bool:
             return False
     except (OSError, tomllib.TOMLDecodeError):
         pass
-    spec = importlib.util.find_spec("prefect")  # finds the package without importing it
-    if spec is None or spec.origin is None:
+    package = _prefect_package()
+    if package is None:
         return False
     home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
     user_path = Path(env.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
     try:
-        default = tomllib.loads((Path(spec.origin).parent / "settings" / "profiles.toml").read_text())
+        default = tomllib.loads((package / "settings" / "profiles.toml").read_text())
         user = tomllib.loads(user_path.read_text()) if user_path.is_file() else {}
     except (OSError, tomllib.TOMLDecodeError):
         return False
@@ -175,7 +182,10 @@ def temporary_server(timeout_s: float | None = None) -> Iterator[str]:
     database of this PREFECT_HOME), stopped on exit. Yields its API URL; raises OSError when
     it does not answer its health check in time (Prefect's setting, 20 s by default)."""
     timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
-    site = Path(importlib.util.find_spec("prefect").origin).parent.parent
+    package = _prefect_package()
+    if package is None:
+        raise OSError("Prefect is not installed in this environment")
+    site = package.parent
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     deadline = time.monotonic() + timeout_s
     proc = None
@@ -212,6 +222,12 @@ def temporary_server(timeout_s: float | None = None) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _prefect_package() -> Path | None:
+    """Where the prefect package is, found without importing it."""
+    spec = importlib.util.find_spec("prefect")
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
 
 
 def _die_with_parent() -> None:
@@ -320,7 +336,7 @@ def try_run(root: Path) -> dict[str, Any] | None:
     api = PrefectAPI.from_env()
     # No server named: Prefect would start its temporary server; so does this, once DVC
     # has said there is nothing to run (the flow would start its own otherwise).
-    temporary = api is None and PrefectAPI.from_env("http://127.0.0.1") is not None and temporary_server_wanted(Path.cwd())
+    temporary = api is None and client_settings() is not None and temporary_server_wanted(Path.cwd())
     if api is None and not temporary:
         return None
     lock = ProjectLock(root)
