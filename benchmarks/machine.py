@@ -1,4 +1,4 @@
-"""Not wasting the machine: concurrent trainings, a no-op run, serving, two ranks.
+"""Not wasting the machine: concurrent trainings, a no-op run, the allocator, serving, two ranks.
 
 Each figure is a ratio against a baseline measured in the same run, on this machine:
 
@@ -13,6 +13,9 @@ Each figure is a ratio against a baseline measured in the same run, on this mach
 - serving: the champion's pyfunc (PNG bytes in a DataFrame -> decode, resize, forward)
   against the bare model's forward on already-decoded tensors, at batch 64 (images/s) and
   batch 1 (p50/p95 ms), timed in alternating rounds, and where the pyfunc's time goes;
+- allocator: the fine-tuned model's forward pass (batch 64) in fresh processes, with the
+  C heap kept for the next batch (stages/allocator.py) and with glibc's defaults
+  (GRAFT_ALLOCATOR=default), alternating;
 - torchrun: the same one-epoch training as one process and as two gloo ranks.
 
 Usage: python benchmarks/machine.py [--json benchmarks/results-cpu.json]
@@ -38,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_IMAGES = 1920  # 30 batches of the default 64: about 10 s alone here
 REPEATS = 3  # of the no-op runs; the median is kept
+FORWARD_BATCH, FORWARD_CALLS = 64, 30  # the allocator's figure: one process's inference
+ALLOCATOR_ROUNDS = 4  # fresh processes each way; the medians are kept
 
 
 def child_train(out: Path) -> None:
@@ -61,6 +66,50 @@ def child_train(out: Path) -> None:
         out.write_text(json.dumps({"samples_per_second": r.history[0]["samples_per_second"],
                                    "seconds": time.perf_counter() - t0, "threads": sizer.describe()}))  # fmt: skip
     distributed.shutdown()
+
+
+def child_forward(out: Path) -> None:
+    """Inference alone in a fresh process, as `evaluate` and a model server run it: the
+    fine-tuned model's forward pass on batches of FORWARD_BATCH test images (images/s).
+    The allocator is tuned by the thread sizer unless GRAFT_ALLOCATOR=default."""
+    import torch
+
+    from stages import allocator, modeling, threads
+    from stages.preprocess import load_split
+
+    threads.sizer("bench")
+    model, cfg = modeling.load(ROOT / "models" / "fine_tuned", torch.device("cpu"))
+    x, _ = load_split(ROOT / "data" / "prepared", "test")
+    batch = modeling.to_input(np.asarray(x[:FORWARD_BATCH]), cfg, torch.device("cpu"), True)
+    times = []
+    with torch.inference_mode():
+        for _ in range(FORWARD_CALLS):
+            t0 = time.perf_counter()
+            model(batch)
+            times.append(time.perf_counter() - t0)
+    per_call = float(np.median(times[5:]))  # after the first calls' allocations and kernel picks
+    out.write_text(json.dumps({"img_s": FORWARD_BATCH / per_call, "allocator": allocator.tune()}))
+
+
+def allocator(tmp: Path) -> dict:
+    """The forward pass with the C heap kept (stages/allocator.py) against glibc's
+    defaults, each in fresh processes, alternating which goes first."""
+    runs: dict[str, list[float]] = {"tuned": [], "default": []}
+    for r in range(ALLOCATOR_ROUNDS):
+        for which in ("default", "tuned") if r % 2 == 0 else ("tuned", "default"):
+            out = tmp / f"forward-{which}-{r}.json"
+            env = {**os.environ, "GRAFT_ALLOCATOR": which}
+            subprocess.run([sys.executable, __file__, "--child-forward", str(out)], env=env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            result = json.loads(out.read_text())
+            if (result["allocator"] == "tuned") != (which == "tuned"):
+                raise SystemExit(f"allocator benchmark: wanted {which}, the child says {result['allocator']}")
+            runs[which].append(result["img_s"])
+    r = {"tuned_img_s": float(np.median(runs["tuned"])), "default_img_s": float(np.median(runs["default"])), "runs": runs}
+    r["ratio"] = r["tuned_img_s"] / r["default_img_s"]
+    print(f"allocator: forward at batch {FORWARD_BATCH}, {r['tuned_img_s']:.0f} img/s with the C heap kept, "
+          f"{r['default_img_s']:.0f} with glibc's defaults ({r['ratio']:.2f}x)")
+    return r
 
 
 def trainings(n: int, env_extra: dict[str, str], tmp: Path, tag: str) -> list[dict]:
@@ -216,9 +265,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="add the figures to this JSON file under 'machine' (atomically)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-forward", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child_train(args.child)
+    if args.child_forward:
+        return child_forward(args.child_forward)
     import tempfile
 
     from benchmarks.transfer import machine_info
@@ -227,7 +279,7 @@ def main() -> None:
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         out = {"machine": machine_info(), "concurrency": concurrency(Path(tmp)), "noop_run": noop(),
-               "serving": serving(), "torchrun": torchrun(Path(tmp))}  # fmt: skip
+               "allocator": allocator(Path(tmp)), "serving": serving(), "torchrun": torchrun(Path(tmp))}  # fmt: skip
     if args.json:
         results = fsio.read_json(args.json) if args.json.is_file() else {}
         fsio.write_json(args.json, {**results, "machine_use": out})

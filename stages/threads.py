@@ -191,7 +191,12 @@ class ThreadSizer:
 
 
 def sizer(label: str, root: Path | None = None) -> ThreadSizer:
-    """A started :class:`ThreadSizer` for a stage, honouring a forced number."""
+    """A started :class:`ThreadSizer` for a stage, honouring a forced number. Every stage
+    that runs torch calls this before any torch work, so the process's C allocator is set
+    for torch here too (:mod:`stages.allocator`)."""
+    from stages import allocator
+
+    allocator.tune()
     s = ThreadSizer(forced_threads(root), label=label)
     s.start()
     return s

@@ -116,3 +116,24 @@ def test_saved_weights_are_byte_identical_for_equal_models(tmp_path):
     for out in ("a", "b"):
         modeling.save(tmp_path / out, model, cfg)
     assert (tmp_path / "a" / modeling.WEIGHTS).read_bytes() == (tmp_path / "b" / modeling.WEIGHTS).read_bytes()
+
+
+def test_predictions_of_a_model_left_in_training_mode_are_eval_mode_ones():
+    """predict_proba switches a model that is training (dropout on, BatchNorm on the batch's
+    statistics) to eval mode, and does not walk the model again once it is there."""
+    import torch
+
+    from stages import modeling
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Dropout(0.5), torch.nn.Linear(4 * 6 * 6, 3))  # fmt: skip
+    cfg = modeling.ModelConfig("tiny", ["a", "b", "c"], 0.5, "test", None, {"mean": [0.5] * 3, "std": [0.25] * 3})
+    x = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    net.train()
+    first = modeling.predict_proba(net, x, cfg, batch_size=2)
+    assert not net.training and not any(m.training for m in net.modules())
+    assert np.allclose(first, modeling.predict_proba(net, x, cfg, batch_size=5), atol=1e-6)
+    with torch.inference_mode():
+        expected = net(modeling.to_input(x, cfg, torch.device("cpu"))).softmax(1).numpy()
+    assert np.allclose(first, expected, atol=1e-6)
