@@ -309,6 +309,15 @@ def noop_alone(wo: dict) -> str:
     return f"the temporary server's start-up only ({wo['temporary_server_start_s']:.2f} s alone)"
 
 
+def allocator_rows(m: dict) -> list[str]:
+    """The allocator's row, where the results have it (it was first measured later)."""
+    if "allocator" not in m:
+        return []
+    a = m["allocator"]
+    return [f"| the fine-tuned model's forward, batch 64, the C heap kept (`stages/allocator.py`) | {a['tuned_img_s']:.0f} img/s | "
+            f"glibc's defaults: {a['default_img_s']:.0f} img/s | {a['ratio']:.2f}x | |"]  # fmt: skip
+
+
 def render_machine_use(results: dict) -> str:
     """The machine-use block (markers included), from the "machine_use" key that
     ``benchmarks/machine.py`` adds to results-cpu.json."""
@@ -325,6 +334,7 @@ def render_machine_use(results: dict) -> str:
              f"+{ws['extra_s']:.2f} s | {TARGETS['noop']} |",
              f"| no-op `graft run`, no servers (a temporary Prefect server starts) | {wo['graft_run_s']:.2f} s | "
              f"`dvc repro`: {wo['dvc_repro_s']:.2f} s | +{wo['extra_s']:.2f} s | {noop_alone(wo)} |",
+             *allocator_rows(m),
              f"| registered pyfunc, batch 64 from PNG bytes | {sv['pyfunc_b64_img_s']:.0f} img/s (decoding "
              f"{sv['decode_share_b64']:.0%} of it) | the bare model on decoded tensors: {sv['bare_b64_img_s']:.0f} img/s | "
              f"{sv['throughput_ratio']:.2f}x | {TARGETS['pyfunc']} |",
