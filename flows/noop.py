@@ -11,9 +11,10 @@ too: holds the project's lock, accepts the source's fingerprint, pushes to the D
 remote when there is one.
 
 With no server named, Prefect's client would start its temporary server for the flow;
-this module starts the same one itself (same command, same database under PREFECT_HOME),
-only once DVC has said nothing is stale, so the server's start-up is the only cost over
-``dvc repro``, not that plus Prefect's import and engine.
+this module starts the same one itself (same command, same database under PREFECT_HOME)
+as it asks DVC, so the server's start-up overlaps DVC's answer and is the only cost over
+``dvc repro``, not that plus Prefect's import and engine. When a stage is stale the
+server is stopped and the flow runs as it would have.
 
 It answers only when that is safe; ``None`` sends the caller through the full flow:
 parameters to write, Prefect settings this module does not read (TLS, custom headers, an
@@ -175,53 +176,76 @@ def temporary_server_wanted(cwd: Path) -> bool:
     return False  # Prefect's own default: off
 
 
-@contextmanager
-def temporary_server(timeout_s: float | None = None) -> Iterator[str]:
+class TemporaryServer:
     """Prefect's temporary server, started as its client starts one (prefect.server.api.
     server.SubprocessASGIServer: uvicorn on a free port of 8000-8999, the UI off, the
-    database of this PREFECT_HOME), stopped on exit. Yields its API URL; raises OSError when
-    it does not answer its health check in time (Prefect's setting, 20 s by default)."""
-    timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
-    package = _prefect_package()
-    if package is None:
-        raise OSError("Prefect is not installed in this environment")
-    site = package.parent
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    deadline = time.monotonic() + timeout_s
-    proc = None
-    try:
-        while proc is None or proc.poll() is not None:  # exited: its port was taken meanwhile
-            if time.monotonic() > deadline:
-                raise OSError(f"Prefect's temporary server did not start within {timeout_s:.0f} s")
-            port = _free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory",
-                                     "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-                                     "--log-level", "error", "--lifespan", "on"], env=env,
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)  # fmt: skip
-            url = f"http://127.0.0.1:{port}/api"
-            while proc.poll() is None:
+    database of this PREFECT_HOME). Its process starts at construction, so its start-up
+    overlaps the caller's own work; :meth:`wait` returns its API URL once it answers its
+    health check; :meth:`stop` stops it. Raises OSError when Prefect is missing or the
+    server does not answer in time (Prefect's setting, 20 s by default)."""
+
+    def __init__(self, timeout_s: float | None = None):
+        self.timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
+        package = _prefect_package()
+        if package is None:
+            raise OSError("Prefect is not installed in this environment")
+        self._site = package.parent
+        self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self._spawn()
+
+    def _spawn(self) -> None:
+        port = _free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(self._site), "--factory",
+                                      "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                                      "--log-level", "error", "--lifespan", "on"], env=self._env,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}/api"
+
+    def wait(self) -> str:
+        """The API URL, once the server answers. The timeout counts from this call: the
+        server had the caller's own work's time on top."""
+        assert self.proc is not None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            while self.proc.poll() is None:
                 try:
-                    with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
                         if resp.status == 200:
-                            break
+                            log.info("Prefect's temporary server on %s (no graft servers running)", self.url)
+                            return self.url
                 except (OSError, http.client.HTTPException):
                     pass
                 if time.monotonic() > deadline:
-                    raise OSError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s")
+                    raise OSError(f"Prefect's temporary server did not answer within {self.timeout_s:.0f} s")
                 time.sleep(0.1)
-            else:
-                continue
-            log.info("Prefect's temporary server on %s (no graft servers running)", url)
-            yield url
-            return
-    finally:
+            if time.monotonic() > deadline:  # it exited: its port was taken meanwhile
+                raise OSError(f"Prefect's temporary server did not start within {self.timeout_s:.0f} s")
+            self._spawn()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``. uvicorn defers a SIGTERM that arrives
+        during its start-up (database migrations included) until the start-up is done."""
+        proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def temporary_server(timeout_s: float | None = None) -> Iterator[str]:
+    """Prefect's temporary server (:class:`TemporaryServer`) for the block: yields its API
+    URL once it answers, stops it on exit."""
+    server = TemporaryServer(timeout_s)
+    try:
+        yield server.wait()
+    finally:
+        server.stop()
 
 
 def _prefect_package() -> Path | None:
@@ -342,7 +366,16 @@ def try_run(root: Path) -> dict[str, Any] | None:
     lock = ProjectLock(root)
     if not lock.acquire(wait=False):
         return None  # the flow waits for it, or skips, as --concurrency says
+    server = None
     try:
+        if temporary:
+            # Started before DVC's plan, so its start-up overlaps the plan and the source's
+            # fingerprint (1.1 s here); stopped below if a stage turns out stale.
+            try:
+                server = TemporaryServer()
+            except OSError as e:
+                log.warning("graft run: Prefect's temporary server did not start (%s): running the flow instead", e)
+                return None
         if api is not None:
             try:
                 end_dead_runs(api, root)
@@ -364,11 +397,11 @@ def try_run(root: Path) -> dict[str, Any] | None:
             if api is not None:
                 run_id, name, summary = _record(api, root, graph, around_stages)
             else:
-                with temporary_server() as url:
-                    api = PrefectAPI.from_env(url)
-                    assert api is not None  # the same settings were read above
-                    end_dead_runs(api, root)
-                    run_id, name, summary = _record(api, root, graph, around_stages)
+                assert server is not None
+                api = PrefectAPI.from_env(server.wait())
+                assert api is not None  # the same settings were read above
+                end_dead_runs(api, root)
+                run_id, name, summary = _record(api, root, graph, around_stages)
         except (OSError, ValueError, KeyError, TypeError) as e:  # urllib's errors are OSErrors
             log.warning("graft run: recording the no-op run in Prefect failed (%s): running the flow instead", e)
             return None
@@ -376,4 +409,7 @@ def try_run(root: Path) -> dict[str, Any] | None:
         summary["flow_run_name"] = name
         return summary
     finally:
+        if server is not None:
+            # Stale: the flow starts its own. Time for a first start's migrations to end.
+            server.stop(grace_s=30.0)
         lock.release()

@@ -103,3 +103,38 @@ def test_settings_come_from_prefects_environment_variables(monkeypatch):
     assert api is not None and api.timeout_s == 12.5 and api.max_retries == 0
     monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "many")
     assert noop.PrefectAPI.from_env() is None  # the flow runs, and Prefect names the bad setting
+
+
+def test_a_stale_stage_stops_the_server_started_alongside_dvcs_answer(tmp_path, monkeypatch):
+    """Without servers, Prefect's temporary server starts as DVC is asked (so its start-up
+    overlaps the answer); when a stage is stale the shortcut steps aside for the flow and
+    the server it started is stopped, not left running. A real DVC project, a real server."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psutil
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "input.txt").write_text("1\n")
+    (project / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp input.txt output.txt\n    deps: [input.txt]\n    outs: [output.txt]\n")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    for k in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.chdir(project)
+    started = []
+
+    class Spy(noop.TemporaryServer):  # the real server, its process remembered
+        def _spawn(self):
+            super()._spawn()
+            started.append(psutil.Process(self.proc.pid))
+
+    monkeypatch.setattr(noop, "TemporaryServer", Spy)
+    assert noop.try_run(Path(project)) is None  # stale: the flow must run
+    assert started, "no temporary server was started alongside DVC's answer"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started)
+    lock = noop.ProjectLock(project)
+    assert lock.acquire(wait=False), "the project's lock was kept"
+    lock.release()
