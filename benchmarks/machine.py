@@ -91,7 +91,7 @@ def child_forward(out: Path) -> None:
     out.write_text(json.dumps({"img_s": FORWARD_BATCH / per_call, "allocator": allocator.tune()}))
 
 
-def allocator(tmp: Path) -> dict:
+def heap(tmp: Path) -> dict:
     """The forward pass with the C heap kept (stages/allocator.py) against glibc's
     defaults, each in fresh processes, alternating which goes first."""
     runs: dict[str, list[float]] = {"tuned": [], "default": []}
@@ -279,7 +279,7 @@ def main() -> None:
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         out = {"machine": machine_info(), "concurrency": concurrency(Path(tmp)), "noop_run": noop(),
-               "allocator": allocator(Path(tmp)), "serving": serving(), "torchrun": torchrun(Path(tmp))}  # fmt: skip
+               "allocator": heap(Path(tmp)), "serving": serving(), "torchrun": torchrun(Path(tmp))}  # fmt: skip
     if args.json:
         results = fsio.read_json(args.json) if args.json.is_file() else {}
         fsio.write_json(args.json, {**results, "machine_use": out})

@@ -44,9 +44,9 @@ def inspect(data: bytes) -> ImageInfo:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB: EXIF rotation applied, transparency composited on white,
-    16-bit and float images rescaled rather than clipped."""
-    im = ImageOps.exif_transpose(im)
+    """An upright image (EXIF rotation applied: ``ImageOps.exif_transpose``) of any PIL
+    mode to RGB: transparency composited on white, 16-bit and float images rescaled
+    rather than clipped."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         arr = np.asarray(im, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -74,7 +74,7 @@ def load_rgb_array(data: bytes, size: int, interpolation: str, mode: str) -> np.
     """Encoded image bytes to a ``(size, size, 3)`` uint8 array."""
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        upright = ImageOps.exif_transpose(im)
+        upright = ImageOps.exif_transpose(im)  # once: for colour images, to_rgb's input
         if upright.mode == "L":
             # Grey: resampled as one band, then copied into three. The same pixels as
             # converting to RGB first (PIL resamples each band alike), at half the cost:
