@@ -119,6 +119,7 @@ def run(
             typer.echo(f"graft run: nothing changed in DVC's view; recorded as Prefect flow run "
                        f"'{summary['flow_run_name']}' ({noop.flow_run_url(summary['flow_run_id'])})")  # fmt: skip
             print_summary(summary, root)
+            _skip_final_collection()
             return
     from flows.pipeline import StageFailed
     from flows.training import training_pipeline
@@ -954,7 +955,24 @@ def sensor(
         print_summary(result["summary"], root)
 
 
+_CONSOLE_SCRIPT = False  # set by main(): this process ends when the command returns
+
+
+def _skip_final_collection() -> None:
+    """Spare the interpreter's last garbage collection at exit, in the console script only
+    (never in a caller's process, a test's say): it walks the whole object graph DVC and
+    graft built, 0.2 to 0.3 s of a no-op run that takes 1 to 2 s. Objects still die by
+    reference count; only the no-op path calls this, which leaves nothing of its own to
+    finalise (no Prefect engine, no MLflow run, every file closed by its ``with``)."""
+    if _CONSOLE_SCRIPT:
+        import gc
+
+        gc.freeze()
+
+
 def main() -> None:  # pragma: no cover - the console script
+    global _CONSOLE_SCRIPT
+    _CONSOLE_SCRIPT = True
     app()
 
 

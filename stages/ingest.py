@@ -22,15 +22,17 @@ import tarfile
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
 
 from stages import fsio, modalities, sources
 from stages.common import GraftError, progress, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
 from stages.modalities import Candidate
+
+if TYPE_CHECKING:  # pandas costs 0.3 s to import: `graft run` checks the source before the server starts
+    import pandas as pd
 
 # Every modality's manifest has these; each adds its own (stages.modalities: MANIFEST_COLUMNS).
 MANIFEST_COLUMNS = [
@@ -164,6 +166,8 @@ def iter_snapshot(tar_path: Path, wanted: Container[str] | None = None) -> Itera
 
 def write_snapshot(chosen: list[Candidate], classes: tuple[str, ...], out_dir: Path, modality) -> pd.DataFrame:
     """Write ``samples.tar`` and return the manifest (one row per chosen sample)."""
+    import pandas as pd
+
     index = {name: i for i, name in enumerate(classes)}
     rows = []
     width = max(6, len(str(len(chosen))))
@@ -211,6 +215,8 @@ def read_manifest(raw_dir: Path, columns: list[str] | None = None) -> tuple[pd.D
     """Load ``manifest.csv`` and ``classes.json`` from an ingest output directory; only
     ``columns``, if given (a reader that needs three of them holds a fraction of the
     memory: a full row's strings, its hashes and paths, take about a kilobyte)."""
+    import pandas as pd
+
     manifest_path, classes_path = raw_dir / "manifest.csv", raw_dir / "classes.json"
     for p in (manifest_path, classes_path):
         if not p.is_file():

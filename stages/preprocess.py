@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
 
 from stages import fsio
 from stages.arrays import NpyReader, NpyWriter
@@ -27,6 +26,9 @@ from stages.backbone import LoadPretrainedParams
 from stages.common import GraftError, progress, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
 from stages.ingest import SNAPSHOT, iter_snapshot, read_manifest, read_modality
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `graft run` parses every stage's params first
+    import pandas as pd
 
 SPLITS = ("train", "val", "test")
 
@@ -57,6 +59,8 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
     when the source has none) is carved from train. Rows with the same ``key`` (identical
     content; for texts, equal up to case and whitespace) always land in the same split,
     so duplicates cannot leak across."""
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     out = pd.Series("train", index=manifest.index, dtype=object)
     out[manifest["split"] == "test"] = "test"

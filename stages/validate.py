@@ -11,14 +11,15 @@ import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Literal
 
 from stages import fsio
 from stages.common import GraftError, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
 from stages.ingest import MANIFEST_COLUMNS, read_manifest, read_modality
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `graft run` parses every stage's params first
+    import pandas as pd
 
 MAX_EXAMPLES = 10  # offending rows listed per failed check
 CLASS_CHANGE_CHECK = "same classes as the last accepted run"
@@ -134,6 +135,8 @@ def _to_checks(result, lookup: dict[str, dict[str, Any]] | None, index_col: str)
 def class_count_table(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """Samples per declared class, and each class's size relative to the smallest
     non-empty class (an empty class has no ratio: the minimum-count check names it)."""
+    import pandas as pd
+
     counts = manifest["class_name"].value_counts() if "class_name" in manifest else pd.Series(dtype=int)
     table = pd.DataFrame({"class_name": classes, "count": [int(counts.get(c, 0)) for c in classes]})
     present = table.loc[table["count"] > 0, "count"]
@@ -144,6 +147,8 @@ def class_count_table(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFram
 
 def split_class_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """For each split of the source (train, test): how many classes it has samples of."""
+    import pandas as pd
+
     rows = []
     if {"split", "class_name"} <= set(manifest.columns):
         for split, group in manifest.groupby("split", sort=True):

@@ -6,9 +6,12 @@ by a real HTTP server on 127.0.0.1 that answers from a script."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +141,22 @@ def test_a_stale_stage_stops_the_server_started_alongside_dvcs_answer(tmp_path, 
     lock = noop.ProjectLock(project)
     assert lock.acquire(wait=False), "the project's lock was kept"
     lock.release()
+
+
+def test_what_a_no_op_run_does_before_the_server_starts_imports_no_pandas():
+    """`graft run` parses every stage's params and checks the source before Prefect's
+    temporary server can start; pandas (0.3 s to import here) must not come with that."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import flows.cli, flows.noop, flows.services, flows.remote, flows.fingerprint\n"
+        "from stages.config import apply_overrides, read_params, section\n"
+        "from stages.ingest import IngestParams, check_source\n"
+        "root = Path(sys.argv[1])\n"
+        "params = apply_overrides(read_params(root / 'params.yaml'), [])  # as `graft run`: every section parsed\n"
+        "check_source(section(IngestParams, params, 'ingest'), root)\n"
+        "print(sorted(m for m in ('pandas', 'torch', 'prefect', 'mlflow') if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
