@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import yaml
 
+from stages import kernels
 from stages.common import STATUS_ENV, GraftError
 
 RERUN_STAGES = ("preprocess", "load_pretrained", "fine_tune", "evaluate")
@@ -63,6 +64,7 @@ class Lineage:
     weights_sha256: str | None
     metrics: dict[str, Any]
     params: dict[str, str] = field(default_factory=dict)
+    cpu_kernels: str | None = None  # ATen's level at training (stages/kernels.py); None before it was recorded
 
 
 @dataclass
@@ -125,7 +127,7 @@ def read_lineage(client, name: str, version: str) -> Lineage:
                    evaluation_run_id=mv.run_id, params_yaml=params_yaml, lock=lock, diff=diff,
                    pretrained_sha256=run.data.tags.get("pretrained_weights_sha256", "none"),
                    weights_sha256=run.data.tags.get(tracking.WEIGHTS_TAG), metrics=metrics,
-                   params=dict(run.data.params))  # fmt: skip
+                   params=dict(run.data.params), cpu_kernels=run.data.tags.get(kernels.TAG))  # fmt: skip
 
 
 def _evaluation_metrics(client, run_ids: list[str], tmp: Path) -> dict[str, Any]:
@@ -262,6 +264,15 @@ def _env(worktree: Path, reproduction_of: str | None = None) -> dict[str, str]:
 def rerun(worktree: Path, lineage: Lineage, echo: Callable[[str], None]) -> None:
     """Run every stage after the data snapshot again, whatever DVC's caches hold."""
     env = _env(worktree, f"{lineage.name}/{lineage.version}")
+    here = kernels.current()
+    pinned = kernels.pin_env(lineage.cpu_kernels, here)
+    if pinned:
+        env.update(pinned)
+        echo(f"  CPU kernels: {lineage.cpu_kernels}, as at training (this CPU has {here}): "
+             + ", ".join(f"{k}={v}" for k, v in pinned.items()))  # fmt: skip
+    elif lineage.cpu_kernels and lineage.cpu_kernels != here:
+        echo(f"  CPU kernels: trained with {lineage.cpu_kernels}, this CPU runs {here} and cannot be pinned to "
+             "it: expect figures within tolerance, not identical weights")  # fmt: skip
     for stage in RERUN_STAGES:
         echo(f"  {stage}...")
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "--no-run-cache", "--single-item", stage],

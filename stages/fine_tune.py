@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages import distributed, fsio, modeling
+from stages import distributed, fsio, kernels, modeling
 from stages.arrays import NpyReader, NpyWriter
 from stages.common import STATUS_ENV, GraftError, fault_point, progress, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
@@ -817,6 +817,7 @@ def main(argv: list[str] | None = None) -> None:
         # What `graft reproduce` compares a rerun's weights with, byte for byte.
         mlflow.set_tag(tracking.WEIGHTS_TAG, fsio.sha256_file(args.out / modeling.WEIGHTS))
         mlflow.set_tag("graft.threads", sizer.describe())  # why this run's samples/s were what they were
+        mlflow.set_tag(kernels.TAG, kernels.current())  # what `graft reproduce` pins on another CPU
         mlflow.log_artifact(str(args.history), "training")
         mlflow.log_artifact(str(args.plot), "training")
     args.checkpoint.unlink(missing_ok=True)  # the final model is saved; nothing to resume

@@ -166,6 +166,7 @@ def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(traine
     notifies that one through the webhook."""
     from flows.reproduce import read_lineage
     from flows.verify import verify_champion
+    from stages import kernels
 
     project = trained
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -183,6 +184,7 @@ def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(traine
     version = str(client.get_model_version_by_alias("graft-classifier", "champion").version)
     lineage = read_lineage(client, "graft-classifier", version)
     assert lineage.diff and b"params.yaml" in lineage.diff  # trained from a dirty tree
+    assert lineage.cpu_kernels == kernels.current()  # fine_tune recorded the CPU kernels it trained with
     raw = next(o for o in lineage.lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
     assert raw["md5"] != next(o for o in dvc_lock(project)["stages"]["ingest"]["outs"] if o["path"] == "data/raw")["md5"]
     aliases = client.get_registered_model("graft-classifier").aliases
@@ -191,6 +193,7 @@ def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(traine
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert f"graft-classifier v{version}: identical" in out and "differs" not in out and "Traceback" not in out
+    assert "CPU kernels" not in out  # the same CPU: nothing to pin
     for row in ("data data/raw", "data data/prepared", "pretrained weights sha256", "fine-tuned weights sha256", "test accuracy"):
         assert any(line.strip().startswith(row) and line.rstrip().endswith("identical") for line in out.splitlines()), row
     tag = json.loads(client.get_model_version("graft-classifier", version).tags["graft.reproduced"])
