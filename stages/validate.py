@@ -18,7 +18,7 @@ from stages.common import GraftError, stage_main
 from stages.config import DEFAULT_PARAMS, load_section
 from stages.ingest import MANIFEST_COLUMNS, read_manifest, read_modality
 
-if TYPE_CHECKING:  # pandas is imported where it is used: `graft run` parses every stage's params first
+if TYPE_CHECKING:  # imported where used: stages.config.SECTION_TYPES says why
     import pandas as pd
 
 MAX_EXAMPLES = 10  # offending rows listed per failed check
