@@ -213,9 +213,11 @@ def check_all(params: dict[str, Any]) -> None:
     except GraftError as e:
         raise ParamsError(str(e)) from None
     ft, modality = parsed["fine_tune"], parsed["ingest"].modality
-    if (ft.mixup_alpha or ft.cutmix_alpha) and not modality.MIXABLE:
-        raise ParamsError(f"params.yaml: fine_tune.mixup_alpha and cutmix_alpha are for images, and ingest.source "
-                          f"{parsed['ingest'].source} is {modality.SAMPLES}; set them to 0")
+    pixel_keys = [k for k in ("mixup_alpha", "cutmix_alpha", "erase_prob") if getattr(ft, k)]
+    if pixel_keys and not modality.MIXABLE:
+        named = " and ".join(f"fine_tune.{k}" for k in pixel_keys)
+        raise ParamsError(f"params.yaml: {named} {'are' if len(pixel_keys) > 1 else 'is'} for images, and ingest.source "
+                          f"{parsed['ingest'].source} is {modality.SAMPLES}; set {'them' if len(pixel_keys) > 1 else 'it'} to 0")
 
 
 PRESETS = Path("presets")

@@ -72,6 +72,7 @@ class FineTuneParams:
     tta: str = "none"  # none | a test-time view of the modality (images: hflip), saved with the model
     mixup_alpha: float = 0.0  # images: >0 blends each training image with another, weight ~ Beta(a, a)
     cutmix_alpha: float = 0.0  # images: >0 pastes a box of another image, area ~ Beta(a, a); both >0: one per batch
+    erase_prob: float = 0.0  # images: each training image gets a random box of noise with this probability
 
     def validate(self) -> None:
         checks = {
@@ -83,6 +84,7 @@ class FineTuneParams:
             "nproc": self.nproc >= 1, "ema_decay": 0 <= self.ema_decay < 1,
             "min_image_size": self.min_image_size is None or self.min_image_size >= 8,
             "mixup_alpha": self.mixup_alpha >= 0, "cutmix_alpha": self.cutmix_alpha >= 0,
+            "erase_prob": 0 <= self.erase_prob <= 1,
         }  # fmt: skip
         for key, ok in checks.items():
             if not ok:
@@ -90,6 +92,9 @@ class FineTuneParams:
         if self.mode == "feature_extraction" and (self.mixup_alpha or self.cutmix_alpha):
             raise GraftError("params.yaml: fine_tune.mixup_alpha and cutmix_alpha need mode partial or full: "
                              "feature_extraction trains the head on cached features of the unmixed samples; set them to 0")
+        if self.mode == "feature_extraction" and self.erase_prob:
+            raise GraftError("params.yaml: fine_tune.erase_prob needs mode partial or full: feature_extraction "
+                             "trains the head on cached features of the unaugmented samples; set it to 0")
 
 
 @dataclass

@@ -33,7 +33,7 @@ The interface (module-level names of a modality module):
 ``create``             a saved model's config and folder -> the same network, untrained
 ``to_input``           a batch of encoded rows -> the model's input tensor
 ``augment``            a training batch -> an augmented batch (identity where none)
-``MIXABLE``, ``mix``   whether it takes mixup / CutMix; a training batch -> mixed, with partners and weight
+``MIXABLE``, ``mix``   whether it takes mixup / CutMix / erasing; a training batch -> mixed, with partners and weight
 ``TEST_VIEWS``         the test-time augmentations it offers (``fine_tune.tta``)
 ``test_views``         a model input -> the inputs whose predictions are averaged
 ``rescale``            a model input -> the same at another size (progressive resizing)

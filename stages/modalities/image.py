@@ -236,7 +236,7 @@ def rescale(x, size: int):
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
-    """Random horizontal flip and padded random crop, on uint8 (N, H, W, 3)."""
+    """Random horizontal flip, padded random crop and random erasing, on uint8 (N, H, W, 3)."""
     out = batch.copy()
     n, h, w, _ = out.shape
     if p.hflip:
@@ -248,10 +248,28 @@ def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
         dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
         for i in range(n):
             out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+    if p.erase_prob:  # drawn only when asked, so the other settings' random streams stay as they were
+        for i in np.flatnonzero(rng.random(n) < p.erase_prob):
+            _erase(out[i], rng)
     return out
 
 
-MIXABLE = True  # fine_tune.mixup_alpha and cutmix_alpha apply
+def _erase(image: np.ndarray, rng: np.random.Generator, tries: int = 10) -> None:
+    """Random erasing (Zhong et al., 2020), in place: a rectangle covering 2% to 1/3 of the
+    image, of aspect ratio 0.3 to 3.3 (log-uniform), filled with uniform noise, as the paper
+    and timm's RandomErasing do. A shape that does not fit is drawn again, ``tries`` times."""
+    h, w, c = image.shape
+    for _ in range(tries):
+        area = rng.uniform(0.02, 1 / 3) * h * w
+        ratio = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3)))
+        eh, ew = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+        if 0 < eh < h and 0 < ew < w:
+            y0, x0 = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+            image[y0 : y0 + eh, x0 : x0 + ew] = rng.integers(0, 256, (eh, ew, c), dtype=np.uint8)
+            return
+
+
+MIXABLE = True  # fine_tune.mixup_alpha, cutmix_alpha and erase_prob apply
 
 
 def mix(batch: np.ndarray, rng: np.random.Generator, p) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:

@@ -622,11 +622,13 @@ def rescale(x, size: int):
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
-    """No augmentation for text (fine_tune.hflip and crop_padding are image settings)."""
+    """No augmentation for text (fine_tune.hflip, crop_padding and erase_prob are image settings)."""
+    if p.erase_prob:  # config.check_all refuses it first; a guard for direct callers
+        raise GraftError("params.yaml: fine_tune.erase_prob is for images; set it to 0 for a text model")
     return batch
 
 
-MIXABLE = False  # token ids have no halfway point: no mixup or CutMix
+MIXABLE = False  # token ids have no halfway point or patch to erase: no mixup, CutMix or random erasing
 
 
 def mix(batch: np.ndarray, rng: np.random.Generator, p):

@@ -182,6 +182,49 @@ def test_mixing_is_refused_where_it_cannot_apply():
     committed = read_params(ROOT / "params.yaml")
     text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
             "fine_tune.tta=none"]  # fmt: skip
-    with pytest.raises(ParamsError, match=r"fine_tune.mixup_alpha and cutmix_alpha are for images.*texts; set them to 0"):
+    with pytest.raises(ParamsError, match=r"fine_tune.mixup_alpha is for images.*texts; set it to 0"):
         apply_overrides(committed, [*text, "fine_tune.mixup_alpha=0.2"])
+    with pytest.raises(ParamsError, match=r"fine_tune.mixup_alpha and fine_tune.cutmix_alpha are for images.*set them to 0"):
+        apply_overrides(committed, [*text, "fine_tune.mixup_alpha=0.2", "fine_tune.cutmix_alpha=1.0"])
     assert apply_overrides(committed, ["fine_tune.cutmix_alpha=1.0"])["fine_tune"]["cutmix_alpha"] == 1.0
+
+
+def test_random_erasing_fills_one_box_of_the_asked_share_and_leaves_the_rest():
+    from stages.modalities import image
+
+    batch = np.full((400, 32, 32, 3), 128, dtype=np.uint8)
+    plain = replace(BASE, hflip=False, crop_padding=0)
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    assert np.array_equal(image.augment(batch, rng_a, plain), batch)
+    image.augment(batch, rng_b, replace(plain, erase_prob=0.0))
+    assert rng_a.random() == rng_b.random()  # off: no draws, the other augmentations' streams unchanged
+    out = image.augment(batch, np.random.default_rng(3), replace(plain, erase_prob=0.5))
+    assert np.array_equal(batch, np.full_like(batch, 128))  # the input is not written to
+    changed = (out != 128).any(-1)  # (N, H, W)
+    erased = changed.any((1, 2))
+    assert 0.4 < erased.mean() < 0.6
+    for box in changed[erased]:
+        rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+        area = len(rows) * len(cols) / (32 * 32)
+        assert 0.01 < area <= 0.4  # 2% to 1/3 asked, after rounding the sides
+        assert box.sum() >= 0.9 * len(rows) * len(cols)  # a filled rectangle (noise may draw 128 by chance)
+    again = image.augment(batch, np.random.default_rng(3), replace(plain, erase_prob=0.5))
+    assert np.array_equal(again, out)  # the epoch's seeded generator decides
+    assert not (image.augment(batch, np.random.default_rng(3), replace(plain, erase_prob=1.0)) == 128).all((1, 2, 3)).any()
+
+
+def test_random_erasing_is_refused_where_it_cannot_apply():
+    from stages.config import ParamsError, apply_overrides, read_params
+    from tests.conftest import ROOT
+
+    for bad in (-0.1, 1.5):
+        with pytest.raises(GraftError, match="fine_tune.erase_prob has an invalid value"):
+            replace(BASE, erase_prob=bad).validate()
+    with pytest.raises(GraftError, match="fine_tune.erase_prob needs mode partial or full"):
+        replace(BASE, mode="feature_extraction", erase_prob=0.5).validate()
+    committed = read_params(ROOT / "params.yaml")
+    text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
+            "fine_tune.tta=none"]  # fmt: skip
+    with pytest.raises(ParamsError, match=r"fine_tune.erase_prob is for images.*texts; set it to 0"):
+        apply_overrides(committed, [*text, "fine_tune.erase_prob=0.5"])
+    assert apply_overrides(committed, ["fine_tune.erase_prob=0.25"])["fine_tune"]["erase_prob"] == 0.25
