@@ -26,7 +26,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +115,13 @@ def run_variant(prepared: Path, backbone: LoadPretrainedParams, ft: FineTunePara
             "test_images": len(te.y)}  # fmt: skip
 
 
+def same_recipe(a: dict, b: dict) -> bool:
+    """Whether two recorded recipes train alike: a key that one lacks (a lever added to
+    graft since) counts as its default, which is what that run trained with."""
+    defaults = {f.name: f.default for f in fields(FineTuneParams)}
+    return all(a.get(k, defaults.get(k)) == b.get(k, defaults.get(k)) for k in {*a, *b})
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -183,7 +190,7 @@ def main() -> None:
         before = section_.get(args.preset, {})
         # A partial rerun keeps the other variants' figures, but only those measured on the
         # same recipe and CPU: a lever's row says what it changes against *this* baseline.
-        if before.get("recipe") == out["recipe"] and before.get("machine", {}).get("cpu") == out["machine"]["cpu"]:
+        if same_recipe(before.get("recipe", {}), out["recipe"]) and before.get("machine", {}).get("cpu") == out["machine"]["cpu"]:
             out["variants"] = {**before.get("variants", {}), **out["variants"]}
         elif before.get("variants"):
             print(f"dropped the earlier {args.preset} figures ({', '.join(before['variants'])}): another recipe or CPU")

@@ -64,7 +64,8 @@ FULL_REFERENCE = "published two-layer CNNs 0.876 to 0.934; AutoML Vision (24 h) 
 
 def machine_line(m: dict) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return (f"Measured on {m['cpu']} ({m['usable_cores']} usable cores, {m['torch_threads']} torch threads{gpu}), "
+    kernels = f", {m['cpu_kernels']} kernels" if m.get("cpu_kernels") else ""
+    return (f"Measured on {m['cpu']} ({m['usable_cores']} usable cores{kernels}, {m['torch_threads']} torch threads{gpu}), "
             f"torch {m['torch']}, timm {m['timm']}, Python {m['python']}, graft {m['graft_commit'][:10]}, "
             f"{m['date']}.")  # fmt: skip
 
@@ -264,8 +265,12 @@ def _recipe(r: dict) -> str:
     """The recipe's levers, as the params that set them."""
     full = f"{r['image_size']} px"
     size = f"{r['min_image_size']} px growing to {full}" if r.get("min_image_size") else full
-    mode = f"partial ({r['frozen_groups']} groups frozen)" if r["mode"] == "partial" and "frozen_groups" in r else r["mode"]
+    groups = f"{r.get('frozen_groups')} group{'' if r.get('frozen_groups') == 1 else 's'} frozen"
+    mode = f"partial ({groups})" if r["mode"] == "partial" and "frozen_groups" in r else r["mode"]
     parts = [mode, f"{r['epochs']} epochs", size, f"EMA {r['ema_decay']:g}" if r.get("ema_decay") else None,
+             f"mixup {r['mixup_alpha']:g}" if r.get("mixup_alpha") else None,
+             f"CutMix {r['cutmix_alpha']:g}" if r.get("cutmix_alpha") else None,
+             f"random erasing {r['erase_prob']:g}" if r.get("erase_prob") else None,
              f"TTA {r['tta']}" if r.get("tta", "none") != "none" else None]
     return ", ".join(p for p in parts if p)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import fsio, modeling
+from stages import fsio, kernels, modeling
 from stages.backbone import LoadPretrainedParams
 from stages.config import load_section
 from stages.fine_tune import FineTuneParams, Split, train
@@ -167,6 +167,7 @@ def machine_info() -> dict:
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_kernels": kernels.current(),  # AVX2 or AVX512: the same recipe's figures differ by it (stages/kernels.py)
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "timm": metadata.version("timm"),
