@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import yaml
 
-from stages import kernels
+from stages import kernels, threads
 from stages.common import STATUS_ENV, GraftError
 
 RERUN_STAGES = ("preprocess", "load_pretrained", "fine_tune", "evaluate")
@@ -65,6 +65,7 @@ class Lineage:
     metrics: dict[str, Any]
     params: dict[str, str] = field(default_factory=dict)
     cpu_kernels: str | None = None  # ATen's level at training (stages/kernels.py); None before it was recorded
+    threads: str | None = None  # the training's torch thread pool (stages/threads.py TAG); None before it was recorded
 
 
 @dataclass
@@ -127,7 +128,8 @@ def read_lineage(client, name: str, version: str) -> Lineage:
                    evaluation_run_id=mv.run_id, params_yaml=params_yaml, lock=lock, diff=diff,
                    pretrained_sha256=run.data.tags.get("pretrained_weights_sha256", "none"),
                    weights_sha256=run.data.tags.get(tracking.WEIGHTS_TAG), metrics=metrics,
-                   params=dict(run.data.params), cpu_kernels=run.data.tags.get(kernels.TAG))  # fmt: skip
+                   params=dict(run.data.params), cpu_kernels=run.data.tags.get(kernels.TAG),
+                   threads=run.data.tags.get(threads.TAG))  # fmt: skip
 
 
 def _evaluation_metrics(client, run_ids: list[str], tmp: Path) -> dict[str, Any]:
@@ -273,6 +275,7 @@ def rerun(worktree: Path, lineage: Lineage, echo: Callable[[str], None]) -> None
     elif lineage.cpu_kernels and lineage.cpu_kernels != here:
         echo(f"  CPU kernels: trained with {lineage.cpu_kernels}, this CPU runs {here} and cannot be pinned to "
              "it: expect figures within tolerance, not identical weights")  # fmt: skip
+    env.update(thread_pin(lineage.threads, env.get(threads.FORCE_ENV), echo))
     for stage in RERUN_STAGES:
         echo(f"  {stage}...")
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "--no-run-cache", "--single-item", stage],
@@ -280,6 +283,26 @@ def rerun(worktree: Path, lineage: Lineage, echo: Callable[[str], None]) -> None
         if proc.returncode != 0:
             detail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise CannotReproduce(f"stage {stage} failed in the reproduction (commit {lineage.commit[:12]}):\n{detail}")
+
+
+def thread_pin(recorded: str | None, forced: str | None, echo: Callable[[str], None]) -> dict[str, str]:
+    """The environment that reruns the training at its recorded thread count (the same
+    seeded training adds up in other orders at another count: other last bits, other
+    figures). A count the user forces (``GRAFT_THREADS``) wins, with a word on it."""
+    pool = threads.recorded_pool(recorded)
+    if pool is None:
+        return {}
+    n, changed = pool
+    if forced and forced.strip() != str(n):
+        echo(f"  torch threads: {forced.strip()}, as {threads.FORCE_ENV} forces (the training started with {n}): "
+             "expect figures within tolerance, not identical weights")  # fmt: skip
+        return {}
+    if changed:
+        echo(f"  torch threads: {n} throughout; the training started with {n} but re-sized its pool to the machine's "
+             f"load ({recorded}): expect figures within tolerance, not identical weights")  # fmt: skip
+    else:
+        echo(f"  torch threads: {n}, as at training ({threads.FORCE_ENV}={n})")
+    return {threads.FORCE_ENV: str(n)}
 
 
 # --- comparing -------------------------------------------------------------------------------

@@ -213,11 +213,13 @@ def check_all(params: dict[str, Any]) -> None:
     except GraftError as e:
         raise ParamsError(str(e)) from None
     ft, modality = parsed["fine_tune"], parsed["ingest"].modality
-    pixel_keys = [k for k in ("mixup_alpha", "cutmix_alpha", "erase_prob") if getattr(ft, k)]
+    pixel_keys = ft.pixel_levers()
     if pixel_keys and not modality.MIXABLE:
-        named = " and ".join(f"fine_tune.{k}" for k in pixel_keys)
-        raise ParamsError(f"params.yaml: {named} {'are' if len(pixel_keys) > 1 else 'is'} for images, and ingest.source "
-                          f"{parsed['ingest'].source} is {modality.SAMPLES}; set {'them' if len(pixel_keys) > 1 else 'it'} to 0")
+        from stages.fine_tune import pixel_names
+
+        raise ParamsError(f"params.yaml: {pixel_names(pixel_keys)} {'are' if len(pixel_keys) > 1 else 'is'} for images, and "
+                          f"ingest.source {parsed['ingest'].source} is {modality.SAMPLES}; "
+                          f"set {'them' if len(pixel_keys) > 1 else 'it'} to 0")  # fmt: skip
 
 
 PRESETS = Path("presets")

@@ -46,6 +46,14 @@ from stages.config import DEFAULT_PARAMS, load_section
 from stages.threads import ThreadSizer
 
 
+# Levers that change a training image's pixels: images only, and not on cached features.
+PIXEL_LEVERS = ("mixup_alpha", "cutmix_alpha", "erase_prob")
+
+
+def pixel_names(keys: list[str]) -> str:
+    return " and ".join(f"fine_tune.{k}" for k in keys)
+
+
 @dataclass(frozen=True)
 class FineTuneParams:
     mode: Literal["feature_extraction", "partial", "full"]
@@ -89,12 +97,15 @@ class FineTuneParams:
         for key, ok in checks.items():
             if not ok:
                 raise GraftError(f"params.yaml: fine_tune.{key} has an invalid value: {getattr(self, key)!r}")
-        if self.mode == "feature_extraction" and (self.mixup_alpha or self.cutmix_alpha):
-            raise GraftError("params.yaml: fine_tune.mixup_alpha and cutmix_alpha need mode partial or full: "
-                             "feature_extraction trains the head on cached features of the unmixed samples; set them to 0")
-        if self.mode == "feature_extraction" and self.erase_prob:
-            raise GraftError("params.yaml: fine_tune.erase_prob needs mode partial or full: feature_extraction "
-                             "trains the head on cached features of the unaugmented samples; set it to 0")
+        pixel = self.pixel_levers()
+        if self.mode == "feature_extraction" and pixel:
+            raise GraftError(f"params.yaml: {pixel_names(pixel)} {'need' if len(pixel) > 1 else 'needs'} mode partial or "
+                             "full: feature_extraction trains the head on cached features of the unaugmented samples; "
+                             f"set {'them' if len(pixel) > 1 else 'it'} to 0")  # fmt: skip
+
+    def pixel_levers(self) -> list[str]:
+        """The keys of :data:`PIXEL_LEVERS` this run sets."""
+        return [k for k in PIXEL_LEVERS if getattr(self, k)]
 
 
 @dataclass
@@ -821,7 +832,7 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics({f"fit_{k}": float(v) for k, v in summary.items()})
         # What `graft reproduce` compares a rerun's weights with, byte for byte.
         mlflow.set_tag(tracking.WEIGHTS_TAG, fsio.sha256_file(args.out / modeling.WEIGHTS))
-        mlflow.set_tag("graft.threads", sizer.describe())  # why this run's samples/s were what they were
+        mlflow.set_tag(threads.TAG, sizer.describe())  # why this run's samples/s were what they were
         mlflow.set_tag(kernels.TAG, kernels.current())  # what `graft reproduce` pins on another CPU
         mlflow.log_artifact(str(args.history), "training")
         mlflow.log_artifact(str(args.plot), "training")

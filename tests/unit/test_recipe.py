@@ -175,8 +175,10 @@ def test_mixing_is_refused_where_it_cannot_apply():
     from stages.config import ParamsError, apply_overrides, read_params
     from tests.conftest import ROOT
 
-    with pytest.raises(GraftError, match="fine_tune.mixup_alpha and cutmix_alpha need mode partial or full"):
+    with pytest.raises(GraftError, match="fine_tune.cutmix_alpha needs mode partial or full.*set it to 0"):
         replace(BASE, mode="feature_extraction", cutmix_alpha=1.0).validate()
+    with pytest.raises(GraftError, match="fine_tune.mixup_alpha and fine_tune.cutmix_alpha need mode partial or full.*set them"):
+        replace(BASE, mode="feature_extraction", mixup_alpha=0.2, cutmix_alpha=1.0).validate()
     with pytest.raises(GraftError, match="fine_tune.mixup_alpha"):
         replace(BASE, mixup_alpha=-1.0).validate()
     committed = read_params(ROOT / "params.yaml")

@@ -66,3 +66,29 @@ def test_lineage_carries_the_diff_of_a_dirty_tree_and_names_untracked_sources(tm
     diff = (folder / "git.diff").read_text()
     assert "-x = 1" in diff and "+x = 2" in diff
     mlflow.set_tracking_uri(None)
+
+
+def test_the_rerun_trains_at_the_recorded_thread_count():
+    """The same seeded training gives other weights at another thread count, so the rerun
+    is pinned to the count on the training run's tag, as ThreadSizer.describe() wrote it."""
+    from stages import threads
+
+    said = []
+    steady = threads.ThreadSizer()
+    steady.changes = [(0.0, 2, 0.0)]
+    assert threads.recorded_pool(steady.describe()) == (2, False)
+    assert rep.thread_pin(steady.describe(), None, said.append) == {"GRAFT_THREADS": "2"}
+    assert "torch threads: 2, as at training" in said[-1]
+    forced = threads.ThreadSizer(forced=1)
+    forced.changes = [(0.0, 1, 0.0)]
+    assert rep.thread_pin(forced.describe(), "1", said.append) == {"GRAFT_THREADS": "1"}
+    # A pool re-sized to the machine's load cannot be replayed batch for batch: pinned to
+    # its first size, and said so.
+    resized = threads.ThreadSizer()
+    resized.changes = [(0.0, 2, 0.0), (35.0, 1, 1.1), (120.0, 2, 0.1)]
+    assert threads.recorded_pool(resized.describe()) == (2, True)
+    assert rep.thread_pin(resized.describe(), None, said.append) == {"GRAFT_THREADS": "2"}
+    assert "within tolerance" in said[-1] and "1 at 35 s" in said[-1]
+    # The user's own count wins; nothing recorded (older versions): nothing pinned.
+    assert rep.thread_pin(steady.describe(), "1", said.append) == {} and "GRAFT_THREADS forces" in said[-1]
+    assert rep.thread_pin(None, None, said.append) == {} and threads.recorded_pool("unset") is None
