@@ -97,8 +97,16 @@ run: setup  ## set up, then run the pipeline through the flow, up to a registere
 run-text: setup  ## the text run: fresh vs rotten reviews, MiniLM fine-tuned (graft run --preset text)
 	$(BIN)/graft run --preset text
 
+# Two modules at once (pytest-xdist, a module's tests and its servers on one worker): the
+# suite's processes mostly keep one core busy each. Modules go out in collection order,
+# the longest first (tests/conftest.py), not xdist's most-tests-first. Then, alone, the
+# tests that measure the machine's load. `.venv/bin/python -m pytest tests/...` runs any
+# part serially.
+TEST_WORKERS ?= 2
+
 test: setup postgres browser sshd  ## set up, then run the whole test suite (slow integration tests included)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 bench: setup mnist-data  ## run the benchmarks alone (about 2.5 hours here), rewrite benchmarks/results-*.json and the README tables
 	$(BIN)/python benchmarks/transfer.py --full --json benchmarks/results-cpu.json

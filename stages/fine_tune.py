@@ -83,20 +83,22 @@ class FineTuneParams:
     erase_prob: float = 0.0  # images: each training image gets a random box of noise with this probability
 
     def validate(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "patience": self.patience >= 1, "frozen_groups": self.frozen_groups >= 0,
-            "head_epochs": 0 <= self.head_epochs, "lr_decay": 0 < self.lr_decay <= 1,
-            "warmup_epochs": self.warmup_epochs >= 0, "crop_padding": self.crop_padding >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1, "eval_batch_size": self.eval_batch_size >= 1,
-            "nproc": self.nproc >= 1, "ema_decay": 0 <= self.ema_decay < 1,
-            "min_image_size": self.min_image_size is None or self.min_image_size >= 8,
-            "mixup_alpha": self.mixup_alpha >= 0, "cutmix_alpha": self.cutmix_alpha >= 0,
-            "erase_prob": 0 <= self.erase_prob <= 1,
+        checks = {  # key: (valid, what is)
+            "epochs": (self.epochs >= 1, "1 or more"), "batch_size": (self.batch_size >= 1, "1 or more"),
+            "lr": (self.lr > 0, "above 0"), "patience": (self.patience >= 1, "1 or more"),
+            "frozen_groups": (self.frozen_groups >= 0, "0 or more"), "head_epochs": (self.head_epochs >= 0, "0 or more"),
+            "lr_decay": (0 < self.lr_decay <= 1, "above 0, at most 1"),
+            "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"), "crop_padding": (self.crop_padding >= 0, "0 or more"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "0 or more, below 1"),
+            "eval_batch_size": (self.eval_batch_size >= 1, "1 or more"), "nproc": (self.nproc >= 1, "1 or more"),
+            "ema_decay": (0 <= self.ema_decay < 1, "0 (off) or more, below 1"),
+            "min_image_size": (self.min_image_size is None or self.min_image_size >= 8, "null (off) or 8 or more"),
+            "mixup_alpha": (self.mixup_alpha >= 0, "0 (off) or more"), "cutmix_alpha": (self.cutmix_alpha >= 0, "0 (off) or more"),
+            "erase_prob": (0 <= self.erase_prob <= 1, "0 to 1"),
         }  # fmt: skip
-        for key, ok in checks.items():
+        for key, (ok, allowed) in checks.items():
             if not ok:
-                raise GraftError(f"params.yaml: fine_tune.{key} has an invalid value: {getattr(self, key)!r}")
+                raise GraftError(f"params.yaml: fine_tune.{key} has an invalid value: {getattr(self, key)!r} (allowed: {allowed})")
         pixel = self.pixel_levers()
         if self.mode == "feature_extraction" and pixel:
             raise GraftError(f"params.yaml: {pixel_names(pixel)} {'need' if len(pixel) > 1 else 'needs'} mode partial or "

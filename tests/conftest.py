@@ -17,6 +17,43 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+def pytest_configure(config):
+    """The environment of every process the suite starts. `make test` runs two modules at
+    once (pytest-xdist, one per core), so nothing may depend on what the other is doing."""
+    # graft sizes torch's pool to the cores other processes leave free, and another thread
+    # count gives other weights' last bits: trainings that tests compare bit for bit (a
+    # rerun, `graft reproduce`) would depend on the other worker's load at that moment.
+    os.environ.setdefault("GRAFT_THREADS", "1")
+    # Prefect's temporary server (`graft run` without servers) keeps its SQLite database
+    # under PREFECT_HOME: one per worker, not the user's ~/.prefect shared by both. It
+    # starts slower while the other worker runs than its 20 s default allows on a slow CPU.
+    if "PREFECT_HOME" not in os.environ:
+        import tempfile
+
+        os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="graft-test-prefect-")
+        config._graft_prefect_home = os.environ["PREFECT_HOME"]
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+# The longest modules (minutes each, measured on the 2-core CPU), started first: `make
+# test` hands whole modules to its two workers in collection order, and a long one
+# collected last would run on one worker while the other sits idle.
+LONGEST_FIRST = ("test_ddp", "test_two_machines", "test_services", "test_flow_registry", "test_memory",
+                 "test_distill", "test_shared_servers", "test_drift_gate", "test_register_faults",
+                 "test_text_pipeline", "test_tracking_server_dies", "test_accuracy_guard")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_unconfigure(config):
+    home = getattr(config, "_graft_prefect_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 16), seed: int = 0, fmt: str | None = None) -> Path:
     """A small random image; ``seed`` makes its content (and hash) distinct."""
     rng = np.random.default_rng(seed)

@@ -25,7 +25,9 @@ def project_run_env(project, monkeypatch):
     return project
 
 
-SSH_USER = "graft-remote"
+# One user per pytest-xdist worker: two modules with an sshd may run at once, and each
+# fixture deletes its user (and kills its processes) when it is done.
+SSH_USER = "graft-remote" + (f"-{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else "")
 
 
 def kill_all(procs: list, timeout: float = 30) -> None:

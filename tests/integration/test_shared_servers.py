@@ -285,21 +285,23 @@ def test_no_secret_in_command_lines_files_logs_or_stores(team):
              team.creds["MLFLOW_AUTH_ADMIN_PASSWORD"], team.creds["MLFLOW_FLASK_SERVER_SECRET_KEY"],
              team.creds["PREFECT_SERVER_API_AUTH_STRING"].split(":", 1)[1]]  # fmt: skip
 
-    # Prefect's records of the run, through its API (parameters and every log line).
-    os.environ["PREFECT_API_URL"] = team.state["prefect"]["url"]
-    os.environ["PREFECT_API_AUTH_STRING"] = team.creds["PREFECT_SERVER_API_AUTH_STRING"]
-    try:
-        import asyncio
+    # Prefect's records of the run, through the team server's API (parameters and every log
+    # line). Prefect reads its settings once: the environment set now would not move a client
+    # already pointed elsewhere (the session's test server, or a temporary one).
+    import asyncio
 
-        async def records():
-            async with get_client() as client:
-                runs = await client.read_flow_runs()
-                logs = await client.read_logs()
-                return [json.dumps(r.parameters, default=str) for r in runs], [log.message for log in logs]
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+    async def records():
+        async with get_client() as client:
+            assert str(client.api_url).startswith(team.state["prefect"]["url"].rstrip("/"))  # the team server
+            runs = await client.read_flow_runs()
+            logs = await client.read_logs()
+            return [json.dumps(r.parameters, default=str) for r in runs], [log.message for log in logs]
+
+    with temporary_settings(updates={PREFECT_API_URL: team.state["prefect"]["url"],
+                                     PREFECT_API_AUTH_STRING: team.creds["PREFECT_SERVER_API_AUTH_STRING"]}):  # fmt: skip
         parameters, logs = asyncio.run(records())
-    finally:
-        del os.environ["PREFECT_API_URL"], os.environ["PREFECT_API_AUTH_STRING"]
     assert parameters and len(logs) > 20
     # The MLflow store, all of it: params, tags, the registry, alias history.
     store = team.pg.dump("mlflow")

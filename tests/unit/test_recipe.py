@@ -220,7 +220,7 @@ def test_random_erasing_is_refused_where_it_cannot_apply():
     from tests.conftest import ROOT
 
     for bad in (-0.1, 1.5):
-        with pytest.raises(GraftError, match="fine_tune.erase_prob has an invalid value"):
+        with pytest.raises(GraftError, match=r"fine_tune.erase_prob has an invalid value: .* \(allowed: 0 to 1\)"):
             replace(BASE, erase_prob=bad).validate()
     with pytest.raises(GraftError, match="fine_tune.erase_prob needs mode partial or full"):
         replace(BASE, mode="feature_extraction", erase_prob=0.5).validate()

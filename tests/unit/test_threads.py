@@ -83,6 +83,7 @@ def test_affinity_limits_the_pool(keep_threads):
         os.sched_setaffinity(0, set(cpus))
 
 
+@pytest.mark.serial  # "free" means free of every process, the other test worker's too
 def test_busy_cpus_shrink_the_pool_and_free_ones_grow_it(keep_threads):
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
