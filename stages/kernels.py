@@ -8,9 +8,11 @@ with AVX2 kernels and 0.9110 with AVX-512 ones, on the same data, code and seed.
 libraries take a ceiling from the environment (``ATEN_CPU_CAPABILITY``,
 ``ONEDNN_MAX_CPU_ISA``), so a run recorded at a lower level can be run again with the same
 level's kernels on a CPU that has more (``graft reproduce`` does); the other way round it
-cannot. Measured: an AVX2 run pinned on the AVX-512 machine gave its figures to the fourth
-decimal (0.9150), but not its weights bit for bit (oneDNN also blocks its loops by the
-CPU's caches), so such a rerun is "within tolerance", seldom "identical".
+cannot. Measured: pinned to AVX2, an AVX-512 EPYC gave the AVX2 figures (0.9150) and, bit
+for bit, the weights an AVX2-only EPYC trains unpinned, but not those of an AVX2 Xeon
+(same figures): the CPU model also orders the sums. So across CPU models such a rerun is
+"within tolerance", "identical" only between close relatives. The thread count orders
+them too (:mod:`stages.threads`).
 """
 
 from __future__ import annotations
