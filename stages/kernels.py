@@ -9,7 +9,7 @@ libraries take a ceiling from the environment (``ATEN_CPU_CAPABILITY``,
 ``ONEDNN_MAX_CPU_ISA``), so a run recorded at a lower level can be run again with the same
 level's kernels on a CPU that has more (``graft reproduce`` does); the other way round it
 cannot. Measured: pinned to AVX2, an AVX-512 EPYC gave the AVX2 figures (0.9150) and, bit
-for bit, the weights an AVX2-only EPYC trains unpinned, but not those of an AVX2 Xeon
+for bit, the weights an AVX2-only EPYC trains unpinned, but not those of earlier AVX2 machines
 (same figures): the CPU model also orders the sums. So across CPU models such a rerun is
 "within tolerance", "identical" only between close relatives. The thread count orders
 them too (:mod:`stages.threads`).
