@@ -28,8 +28,12 @@ PROJECT = typer.Option(Path("."), "--project", "-C", help="project directory (wh
 
 
 def _quiet_defaults() -> None:
+    from flows import noop
+
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # before Prefect is imported, which reads its settings once
+    os.environ.setdefault(noop.STARTUP_TIMEOUT_ENV, str(noop.STARTUP_TIMEOUT_S))
 
 
 def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:

@@ -176,16 +176,23 @@ def temporary_server_wanted(cwd: Path) -> bool:
     return False  # Prefect's own default: off
 
 
+# How long Prefect's temporary server may take to answer (Prefect's own default: 20 s). It
+# starts in about 7 s on an idle 2-core machine; on a busy one it took more than 20, and
+# the run died with a traceback before any stage. `graft` sets this for Prefect too.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_S = 90
+
+
 class TemporaryServer:
     """Prefect's temporary server, started as its client starts one (prefect.server.api.
     server.SubprocessASGIServer: uvicorn on a free port of 8000-8999, the UI off, the
     database of this PREFECT_HOME). Its process starts at construction, so its start-up
     overlaps the caller's own work; :meth:`wait` returns its API URL once it answers its
     health check; :meth:`stop` stops it. Raises OSError when Prefect is missing or the
-    server does not answer in time (Prefect's setting, 20 s by default)."""
+    server does not answer in time (Prefect's setting, :data:`STARTUP_TIMEOUT_S` unless set)."""
 
     def __init__(self, timeout_s: float | None = None):
-        self.timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
+        self.timeout_s = timeout_s or float(os.environ.get(STARTUP_TIMEOUT_ENV) or STARTUP_TIMEOUT_S)
         package = _prefect_package()
         if package is None:
             raise OSError("Prefect is not installed in this environment")

@@ -25,14 +25,12 @@ def pytest_configure(config):
     # rerun, `graft reproduce`) would depend on the other worker's load at that moment.
     os.environ.setdefault("GRAFT_THREADS", "1")
     # Prefect's temporary server (`graft run` without servers) keeps its SQLite database
-    # under PREFECT_HOME: one per worker, not the user's ~/.prefect shared by both. It
-    # starts slower while the other worker runs than its 20 s default allows on a slow CPU.
+    # under PREFECT_HOME: one per worker, not the user's ~/.prefect shared by both.
     if "PREFECT_HOME" not in os.environ:
         import tempfile
 
         os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="graft-test-prefect-")
         config._graft_prefect_home = os.environ["PREFECT_HOME"]
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 # The longest modules (minutes each, measured on the 2-core CPU), started first: `make

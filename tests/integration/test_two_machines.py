@@ -34,7 +34,7 @@ def machine(base: Path, name: str, sshd) -> SimpleNamespace:
     shutil.copy(sshd.key, home / ".ssh" / "id_ed25519")  # the default key name: nothing to configure
     (home / ".ssh" / "id_ed25519").chmod(0o600)
     shutil.copy(sshd.client_home / ".ssh" / "known_hosts", home / ".ssh" / "known_hosts")
-    keep = ("LANG", "LC_ALL", "TMPDIR", "USER", "LOGNAME")
+    keep = ("LANG", "LC_ALL", "TMPDIR", "USER", "LOGNAME", "GRAFT_THREADS")  # the suite's thread count (tests/conftest.py)
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin", DVC_NO_ANALYTICS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", TQDM_MININTERVAL="5", GIT_AUTHOR_NAME=name,
