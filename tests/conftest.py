@@ -25,12 +25,16 @@ def pytest_configure(config):
     # rerun, `graft reproduce`) would depend on the other worker's load at that moment.
     os.environ.setdefault("GRAFT_THREADS", "1")
     # Prefect's temporary server (`graft run` without servers) keeps its SQLite database
-    # under PREFECT_HOME: one per worker, not the user's ~/.prefect shared by both.
-    if "PREFECT_HOME" not in os.environ:
+    # under PREFECT_HOME: one per worker, not the user's ~/.prefect shared by both. The
+    # workers inherit the controller's environment: a home made here is replaced in each.
+    made = os.environ.get("GRAFT_TEST_PREFECT_HOME")
+    if "PREFECT_HOME" not in os.environ or os.environ["PREFECT_HOME"] == made:
         import tempfile
 
-        os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="graft-test-prefect-")
-        config._graft_prefect_home = os.environ["PREFECT_HOME"]
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        home = tempfile.mkdtemp(prefix=f"graft-test-prefect-{worker}-")
+        os.environ["PREFECT_HOME"] = os.environ["GRAFT_TEST_PREFECT_HOME"] = home
+        config._graft_prefect_home = home
 
 
 # The longest modules (minutes each, measured on the 2-core CPU), started first: `make
