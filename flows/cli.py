@@ -480,6 +480,33 @@ def drift(
         raise typer.Exit(1)
 
 
+def _missing_model(client, name: str, model: str) -> str | None:
+    """Why ``model`` (an alias or a version number) names nothing in the registry, in
+    words that say what does exist; None when it names a version."""
+    from mlflow.exceptions import MlflowException
+
+    from stages import registry
+
+    try:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        versions = []
+    if not versions:
+        return f"no model is registered under '{name}' yet: `graft run` trains and registers one"
+    if model.isdigit():
+        if int(model) in versions:
+            return None
+        return f"'{name}' has no version {model}; it has {', '.join(f'v{v}' for v in versions)} (`graft status`)"
+    if registry.alias_version(client, name, model) is not None:
+        return None
+    held = [f"{a} is v{mv.version}" for a in (registry.CHAMPION, registry.CHALLENGER)
+            if (mv := registry.alias_version(client, name, a)) is not None]  # fmt: skip
+    hint = f"--model {versions[-1]}" if not held else f"--model {held[0].split()[0]}"
+    what = "; ".join(held) if held else "no version holds an alias"
+    return (f"'{name}' has no {model}: {what} (versions {', '.join(f'v{v}' for v in versions)}). "
+            f"Pick one with {hint}, or make one champion with `graft promote <version>`")
+
+
 @app.command()
 def predict(
     path: Path = typer.Argument(..., help="what to classify. Image models: an image, or a folder searched recursively "
@@ -502,6 +529,9 @@ def predict(
     if not path.exists():
         _fail(f"{path}: no such file or folder")
     uri = f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
+    missing = _missing_model(client, name, model)
+    if missing:
+        _fail(missing)
     try:
         pyfunc = mlflow.pyfunc.load_model(uri)
     except Exception as e:

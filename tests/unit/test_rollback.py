@@ -74,3 +74,21 @@ def test_an_interrupted_move_is_settled_from_the_alias(project):
     assert sorted(str(v.version) for v in client.search_model_versions(f"name='{NAME}'")) == ["1", "2"]
     assert [h["state"] for h in registry.history(client, NAME)] == ["done", "aborted"]
     assert graft(root, "rollback").exit_code == 1  # v1 is still the only champion that ever was
+
+
+def test_predict_names_what_the_registry_holds_when_the_model_is_not_there(project, tmp_path):
+    """A model name that points nowhere is refused before anything loads, with the
+    versions and aliases that do exist and the option that picks one."""
+    root, client = project
+    images = tmp_path / "images"
+    images.mkdir()
+    res = graft(root, "predict", str(images))  # no champion yet
+    assert res.exit_code == 1, res.output
+    assert "has no champion: no version holds an alias (versions v1, v2, v3)" in res.output
+    assert "--model 3" in res.output and "graft promote" in res.output
+    registry.move_alias(client, NAME, registry.CHALLENGER, "2", "test")
+    res = graft(root, "predict", str(images))
+    assert res.exit_code == 1 and "challenger is v2" in res.output and "--model challenger" in res.output, res.output
+    res = graft(root, "predict", str(images), "--model", "9", "--out", str(root / "out.csv"))
+    assert res.exit_code == 1 and "has no version 9; it has v1, v2, v3" in res.output, res.output
+    assert not (root / "out.csv").exists()
