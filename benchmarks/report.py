@@ -271,6 +271,7 @@ def _recipe(r: dict) -> str:
              f"mixup {r['mixup_alpha']:g}" if r.get("mixup_alpha") else None,
              f"CutMix {r['cutmix_alpha']:g}" if r.get("cutmix_alpha") else None,
              f"random erasing {r['erase_prob']:g}" if r.get("erase_prob") else None,
+             f"RandAugment n{r['randaug_ops']} m{r.get('randaug_magnitude', 9)}" if r.get("randaug_ops") else None,
              f"TTA {r['tta']}" if r.get("tta", "none") != "none" else None]
     return ", ".join(p for p in parts if p)
 

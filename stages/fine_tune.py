@@ -47,7 +47,7 @@ from stages.threads import ThreadSizer
 
 
 # Levers that change a training image's pixels: images only, and not on cached features.
-PIXEL_LEVERS = ("mixup_alpha", "cutmix_alpha", "erase_prob")
+PIXEL_LEVERS = ("mixup_alpha", "cutmix_alpha", "erase_prob", "randaug_ops")
 
 
 def pixel_names(keys: list[str]) -> str:
@@ -81,6 +81,8 @@ class FineTuneParams:
     mixup_alpha: float = 0.0  # images: >0 blends each training image with another, weight ~ Beta(a, a)
     cutmix_alpha: float = 0.0  # images: >0 pastes a box of another image, area ~ Beta(a, a); both >0: one per batch
     erase_prob: float = 0.0  # images: each training image gets a random box of noise with this probability
+    randaug_ops: int = 0  # images: RandAugment, this many random ops per training image (timm's); 0 = off
+    randaug_magnitude: int = 9  # their strength on timm's scale, 0 to 10 (drawn around it, std 0.5)
 
     def validate(self) -> None:
         checks = {  # key: (valid, what is)
@@ -95,6 +97,8 @@ class FineTuneParams:
             "min_image_size": (self.min_image_size is None or self.min_image_size >= 8, "null (off) or 8 or more"),
             "mixup_alpha": (self.mixup_alpha >= 0, "0 (off) or more"), "cutmix_alpha": (self.cutmix_alpha >= 0, "0 (off) or more"),
             "erase_prob": (0 <= self.erase_prob <= 1, "0 to 1"),
+            "randaug_ops": (0 <= self.randaug_ops <= 10, "0 (off) to 10"),
+            "randaug_magnitude": (0 <= self.randaug_magnitude <= 10, "0 to 10"),
         }  # fmt: skip
         for key, (ok, allowed) in checks.items():
             if not ok:

@@ -3,6 +3,7 @@ timm backbone; uint8 (N, S, S, 3) arrays; flips and padded crops; a grid of mist
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 from pathlib import Path
@@ -248,10 +249,49 @@ def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
         dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
         for i in range(n):
             out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+    if p.randaug_ops:  # drawn only when asked, like erasing below
+        _rand_augment(out, rng, p.randaug_ops, p.randaug_magnitude)
     if p.erase_prob:  # drawn only when asked, so the other settings' random streams stay as they were
         for i in np.flatnonzero(rng.random(n) < p.erase_prob):
             _erase(out[i], rng)
     return out
+
+
+def _rand_augment(batch: np.ndarray, rng: np.random.Generator, ops: int, magnitude: int) -> None:
+    """RandAugment (Cubuk et al., 2020), in place: each image gets ``ops`` operations drawn
+    from timm's set (rotate, shear, translate, colour, contrast, solarize, ...), each applied
+    with probability 0.5 at a strength drawn around ``magnitude`` (timm's
+    ``rand-m{magnitude}-n{ops}-mstd0.5``, the recipe of its ImageNet trainings).
+
+    timm draws from the process-wide ``random`` and ``np.random``; those are seeded here
+    from the epoch's generator and put back afterwards, so a batch's augmentation depends
+    only on (seed, epoch) like the flips and crops (a resumed or distributed run draws the
+    same) and nothing else in the process sees its state move."""
+    import random
+
+    from PIL import Image
+
+    transform = _rand_augment_transform(ops, magnitude, batch.shape[1])
+    seeds = rng.integers(0, 2**32, size=2)
+    saved = random.getstate(), np.random.get_state()
+    try:
+        random.seed(int(seeds[0]))
+        np.random.seed(int(seeds[1]))
+        for i in range(len(batch)):
+            batch[i] = np.asarray(transform(Image.fromarray(batch[i])))
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+
+
+@functools.lru_cache(maxsize=4)
+def _rand_augment_transform(ops: int, magnitude: int, size: int):
+    from timm.data.auto_augment import rand_augment_transform
+
+    # timm's hyper-parameters for an image of this size (its create_transform does the
+    # same): translations up to 45% of the side, gaps filled with mid-grey.
+    return rand_augment_transform(f"rand-m{magnitude}-n{ops}-mstd0.5", {"translate_const": int(size * 0.45),
+                                                                         "img_mean": (128, 128, 128)})  # fmt: skip
 
 
 def _erase(image: np.ndarray, rng: np.random.Generator, tries: int = 10) -> None:
@@ -269,7 +309,7 @@ def _erase(image: np.ndarray, rng: np.random.Generator, tries: int = 10) -> None
             return
 
 
-MIXABLE = True  # fine_tune.mixup_alpha, cutmix_alpha and erase_prob apply
+MIXABLE = True  # fine_tune.mixup_alpha, cutmix_alpha, erase_prob and randaug_ops apply
 
 
 def mix(batch: np.ndarray, rng: np.random.Generator, p) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:

@@ -622,13 +622,14 @@ def rescale(x, size: int):
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
-    """No augmentation for text (fine_tune.hflip, crop_padding and erase_prob are image settings)."""
-    if p.erase_prob:  # config.check_all refuses it first; a guard for direct callers
-        raise GraftError("params.yaml: fine_tune.erase_prob is for images; set it to 0 for a text model")
+    """No augmentation for text (fine_tune.hflip, crop_padding, erase_prob and randaug_ops are image settings)."""
+    for key in ("erase_prob", "randaug_ops"):  # config.check_all refuses them first; a guard for direct callers
+        if getattr(p, key, 0):
+            raise GraftError(f"params.yaml: fine_tune.{key} is for images; set it to 0 for a text model")
     return batch
 
 
-MIXABLE = False  # token ids have no halfway point or patch to erase: no mixup, CutMix or random erasing
+MIXABLE = False  # token ids have no halfway point or patch to erase: no mixup, CutMix, random erasing or RandAugment
 
 
 def mix(batch: np.ndarray, rng: np.random.Generator, p):

@@ -230,3 +230,49 @@ def test_random_erasing_is_refused_where_it_cannot_apply():
     with pytest.raises(ParamsError, match=r"fine_tune.erase_prob is for images.*texts; set it to 0"):
         apply_overrides(committed, [*text, "fine_tune.erase_prob=0.5"])
     assert apply_overrides(committed, ["fine_tune.erase_prob=0.25"])["fine_tune"]["erase_prob"] == 0.25
+
+
+def test_randaugment_is_drawn_from_the_epochs_generator_and_leaves_the_process_state_alone():
+    import random
+
+    from stages.modalities import image
+
+    batch = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    plain = replace(BASE, hflip=False, crop_padding=0)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    image.augment(batch, rng_a, plain)
+    image.augment(batch, rng_b, replace(plain, randaug_ops=0))
+    assert rng_a.random() == rng_b.random()  # off: no draws, the other augmentations' streams unchanged
+    original = batch.copy()
+    random.seed(11)
+    np.random.seed(11)
+    expected = random.random(), np.random.random()
+    random.seed(11)
+    np.random.seed(11)
+    out = image.augment(batch, np.random.default_rng(5), replace(plain, randaug_ops=2, randaug_magnitude=9))
+    assert (random.random(), np.random.random()) == expected  # timm's global draws were put back
+    assert np.array_equal(batch, original)  # the input is not written to
+    assert out.shape == batch.shape and out.dtype == np.uint8
+    changed = (out != batch).any((1, 2, 3))
+    assert 0.3 < changed.mean() < 1.0  # two ops at p 0.5 each: about 3 in 4 images change (some ops are no-ops here)
+    again = image.augment(batch, np.random.default_rng(5), replace(plain, randaug_ops=2, randaug_magnitude=9))
+    assert np.array_equal(again, out)  # the epoch's seeded generator decides, whatever the process's state
+    other = image.augment(batch, np.random.default_rng(6), replace(plain, randaug_ops=2, randaug_magnitude=9))
+    assert not np.array_equal(other, out)
+
+
+def test_randaugment_is_refused_where_it_cannot_apply():
+    from stages.config import ParamsError, apply_overrides, read_params
+    from tests.conftest import ROOT
+
+    for key, bad in (("randaug_ops", -1), ("randaug_ops", 11), ("randaug_magnitude", 11)):
+        with pytest.raises(GraftError, match=rf"fine_tune.{key} has an invalid value: {bad} \(allowed: 0"):
+            replace(BASE, **{key: bad}).validate()
+    with pytest.raises(GraftError, match="fine_tune.randaug_ops needs mode partial or full"):
+        replace(BASE, mode="feature_extraction", randaug_ops=2).validate()
+    committed = read_params(ROOT / "params.yaml")
+    text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
+            "fine_tune.tta=none"]  # fmt: skip
+    with pytest.raises(ParamsError, match=r"fine_tune.randaug_ops is for images.*texts; set it to 0"):
+        apply_overrides(committed, [*text, "fine_tune.randaug_ops=2"])
+    assert apply_overrides(committed, ["fine_tune.randaug_ops=2"])["fine_tune"]["randaug_ops"] == 2
