@@ -179,6 +179,8 @@ def main() -> None:
               f"{r['best_epoch']} of {r['epochs_run']}", flush=True)  # fmt: skip
     if "preset" in out["variants"]:
         b = out["variants"]["preset"]
+        for r in out["variants"].values():  # the baseline's minutes of this run, kept with each lever's figures
+            r["preset_minutes"] = b["fine_tune_minutes"]
         for name, r in out["variants"].items():
             print(f"  {name:>14}: {r['test_accuracy']:.4f} ({(r['test_accuracy'] - b['test_accuracy']) * 100:+.2f} points), "
                   f"{r['fine_tune_minutes']:.1f} min ({r['fine_tune_minutes'] / b['fine_tune_minutes']:.2f}x the preset's)")  # fmt: skip
