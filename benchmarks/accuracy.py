@@ -58,6 +58,7 @@ VARIANTS = {
         "erase-0.5": {"erase_prob": 0.5},  # random erasing as Zhong et al. ran it on Fashion-MNIST
         "erase-0.25": {"erase_prob": 0.25},  # timm's usual reprob
         "randaug": {"randaug_ops": 2, "randaug_magnitude": 9},  # timm's rand-m9-n2-mstd0.5 (its ImageNet recipes)
+        "randaug-light": {"randaug_ops": 1, "randaug_magnitude": 5},  # one op at half strength, for a short schedule
     },
     "full": {
         "preset": {},
