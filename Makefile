@@ -27,7 +27,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: help setup data text-data mnist-data postgres browser sshd run run-text test bench clean servers servers-stop
+.PHONY: help setup data text-data mnist-data postgres browser sshd run run-text test bench bench-gpu clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -118,6 +118,9 @@ bench: setup mnist-data  ## run the benchmarks alone (about 2.5 hours here), rew
 	$(BIN)/python benchmarks/accuracy.py --preset full --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/text.py --json benchmarks/results-text-cpu.json
 	$(BIN)/python benchmarks/report.py
+
+bench-gpu: setup mnist-data  ## on a machine with an NVIDIA GPU: graft's training loop against a plain timm loop at 224 px, into benchmarks/results-gpu.json
+	$(BIN)/python benchmarks/gpu.py --json benchmarks/results-gpu.json
 
 servers: setup  ## start the Prefect and MLflow servers on 127.0.0.1 (graft server start)
 	$(BIN)/graft server start
