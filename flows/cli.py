@@ -499,10 +499,10 @@ def _missing_model(client, name: str, model: str) -> str | None:
         return f"'{name}' has no version {model}; it has {', '.join(f'v{v}' for v in versions)} (`graft status`)"
     if registry.alias_version(client, name, model) is not None:
         return None
-    held = [f"{a} is v{mv.version}" for a in (registry.CHAMPION, registry.CHALLENGER)
-            if (mv := registry.alias_version(client, name, a)) is not None]  # fmt: skip
-    hint = f"--model {versions[-1]}" if not held else f"--model {held[0].split()[0]}"
-    what = "; ".join(held) if held else "no version holds an alias"
+    held = {a: mv.version for a in (registry.CHAMPION, registry.CHALLENGER)
+            if (mv := registry.alias_version(client, name, a)) is not None}  # fmt: skip
+    hint = f"--model {next(iter(held))}" if held else f"--model {versions[-1]}"
+    what = "; ".join(f"{a} is v{v}" for a, v in held.items()) if held else "no version holds an alias"
     return (f"'{name}' has no {model}: {what} (versions {', '.join(f'v{v}' for v in versions)}). "
             f"Pick one with {hint}, or make one champion with `graft promote <version>`")
 
