@@ -14,6 +14,10 @@ from stages.fine_tune import WeightAverage, progressive_size, train, with_tta
 from test_fine_tune import BASE, Crash, data, make_model  # noqa: F401  (data: the fixture)
 
 
+# The overrides that turn the committed params into a text run (what a pixel lever is refused against).
+TEXT_RUN = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
+            "fine_tune.tta=none"]  # fmt: skip
+
 def test_weight_average_follows_the_warmed_up_decay():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
@@ -182,8 +186,7 @@ def test_mixing_is_refused_where_it_cannot_apply():
     with pytest.raises(GraftError, match="fine_tune.mixup_alpha"):
         replace(BASE, mixup_alpha=-1.0).validate()
     committed = read_params(ROOT / "params.yaml")
-    text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
-            "fine_tune.tta=none"]  # fmt: skip
+    text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.mixup_alpha is for images.*texts; set it to 0"):
         apply_overrides(committed, [*text, "fine_tune.mixup_alpha=0.2"])
     with pytest.raises(ParamsError, match=r"fine_tune.mixup_alpha and fine_tune.cutmix_alpha are for images.*set them to 0"):
@@ -225,8 +228,7 @@ def test_random_erasing_is_refused_where_it_cannot_apply():
     with pytest.raises(GraftError, match="fine_tune.erase_prob needs mode partial or full"):
         replace(BASE, mode="feature_extraction", erase_prob=0.5).validate()
     committed = read_params(ROOT / "params.yaml")
-    text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
-            "fine_tune.tta=none"]  # fmt: skip
+    text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.erase_prob is for images.*texts; set it to 0"):
         apply_overrides(committed, [*text, "fine_tune.erase_prob=0.5"])
     assert apply_overrides(committed, ["fine_tune.erase_prob=0.25"])["fine_tune"]["erase_prob"] == 0.25
@@ -271,8 +273,7 @@ def test_randaugment_is_refused_where_it_cannot_apply():
     with pytest.raises(GraftError, match="fine_tune.randaug_ops needs mode partial or full"):
         replace(BASE, mode="feature_extraction", randaug_ops=2).validate()
     committed = read_params(ROOT / "params.yaml")
-    text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
-            "fine_tune.tta=none"]  # fmt: skip
+    text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.randaug_ops is for images.*texts; set it to 0"):
         apply_overrides(committed, [*text, "fine_tune.randaug_ops=2"])
     assert apply_overrides(committed, ["fine_tune.randaug_ops=2"])["fine_tune"]["randaug_ops"] == 2
