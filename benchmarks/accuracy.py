@@ -32,12 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages import fsio, modeling
-from stages.backbone import LoadPretrainedParams
-from stages.config import DEFAULT_PARAMS, apply_overrides, parse_value, preset_overrides, read_params, section
-from stages.fine_tune import FineTuneParams, Split, train, with_tta
-from stages.ingest import IngestParams
-from stages.preprocess import PreprocessParams, load_split
+from graft.base import fsio
+from graft.config.params import DEFAULT_PARAMS, apply_overrides, parse_value, preset_overrides, read_params, section
+from graft.data.snapshot import IngestParams
+from graft.data.splits import PreprocessParams, load_split
+from graft.models import modeling
+from graft.models.backbone import LoadPretrainedParams
+from graft.training.fine_tune import FineTuneParams, Split, train, with_tta
 
 # The levers, each a set of fine_tune overrides on the preset's recipe. "preset" is the
 # preset as written (the baseline); the others take one lever away from it or add one.
@@ -94,7 +95,7 @@ def prepared_data(params: dict, work: Path) -> Path:
 
 def run_variant(prepared: Path, backbone: LoadPretrainedParams, ft: FineTuneParams) -> dict:
     from benchmarks.transfer import scratch_assets
-    from stages.load_pretrained import load_pretrained
+    from graft.models.pretrained import load_pretrained
 
     model, cfg = load_pretrained(backbone, prepared, scratch_assets())
     tr, va, te = (Split(*load_split(prepared, s)) for s in ("train", "val", "test"))

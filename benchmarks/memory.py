@@ -151,7 +151,7 @@ def run_stages(project: Path, stages=MEASURED) -> dict[str, dict]:
 
     env = project_env(project)
     # One thread count at both sizes: each thread's buffers are memory too, and the sizer's
-    # choice (stages/threads.py) depends on what else runs, this sampler included.
+    # choice (graft/base/threads.py) depends on what else runs, this sampler included.
     env.setdefault("GRAFT_THREADS", str(len(os.sched_getaffinity(0))))
     # Every block over 64 KB mmapped and returned to the kernel when freed: the peak is
     # then what the stage held at once. With glibc's moving threshold, freed blocks stay
@@ -181,7 +181,7 @@ def make_project(dest: Path, train_per_class: int, test_per_class: int, **sectio
 
 
 def fine_tune_outcome(project: Path) -> dict:
-    from stages import fsio
+    from graft.base import fsio
 
     model = project / "models" / "fine_tuned"
     training = fsio.read_json(model / "model.json")["training"]
@@ -254,12 +254,12 @@ def prepared_samples(project: Path) -> int:
 def disk_vs_memory(work: Path) -> dict:
     """(3) and (4) on the default data and params (partial fine-tuning, 64 px)."""
     from benchmarks.transfer import ROUNDS, prepare, scratch_assets, splits, throughput_figures
-    from stages.backbone import LoadPretrainedParams
-    from stages.config import load_section
-    from stages.fine_tune import FineTuneParams, Split, epoch_order, train
-    from stages.ingest import IngestParams
-    from stages.load_pretrained import load_pretrained
-    from stages.preprocess import PreprocessParams
+    from graft.config.params import load_section
+    from graft.data.snapshot import IngestParams
+    from graft.data.splits import PreprocessParams
+    from graft.models.backbone import LoadPretrainedParams
+    from graft.models.pretrained import load_pretrained
+    from graft.training.fine_tune import FineTuneParams, Split, epoch_order, train
 
     backbone = load_section(LoadPretrainedParams, "load_pretrained")
     ft = replace(load_section(FineTuneParams, "fine_tune"), device="cpu", epochs=1, patience=99)
@@ -287,7 +287,7 @@ def disk_vs_memory(work: Path) -> dict:
 
     # (4) What a worker would take off the step: read + augment + to tensor, timed alone,
     # over one epoch's batches in graft's order.
-    from stages import modeling
+    from graft.models import modeling
 
     model, cfg = load_pretrained(backbone, prepared, scratch_assets(), 0)
     order, rng = epoch_order(len(tr.y), ft.seed, 0)
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="add the figures to this JSON file under 'memory' (atomically)")
     args = parser.parse_args()
     from benchmarks.transfer import machine_info
-    from stages import fsio
+    from graft.base import fsio
 
     sections = set(args.only or SECTIONS)
     out: dict = {"machine": machine_info(), "n": args.n}

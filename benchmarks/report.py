@@ -322,7 +322,7 @@ def allocator_rows(m: dict) -> list[str]:
     if "allocator" not in m:
         return []
     a = m["allocator"]
-    return [f"| the fine-tuned model's forward, batch 64, the C heap kept (`stages/allocator.py`) | {a['tuned_img_s']:.0f} img/s | "
+    return [f"| the fine-tuned model's forward, batch 64, the C heap kept (`graft/base/allocator.py`) | {a['tuned_img_s']:.0f} img/s | "
             f"glibc's defaults: {a['default_img_s']:.0f} img/s | {a['ratio']:.2f}x | |"]  # fmt: skip
 
 

@@ -39,13 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.transfer import machine_info  # noqa: E402
-from stages import fsio, modeling  # noqa: E402
-from stages.backbone import LoadPretrainedParams  # noqa: E402
-from stages.config import apply_overrides, preset_overrides, read_params, section  # noqa: E402
-from stages.fine_tune import FineTuneParams, Split, train  # noqa: E402
-from stages.ingest import IngestParams, ingest, read_manifest  # noqa: E402
-from stages.load_pretrained import load_pretrained  # noqa: E402
-from stages.preprocess import PreprocessParams, load_split, preprocess  # noqa: E402
+from graft.base import fsio
+from graft.config.params import apply_overrides, preset_overrides, read_params, section  # noqa: E402
+from graft.data.snapshot import IngestParams, ingest, read_manifest  # noqa: E402
+from graft.data.splits import PreprocessParams, load_split, preprocess  # noqa: E402
+from graft.models import modeling  # noqa: E402
+from graft.models.backbone import LoadPretrainedParams  # noqa: E402
+from graft.models.pretrained import load_pretrained  # noqa: E402
+from graft.training.fine_tune import FineTuneParams, Split, train  # noqa: E402
 
 C_GRID = (0.25, 1.0, 4.0, 16.0)
 
@@ -123,8 +124,7 @@ def predict_throughput(project: Path) -> dict:
     """The registered champion as a user loads it (pyfunc), on raw test strings."""
     import mlflow
 
-    from stages.register import load_test_samples
-
+    from graft.registry.register import load_test_samples
     from tests.conftest import project_env
 
     mlflow.set_tracking_uri(project_env(project)["MLFLOW_TRACKING_URI"])

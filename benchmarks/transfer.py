@@ -36,14 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import fsio, kernels, modeling
-from stages.backbone import LoadPretrainedParams
-from stages.config import load_section
-from stages.fine_tune import FineTuneParams, Split, train
-from stages.ingest import IngestParams, ingest
-from stages.load_pretrained import load_pretrained
-from stages.preprocess import PreprocessParams, load_split, preprocess
-
+from graft.base import fsio, kernels
+from graft.config.params import load_section
+from graft.data.snapshot import IngestParams, ingest
+from graft.data.splits import PreprocessParams, load_split, preprocess
+from graft.models import modeling
+from graft.models.backbone import LoadPretrainedParams
+from graft.models.pretrained import load_pretrained
+from graft.training.fine_tune import FineTuneParams, Split, train
 
 SECTIONS = ("throughput", "feature_extraction", "default", "full")
 # Throughput rounds: an even number, so each loop goes first equally often; the rounds
@@ -178,13 +178,13 @@ def machine_info() -> dict:
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_kernels": kernels.current(),  # AVX2 or AVX512: the same recipe's figures differ by it (stages/kernels.py)
+        "cpu_kernels": kernels.current(),  # AVX2 or AVX512: the same recipe's figures differ by it (graft/base/kernels.py)
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "timm": metadata.version("timm"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
         "graft_commit": commit + ("-dirty" if dirty else ""),
     }
 

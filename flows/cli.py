@@ -12,7 +12,6 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -40,7 +39,7 @@ def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:
     """Point Prefect and MLflow at the project's servers when they run (before Prefect
     is imported, which reads its settings once), with this machine's credentials; say so."""
     from flows import services
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
 
     try:
         env = services.client_env(root)
@@ -65,9 +64,9 @@ def _registry(project: Path):
     """(client, model name) for the project's registry."""
     import mlflow
 
-    from stages import tracking
-    from stages.config import load_section
-    from stages.register import RegisterParams
+    from graft.config.params import load_section
+    from graft.registry.register import RegisterParams
+    from graft.tracking import runs as tracking
 
     root = project.resolve()
     if not (root / "params.yaml").is_file():
@@ -104,9 +103,9 @@ def run(
     Exit codes: 0 done (or skipped), 1 a stage crashed, 2 bad input (a wrong parameter, a missing or broken data source)."""
     _quiet_defaults()
     root = project.resolve()
-    from stages.common import BAD_INPUT_EXIT, GraftError
-    from stages.config import ParamsError, apply_overrides, preset_overrides, read_params, section
-    from stages.ingest import IngestParams, check_source
+    from graft.base.errors import BAD_INPUT_EXIT, GraftError
+    from graft.config.params import ParamsError, apply_overrides, preset_overrides, read_params, section
+    from graft.data.snapshot import IngestParams, check_source
 
     try:  # a typo in --set or params.yaml, or a missing source, fails here, before anything starts
         overrides = [*(preset_overrides(preset, root) if preset else []), *set_]
@@ -140,7 +139,7 @@ def run(
         except (ParamsError, GraftError) as e:
             _fail(str(e), BAD_INPUT_EXIT)
         except Exception as e:
-            from stages.tracking import refused_message
+            from graft.tracking.runs import refused_message
 
             _fail(refused_message(e) or f"the pipeline failed: {type(e).__name__}: {e}")
         _fail(f"the pipeline ended in state {state.name}")
@@ -186,9 +185,8 @@ def print_summary(summary: dict, root: Path) -> None:
 @app.command()
 def status(project: Path = PROJECT) -> None:
     """Show the champion, challenger and latest model versions with their metrics, data versions, and when and why the aliases last moved."""
-    from stages import registry
-
     from flows import remote
+    from graft.registry import rules as registry
 
     client, name = _registry(project)
     _repair(client, name, project.resolve())
@@ -257,9 +255,9 @@ def promote(
     """Make VERSION the champion. Unless --force, it must beat the current champion on the project's current test samples, with the same gate as the pipeline."""
     import mlflow
 
-    from stages import registry
-    from stages.config import load_section
-    from stages.register import RegisterParams, load_test_samples, score, serving_costs
+    from graft.config.params import load_section
+    from graft.registry import rules as registry
+    from graft.registry.register import RegisterParams, load_test_samples, score, serving_costs
 
     client, name = _registry(project)
     _require_champion_permission(client, name)
@@ -304,7 +302,7 @@ def rollback(
     project: Path = PROJECT,
 ) -> None:
     """Move the champion back to the version that held it before."""
-    from stages import registry
+    from graft.registry import rules as registry
 
     client, name = _registry(project)
     _require_champion_permission(client, name)
@@ -326,8 +324,8 @@ def rollback(
 def _require_champion_permission(client, name: str) -> None:
     """Refuse, before anything is scored or written, a champion move the tracking server
     says this user may not make."""
-    from stages import registry
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
+    from graft.registry import rules as registry
 
     try:
         allowed, why = registry.may_move_champion(client, name)
@@ -350,7 +348,7 @@ def reproduce(
     import time
 
     from flows import reproduce as rep
-    from stages.common import BAD_INPUT_EXIT
+    from graft.base.errors import BAD_INPUT_EXIT
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client, default_name = _registry(project)
@@ -383,7 +381,7 @@ def diff_cmd(
     """What differs between two registered versions, or a version and the working copy: params, data (classes, per-class counts, files added and removed), pretrained backbone, metrics with per-class deltas, and a paired McNemar test on this workspace's test samples."""
     from flows import diff as df
     from flows import reproduce as rep
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client, name = _registry(project)
@@ -413,7 +411,7 @@ def _repair(client, name: str, root: Path) -> None:
     """Finish or undo an interrupted registration or alias move (see registry.repair), but
     only while no training run holds the project: a registration under way is not a wreck."""
     from flows.pipeline import ProjectLock
-    from stages import registry
+    from graft.registry import rules as registry
 
     lock = ProjectLock(root)
     if not lock.acquire(wait=False):
@@ -445,10 +443,10 @@ def drift(
     import dataclasses
     import tempfile
 
-    from stages import drift as drift_stage
-    from stages import modalities
-    from stages.common import GraftError
-    from stages.config import load_section
+    from graft import modalities
+    from graft.base.errors import GraftError
+    from graft.config.params import load_section
+    from graft.drift import gate as drift_stage
 
     _quiet_defaults()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -485,7 +483,7 @@ def _missing_model(client, name: str, model: str) -> str | None:
     words that say what does exist; None when it names a version."""
     from mlflow.exceptions import MlflowException
 
-    from stages import registry
+    from graft.registry import rules as registry
 
     try:
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
@@ -522,8 +520,8 @@ def predict(
     import mlflow
     import pandas as pd
 
-    from stages import fsio
-    from stages.common import GraftError, progress
+    from graft.base import fsio
+    from graft.base.errors import GraftError, progress
 
     client, name = _registry(project)
     if not path.exists():
@@ -582,8 +580,8 @@ def ui(
     import subprocess
 
     from flows import services
-    from stages import tracking
-    from stages.secrets import mask_url
+    from graft.base.secrets import mask_url
+    from graft.tracking import runs as tracking
 
     root = project.resolve()
     running = services.status(root)["mlflow"]
@@ -615,14 +613,14 @@ app.add_typer(server_app, name="server")
 
 @server_app.command("start")
 def server_start(
-    host: Optional[str] = typer.Option(None, "--host", help="address both servers listen on, for this start (default: "
+    host: str | None = typer.Option(None, "--host", help="address both servers listen on, for this start (default: "
                                        "servers.<name>.host in graft.yaml, 127.0.0.1); beyond loopback they ask for "
                                        "credentials (`graft server init-auth`)"),
     project: Path = PROJECT,
 ) -> None:
     """Start the Prefect and MLflow servers in the background (ports and stores from graft.yaml) and wait until both answer."""
     from flows import services
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
 
     root = project.resolve()
     typer.echo("starting the Prefect and MLflow servers (a few seconds)...")
@@ -669,7 +667,7 @@ def server_status(project: Path = PROJECT) -> None:
 @server_app.command("init-auth")
 def server_init_auth(project: Path = PROJECT) -> None:
     """Generate the servers' credentials (MLflow's admin password and CSRF key, Prefect's auth string) into .graft/secrets.yaml, mode 0600; those already there are kept. Needed before the servers listen beyond 127.0.0.1."""
-    from stages import secrets
+    from graft.base import secrets
 
     root = project.resolve()
     current = secrets.read_file(root)
@@ -704,7 +702,7 @@ class Permission(str, Enum):
 def _admin_client(root: Path):
     """MLflow's user-management client for the project's server, as its admin."""
     from flows import services
-    from stages import secrets
+    from graft.base import secrets
 
     url = services.client_env(root).get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not url.startswith(("http://", "https://")):
@@ -726,7 +724,7 @@ def _grant(root: Path, auth, username: str, permission: str) -> list[str]:
     (created here, as the admin, when they do not exist yet)."""
     granted = []
     client, name = _registry(root)
-    from stages import tracking
+    from graft.tracking import runs as tracking
 
     experiment_id = tracking.configure(root)
     try:
@@ -802,23 +800,23 @@ def schedule(
     sensor: bool = typer.Option(True, "--sensor/--no-sensor", help="also deploy the data sensor (retrain when data changes); not with --pool"),
     verify: bool = typer.Option(False, "--verify", help="also deploy the champion's reproduction on verify.cron (weekly), "
                                 "notified through the webhook when it no longer reproduces; not with --pool"),
-    pool: Optional[str] = typer.Option(None, help="a Prefect work pool (created if missing): its workers, on any machine, "
+    pool: str | None = typer.Option(None, help="a Prefect work pool (created if missing): its workers, on any machine, "
                                        "clone the code, pull the data and run the retraining instead of `graft serve`"),
-    repo: Optional[str] = typer.Option(None, help="with --pool: the git repository workers clone (default: this copy's origin)"),
-    branch: Optional[str] = typer.Option(None, help="with --pool: the branch workers run (default: the current one)"),
-    commit: Optional[str] = typer.Option(None, help="with --pool: pin the workers to this commit instead of a branch"),
+    repo: str | None = typer.Option(None, help="with --pool: the git repository workers clone (default: this copy's origin)"),
+    branch: str | None = typer.Option(None, help="with --pool: the branch workers run (default: the current one)"),
+    commit: str | None = typer.Option(None, help="with --pool: pin the workers to this commit instead of a branch"),
     project: Path = PROJECT,
 ) -> None:
     """Create (or update) the Prefect deployments that retrain on schedule.cron and check the data on sensor.cron (graft.yaml). Run them here with `graft serve`, or anywhere with workers of --pool (`prefect worker start --pool P`, from graft's environment)."""
     root = project.resolve()
     _require_prefect_server(root)
     from flows import deploy
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
 
     sched, sens = deploy.schedule_config(root)
     if pool:
         from flows import remote
-        from stages import tracking
+        from graft.tracking import runs as tracking
 
         if remote.default_remote(root) is None:
             _fail("a worker's checkout is temporary: its data and models must go to a DVC remote. Add one "
@@ -853,7 +851,7 @@ def secret(
     project: Path = PROJECT,
 ) -> None:
     """Store a credential in .graft/secrets.yaml (mode 0600, git-ignored), asked without echo: never typed on a command line or into `export`, where shell history and `ps` keep it."""
-    from stages import secrets
+    from graft.base import secrets
 
     if key not in secrets.KEYS:
         _fail(f"{key} is not a credential graft reads; known: " + "; ".join(f"{k} ({w})" for k, w in secrets.KEYS.items()))
@@ -882,7 +880,7 @@ def worker(
 
 @app.command()
 def pull(
-    version: Optional[str] = typer.Option(None, "--version", "-v", help="a registered version ('champion', 'challenger' or a "
+    version: str | None = typer.Option(None, "--version", "-v", help="a registered version ('champion', 'challenger' or a "
                                           "number): first put the dvc.lock of the run that produced it here"),
     install: bool = typer.Option(False, "--install", help="first install what pyproject.toml requires and this environment "
                                  "lacks (a worker's pull step does)"),
@@ -892,7 +890,7 @@ def pull(
     _quiet_defaults()
     root = project.resolve()
     from flows import remote
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
 
     try:
         if install:
@@ -923,9 +921,9 @@ def _checkout_version_lock(root: Path, version: str) -> None:
     import mlflow
 
     from flows.training import PIPELINE_ARTIFACTS
-    from stages import fsio
-    from stages.common import GraftError
-    from stages.registry import alias_version
+    from graft.base import fsio
+    from graft.base.errors import GraftError
+    from graft.registry.rules import alias_version
 
     client, name = _registry(root)
     mv = client.get_model_version(name, version) if version.isdigit() else alias_version(client, name, version)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from flows.config import read_config
-from stages.common import GraftError
-from stages.config import parse
+from graft.base.errors import GraftError
+from graft.config.params import parse
+from graft.config.project import read_config
 
 TRAINING_ENTRYPOINT = "flows/training.py:training_pipeline"  # relative to the repository root
 
@@ -37,7 +37,7 @@ class SensorConfig:
     trigger: str = "change"
 
     def validate(self) -> None:
-        from stages.common import GraftError
+        from graft.base.errors import GraftError
 
         if self.trigger not in ("change", "drift"):
             raise GraftError(f"graft.yaml: sensor.trigger must be change or drift, got {self.trigger!r}")

@@ -42,7 +42,7 @@ def version_side(client, name: str, version: str) -> Side:
 
 
 def workspace_side(root: Path) -> Side:
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
 
     def need(path: Path) -> Path:
         if not path.is_file():
@@ -57,7 +57,7 @@ def workspace_side(root: Path) -> Side:
 
 
 def params_diff(a: Side, b: Side) -> list[dict[str, Any]]:
-    from stages.tracking import flatten
+    from graft.tracking.runs import flatten
 
     fa, fb = flatten(a.params), flatten(b.params)
     return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
@@ -125,8 +125,8 @@ def metrics_diff(a: Side, b: Side) -> dict[str, Any]:
 
 def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | None:
     """Both sides score this workspace's test samples; McNemar on the pairs."""
-    from stages import registry
-    from stages.register import load_test_samples, score
+    from graft.registry import rules as registry
+    from graft.registry.register import load_test_samples, score
 
     raw, prepared = root / "data" / "raw", root / "data" / "prepared"
     if not (prepared / "test_ids.npy").is_file():
@@ -145,10 +145,9 @@ class _WorkspaceModel:
     version (its preprocessing included), with a pyfunc's ``predict``."""
 
     def __init__(self, model_dir: Path):
-        from stages import serving
+        from graft.models import serving
 
-        self.wrapper = serving.GraftClassifier()
-        self.wrapper.load_context(type("Ctx", (), {"artifacts": {serving.MODEL_ARTIFACT: str(model_dir)}})())
+        self.wrapper = serving.load_folder(model_dir)
 
     def predict(self, frame):
         return self.wrapper.predict(None, frame)

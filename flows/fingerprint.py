@@ -21,10 +21,10 @@ def fingerprint(root: Path) -> dict[str, Any]:
     the names, sizes and modification times of exactly the files ingest reads, and the
     class list. A source that is missing or broken gets a fingerprint of its error, so
     the run it triggers fails with ingest's own message."""
-    from stages.common import GraftError
-    from stages.config import load_section
-    from stages import sources
-    from stages.ingest import IngestParams, source_files, source_path, url_files
+    from graft.base.errors import GraftError
+    from graft.config.params import load_section
+    from graft.data import sources
+    from graft.data.snapshot import IngestParams, source_files, source_path, url_files
 
     params = load_section(IngestParams, "ingest", root / "params.yaml")
     h = hashlib.sha256()
@@ -58,6 +58,6 @@ def last_accepted(root: Path) -> dict[str, Any] | None:
 
 
 def record_accepted(root: Path, fp: dict[str, Any]) -> None:
-    from stages import fsio
+    from graft.base import fsio
 
     fsio.write_json(root / ACCEPTED, fp)

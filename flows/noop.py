@@ -45,12 +45,13 @@ import tomllib
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flows.pipeline import Pipeline, ProjectLock, plan, read_summary, summary_markdown
-from stages.common import fault_point
+from graft.base.errors import fault_point
 
 FLOW_NAME = "graft-training"  # the flow's name in flows/training.py: one history for both paths
 TASK_KEY = "run_stage"  # the flow's task function: the UI groups the task runs by it
@@ -293,7 +294,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return datetime.datetime.now(datetime.UTC).isoformat()
 
 
 def _record(api: PrefectAPI, root: Path, graph: Pipeline, on_stages) -> tuple[str, str, dict[str, Any]]:

@@ -12,8 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from flows.config import read_config
-from stages import secrets
+from graft.base import secrets
+from graft.config.project import read_config
 
 log = logging.getLogger("graft.notify")
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common import BAD_INPUT_EXIT
+from graft.base.errors import BAD_INPUT_EXIT
+
 
 class StageFailed(RuntimeError):
     """A DVC stage failed. ``exit_code`` is the stage's own (2: bad input, never retried);
@@ -130,7 +131,8 @@ class ProjectLock:
 
 
 def read_summary(root: Path, stages: dict[str, str]) -> dict[str, Any]:
-    from stages import fsio, tracking
+    from graft.base import fsio
+    from graft.tracking import runs as tracking
 
     summary: dict[str, Any] = {"stages": stages}
     for key, rel in (("metrics", "reports/evaluate/metrics.json"), ("decision", "reports/register/decision.json"),

@@ -69,17 +69,17 @@ def describe(root: Path) -> str:
 
 
 def last_push(root: Path) -> dict[str, Any] | None:
-    from stages import fsio
+    from graft.base import fsio
 
     path = root / STATE_FILE
     return fsio.read_json(path) if path.is_file() else None
 
 
 def _record(root: Path, remote: Remote, ok: bool, message: str) -> dict[str, Any]:
-    from stages import fsio
+    from graft.base import fsio
 
     state = {"remote": remote.name, "url": remote.url, "ok": ok, "message": message,
-             "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}  # fmt: skip
+             "time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}  # fmt: skip
     (root / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
     fsio.write_json(root / STATE_FILE, state)
     return state
@@ -136,7 +136,7 @@ def _lock_objects(lock_text: str) -> list:
 
 def queue_pending(root: Path, run_id: str | None = None) -> int:
     """Keep this run's dvc.lock until a push succeeds; return how many runs wait."""
-    from stages import fsio
+    from graft.base import fsio
 
     lock = root / "dvc.lock"
     if lock.is_file():
@@ -253,7 +253,7 @@ def pull_all(root: Path) -> dict[str, Any]:
     ran). Raises GraftError, naming the remote, when there is none or it fails."""
     from dvc.repo import Repo
 
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
 
     remote = default_remote(root)
     if remote is None:

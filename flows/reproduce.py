@@ -23,15 +23,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from stages import kernels, threads
-from stages.common import STATUS_ENV, GraftError
+from graft.base import kernels, threads
+from graft.base.errors import STATUS_ENV, GraftError
 
 RERUN_STAGES = ("preprocess", "load_pretrained", "fine_tune", "evaluate")
 # Restored by hash, not rerun: the data snapshot, the gate's report, a teacher's soft
@@ -64,8 +65,8 @@ class Lineage:
     weights_sha256: str | None
     metrics: dict[str, Any]
     params: dict[str, str] = field(default_factory=dict)
-    cpu_kernels: str | None = None  # ATen's level at training (stages/kernels.py); None before it was recorded
-    threads: str | None = None  # the training's torch thread pool (stages/threads.py TAG); None before it was recorded
+    cpu_kernels: str | None = None  # ATen's level at training (graft/base/kernels.py); None before it was recorded
+    threads: str | None = None  # the training's torch thread pool (graft/base/threads.py TAG); None before it was recorded
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Row:
 
 def resolve_ref(client, default_name: str, ref: str) -> tuple[str, str]:
     """``champion``, ``challenger``, ``3``, ``name@alias`` or ``name/3`` -> (name, version)."""
-    from stages import registry
+    from graft.registry import rules as registry
 
     name, rest = default_name, ref
     if "@" in ref:
@@ -105,7 +106,7 @@ def read_lineage(client, name: str, version: str) -> Lineage:
     """Everything recorded about what produced ``name`` v``version``."""
     from mlflow.artifacts import download_artifacts
 
-    from stages import tracking
+    from graft.tracking import runs as tracking
 
     mv = client.get_model_version(name, version)
     training_run_id = mv.tags.get("training_run_id") or mv.run_id
@@ -250,7 +251,7 @@ def _env(worktree: Path, reproduction_of: str | None = None) -> dict[str, str]:
     and experiment, no flow run to nest under, the commit's code first on the path."""
     import mlflow
 
-    from stages import tracking
+    from graft.tracking import runs as tracking
 
     env = {**os.environ, "PYTHONPATH": str(worktree), "DVC_NO_ANALYTICS": "1",
            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_EXPERIMENT_NAME": tracking.experiment_name()}  # fmt: skip
@@ -332,7 +333,8 @@ def _figure(what: str, original: float | None, reproduced: float | None, toleran
 
 def compare(lineage: Lineage, worktree: Path, client) -> tuple[list[Row], str]:
     """One row per input and result; the reproduction's MLflow run id."""
-    from stages import fsio, modeling
+    from graft.base import fsio
+    from graft.models import modeling
 
     rows: list[Row] = []
     new_lock = yaml.safe_load((worktree / "dvc.lock").read_text())
@@ -386,7 +388,7 @@ def table(rows: list[Row]) -> list[str]:
 
 def record(client, lineage: Lineage, outcome: str, run_id: str | None, why: str = "") -> dict[str, Any]:
     """The outcome on the model version (``graft.reproduced``), as ``graft status`` shows it."""
-    entry = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "verdict": outcome, "run_id": run_id}
+    entry = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "verdict": outcome, "run_id": run_id}
     if why:
         entry["why"] = why[:300]
     client.set_model_version_tag(lineage.name, lineage.version, REPRODUCED_TAG, json.dumps(entry))

@@ -25,9 +25,9 @@ def source_drift(root: Path) -> dict[str, Any]:
     that ``drift.reference`` names (the champion's): the report."""
     import tempfile
 
-    from stages import drift
-    from stages.config import load_section
-    from stages.register import RegisterParams
+    from graft.config.params import load_section
+    from graft.drift import gate as drift
+    from graft.registry.register import RegisterParams
 
     params_path = root / "params.yaml"
     p = load_section(drift.DriftParams, "drift", params_path)
@@ -48,8 +48,8 @@ def data_sensor(project_dir: str = ".", concurrency: str = "skip", trigger: str 
     (``trigger="drift"``: and drifted from the champion's reference, or there is no
     reference to test against); otherwise log why not and return."""
     from flows.training import training_pipeline
-    from stages import fsio
-    from stages.common import GraftError
+    from graft.base import fsio
+    from graft.base.errors import GraftError
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()
@@ -68,7 +68,7 @@ def data_sensor(project_dir: str = ".", concurrency: str = "skip", trigger: str 
             report = source_drift(root)
         except GraftError as e:  # the test cannot run here: a change is reason enough
             report = {"verdict": "skipped", "reason": str(e)}
-        from stages.drift import summary
+        from graft.drift.gate import summary
 
         logger.info("data sensor: %s", summary({"warnings": [report.get("reason", "")], **report}))
         if report["verdict"] == "no_drift":

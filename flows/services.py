@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from flows.config import read_config
-from stages import secrets
-from stages.common import GraftError
-from stages.config import parse
+from graft.base import secrets
+from graft.base.errors import GraftError
+from graft.config.params import parse
+from graft.config.project import read_config
 
 STATE_DIR = Path(".graft") / "servers"
 NAMES = ("prefect", "mlflow")
@@ -98,7 +98,7 @@ def check_auth(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dic
 def store_uri(root: Path, mlflow_: MlflowServer) -> str:
     """The MLflow server's store: MLFLOW_BACKEND_STORE_URI (environment or secrets file:
     it may hold a password), else graft.yaml's, else the project's SQLite file."""
-    from stages import tracking
+    from graft.tracking import runs as tracking
 
     return secrets.get(root, "MLFLOW_BACKEND_STORE_URI") or mlflow_.backend_store_uri or tracking.default_tracking_uri(root)
 
@@ -186,7 +186,7 @@ def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer, creds: d
 def _auth_config(root: Path, mlflow_: MlflowServer) -> Path:
     """MLflow's auth settings file (no secret in it: the admin password comes through the
     environment). Its users and grants live in a SQLite file beside it, on this machine."""
-    from stages import fsio
+    from graft.base import fsio
 
     folder = root / ".graft" / "mlflow"
     path = folder / "basic_auth.ini"
@@ -238,7 +238,7 @@ def status(root: Path) -> dict[str, dict[str, Any]]:
 def start(root: Path, timeout: float = 90.0, host: str | None = None) -> dict[str, dict[str, Any]]:
     """Start whichever server is not running yet; wait until both answer their health checks.
     ``host`` overrides graft.yaml's for both; beyond loopback they need credentials."""
-    from stages import fsio
+    from graft.base import fsio
 
     root = root.resolve()
     prefect, mlflow_ = server_config(root, host)

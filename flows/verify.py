@@ -18,9 +18,9 @@ def verify_champion(project_dir: str = ".", model_ref: str = "champion") -> dict
 
     from flows import reproduce as rep
     from flows.notify import notify
-    from stages import tracking
-    from stages.config import load_section
-    from stages.register import RegisterParams
+    from graft.config.params import load_section
+    from graft.registry.register import RegisterParams
+    from graft.tracking import runs as tracking
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()

@@ -1,10 +1,7 @@
 """Stage ``evaluate``: the fine-tuned model on the held-out test split.
 
-Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix (PNG and CSV),
-expected calibration error with a reliability diagram, and the most confident mistakes
-as the modality presents them (images: a grid; texts: a table of snippets), in
-``mistakes/``. ``metrics.json`` is a DVC metric; the plots are declared in ``dvc.yaml``; all
-of it goes to the pipeline's MLflow run.
+The stage's entry point, as ``dvc.yaml`` runs it (``python -m stages.evaluate``): it reads its
+params section, calls :mod:`graft.evaluation.metrics` and writes the outputs.
 """
 
 from __future__ import annotations
@@ -13,141 +10,15 @@ import argparse
 import gc
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from stages import fsio, modeling
-from stages.common import GraftError, stage_main
-from stages.config import DEFAULT_PARAMS, load_section
-
-ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al., 2017)
-
-
-def confusion_matrix(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Rows are true classes, columns predicted ones."""
-    return np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
-def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> tuple[float, list[dict[str, float]]]:
-    """Expected calibration error: the sample-weighted mean |accuracy - confidence| over
-    equal-width confidence bins; also the bins, for the reliability diagram."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
-    ece, bins = 0.0, []
-    for b in range(n_bins):
-        mask = which == b
-        if not mask.any():
-            continue
-        acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
-        ece += mask.mean() * abs(acc - conf)
-        bins.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "accuracy": acc, "confidence": conf, "count": int(mask.sum())})
-    return float(ece), bins
-
-
-def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    pred = probs.argmax(1)
-    cm = confusion_matrix(y, pred, len(classes))
-    tp = np.diag(cm).astype(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(cm.sum(0) > 0, tp / cm.sum(0), 0.0)
-        recall = np.where(cm.sum(1) > 0, tp / cm.sum(1), 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    ece, bins = calibration(probs.max(1), pred == y)
-    return {
-        "accuracy": float((pred == y).mean()),
-        "macro_f1": float(f1.mean()),
-        "ece": ece,
-        "n": int(len(y)),
-        "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(cm[i].sum())}
-            for i, c in enumerate(classes)
-        },
-        "confusion_matrix": cm.tolist(),
-        "calibration_bins": bins,
-    }
-
-
-# --- plots ---------------------------------------------------------------------------------
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with fsio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-
-
-def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
-    plt = _plt()
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.55 * n))
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test)")
-    _save(fig, path)
-
-
-def reliability_figure(bins: list[dict[str, float]], ece: float):
-    """Bars: accuracy per confidence bin, drawn over the bin, with its sample count on
-    top; dots: each bin's (mean confidence, accuracy), which lie on the diagonal when the
-    model is calibrated."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
-    bars = ax.bar(centers, [b["accuracy"] for b in bins], width=1 / ECE_BINS, edgecolor="black", alpha=0.7,
-                  label="accuracy of the bin")  # fmt: skip
-    for bar, b in zip(bars, bins, strict=True):
-        ax.annotate(f"n={b['count']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=7, rotation=90)  # fmt: skip
-    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="red",
-            label="bin: (mean confidence, accuracy)")  # fmt: skip
-    ax.set(xlim=(0, 1), ylim=(0, 1.12), xlabel="confidence (top-class probability)", ylabel="accuracy",
-           title=f"reliability (ECE {ece:.3f}, {sum(b['count'] for b in bins)} test samples)")  # fmt: skip
-    ax.legend(loc="upper left", fontsize=8)
-    return fig
-
-
-def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> None:
-    _save(reliability_figure(bins, ece), path)
-
-
-def worst_mistakes(y: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` wrong predictions made with the highest confidence (ties: the
-    earlier sample first); each modality presents them its own way."""
-    pred = probs.argmax(1)
-    wrong = np.flatnonzero(pred != y)
-    return wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:k]
-
-
-# --- the thin main -------------------------------------------------------------------------
-
-
-def measure_serving(model_dir: Path, raw_dir: Path, prepared_dir: Path) -> dict[str, float]:
-    """The model's serving cost as the registered pyfunc pays it (from raw test samples),
-    and its size: what register's latency limit and a teacher-student comparison read."""
-    from stages import serving
-    from stages.samples import RawSamples
-
-    model = serving.GraftClassifier()
-    model.load_context(type("Ctx", (), {"artifacts": {serving.MODEL_ARTIFACT: str(model_dir)}})())
-    samples = RawSamples(raw_dir, prepared_dir, "test").head(serving.THROUGHPUT_BATCH)
-    return {**serving.serving_cost(lambda frame: model.predict(None, frame), samples),
-            **serving.model_size(model_dir, model.model)}
+from graft.base import fsio
+from graft.base.errors import GraftError
+from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.evaluation.metrics import compute_metrics, measure_serving, plot_confusion, plot_reliability, tta_note
+from graft.models import modeling
+from graft.stage import stage_main
 
 
 @stage_main
@@ -162,15 +33,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reports", required=True, type=Path, help="directory for metrics and plots")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
-    from stages import threads
+    from graft.base import threads
 
     threads.sizer("evaluate")  # before any torch work: the CPUs other processes leave free
 
     import mlflow
 
-    from stages import tracking
-    from stages.fine_tune import FineTuneParams
-    from stages.preprocess import load_split
+    from graft.data.splits import load_split
+    from graft.tracking import runs as tracking
+    from graft.training.fine_tune import FineTuneParams
 
     # Validation's batch size: the peak memory of a prediction is one batch's activations.
     batch_size = load_section(FineTuneParams, "fine_tune", args.params).eval_batch_size
@@ -235,12 +106,6 @@ def main(argv: list[str] | None = None) -> None:
         f"evaluate: serving cost {cost['latency_ms_b1']:.1f} ms per sample at batch 1, {cost['throughput_b64']:.0f} "
         f"samples/s at batch 64, {cost['size_mb']:.1f} MB of weights"
     )
-
-
-def tta_note(cfg) -> str:
-    how = modeling.tta_of(cfg)
-    return "" if how == "none" else f" (test-time augmentation: {how})"
-
 
 if __name__ == "__main__":
     main()

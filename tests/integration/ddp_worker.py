@@ -10,10 +10,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from stages import distributed, modeling
-from stages.config import load_section
-from stages.fine_tune import FineTuneParams, Split, train
-from stages.preprocess import load_split
+from graft.base import distributed
+from graft.config.params import load_section
+from graft.data.splits import load_split
+from graft.models import modeling
+from graft.training.fine_tune import FineTuneParams, Split, train
 
 
 def main() -> None:

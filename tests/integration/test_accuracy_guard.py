@@ -30,13 +30,13 @@ def tiny_run(work: Path, seed: int = 0, mode: str | None = None) -> float:
     the test accuracy."""
     import torch
 
-    from stages import modeling
-    from stages.backbone import LoadPretrainedParams
-    from stages.config import load_section
-    from stages.fine_tune import FineTuneParams, Split, train
-    from stages.ingest import IngestParams, ingest
-    from stages.load_pretrained import load_pretrained
-    from stages.preprocess import PreprocessParams, load_split, preprocess
+    from graft.config.params import load_section
+    from graft.data.snapshot import IngestParams, ingest
+    from graft.data.splits import PreprocessParams, load_split, preprocess
+    from graft.models import modeling
+    from graft.models.backbone import LoadPretrainedParams
+    from graft.models.pretrained import load_pretrained
+    from graft.training.fine_tune import FineTuneParams, Split, train
 
     torch.set_num_threads(2)
     params = ROOT / "params.yaml"

@@ -105,7 +105,7 @@ def test_stage_under_torchrun_resumes_after_a_rank_is_killed_mid_epoch(prepared,
     assert not (prepared / "models" / "killed").exists()  # nothing half-written
     import torch
 
-    from stages import modeling
+    from graft.models import modeling
 
     ck = torch.load(prepared / ".graft/checkpoints/killed.pt", map_location="cpu", weights_only=False)
     assert ck["epoch"] == 0 and len(ck["torch_rng_ranks"]) == 2  # epoch 1 done, every rank's RNG kept

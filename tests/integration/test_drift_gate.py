@@ -33,7 +33,7 @@ def fashion_folder(root: Path, offset: int, replace: tuple[str, str] | None = No
     ``rotate`` turns every image by 90 degrees."""
     from PIL import Image
 
-    from stages.modalities.image import FASHION_MNIST_CLASSES, _read_idx
+    from graft.modalities.image import FASHION_MNIST_CLASSES, _read_idx
 
     pixels = _read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
     labels = _read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz", 8)
@@ -133,7 +133,7 @@ def test_graft_drift_is_quiet_on_the_same_distribution_and_names_a_replaced_clas
 
 
 def test_the_gate_stops_before_training_on_fail_and_trains_with_a_warning(v1, folders):
-    from stages import fsio
+    from graft.base import fsio
 
     weights = fsio.sha256_file(v1 / "models/fine_tuned/weights.pt")
     set_params(v1, ingest={"path": str(folders["D"])}, drift={"on_drift": "fail"})

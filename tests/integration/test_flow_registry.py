@@ -35,7 +35,7 @@ def graft(project, *args):
 def registry(project):
     import mlflow
 
-    from stages import registry as reg
+    from graft.registry import rules as reg
 
     client = mlflow.MlflowClient()
     return client, reg
@@ -43,7 +43,7 @@ def registry(project):
 
 def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env, tmp_path, monkeypatch):
     from flows.training import training_pipeline
-    from stages import tracking
+    from graft.tracking import runs as tracking
 
     project = project_run_env
     set_params(project, **TINY)
@@ -242,7 +242,7 @@ def files_under(path):
 
 
 def weights(model_dir):
-    from stages import modeling
+    from graft.models import modeling
 
     return torch.load(model_dir / modeling.WEIGHTS, map_location="cpu", weights_only=True)
 

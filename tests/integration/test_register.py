@@ -3,13 +3,14 @@ after the version is created undoes it and leaves the aliases as they were."""
 
 import pytest
 
-from stages import modeling, registry
-from stages.backbone import LoadPretrainedParams
-from stages.common import GraftError
-from stages.ingest import IngestParams, ingest
-from stages.load_pretrained import load_pretrained
-from stages.preprocess import PreprocessParams, preprocess
-from stages.register import RegisterParams, register
+from graft.base.errors import GraftError
+from graft.data.snapshot import IngestParams, ingest
+from graft.data.splits import PreprocessParams, preprocess
+from graft.models import modeling
+from graft.models.backbone import LoadPretrainedParams
+from graft.models.pretrained import load_pretrained
+from graft.registry import rules as registry
+from graft.registry.register import RegisterParams, register
 from tests.conftest import make_image_folder
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def build_candidate(tmp_path):
 def candidate(tmp_path, monkeypatch):
     import mlflow
 
-    from stages import tracking
+    from graft.tracking import runs as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "unit")
@@ -75,8 +76,8 @@ def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):
 
     import numpy as np
 
-    from stages import images
-    from stages.register import load_test_samples
+    from graft.base import images
+    from graft.registry.register import load_test_samples
 
     model_dir, raw, prepared, run_id = candidate
     candidate_model, candidate_cfg = modeling.load(model_dir)
@@ -113,8 +114,8 @@ def test_registered_model_flips_at_test_time_by_default_and_on_request_not(candi
     import numpy as np
     from PIL import Image
 
-    from stages.fine_tune import with_tta
-    from stages.register import load_test_samples
+    from graft.registry.register import load_test_samples
+    from graft.training.fine_tune import with_tta
 
     model_dir, raw, prepared, run_id = candidate
     model, cfg = modeling.load(model_dir)

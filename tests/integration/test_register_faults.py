@@ -60,7 +60,7 @@ def client_for(project):
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_kill_during_register_then_rerun_leaves_a_consistent_registry(trained, point):
-    from stages import registry
+    from graft.registry import rules as registry
 
     project, name = trained, f"faults-{point.replace('_', '-')}"
     first = register(project, name, project / "worse_model")
@@ -166,7 +166,7 @@ def test_reproduce_rebuilds_a_version_after_code_params_and_data_moved_on(traine
     notifies that one through the webhook."""
     from flows.reproduce import read_lineage
     from flows.verify import verify_champion
-    from stages import kernels
+    from graft.base import kernels
 
     project = trained
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]

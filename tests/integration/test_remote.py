@@ -91,9 +91,9 @@ def test_an_ssh_url_source_is_read_through_dvc_and_tracked_as_a_dependency(sshd,
     import shutil
 
     from flows.fingerprint import fingerprint
-    from stages.common import GraftError
-    from stages.config import load_section
-    from stages.ingest import IngestParams, check_source
+    from graft.base.errors import GraftError
+    from graft.config.params import load_section
+    from graft.data.snapshot import IngestParams, check_source
     from tests.conftest import make_image_folder, write_image
 
     home = tmp_path / "home"  # this machine's user: the key at ssh's default place, the host known

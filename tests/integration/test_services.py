@@ -125,7 +125,7 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path, m
     import flows.sensor  # noqa: F401
     import flows.training  # noqa: F401
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     fire = (now + datetime.timedelta(minutes=1 if now.second < 50 else 2)).replace(second=0, microsecond=0)
     cron = f"{fire.minute} {fire.hour} * * *"
     set_config(project, schedule={"cron": cron, "timezone": "UTC"})
@@ -378,8 +378,8 @@ def flow_run_name(api_url, flow_run_id):
 
 
 def test_sensor_overlap_and_webhooks(prefect_harness, project_run_env, tmp_path, webhook):
-    from flows.sensor import data_sensor
     from flows.pipeline import ProjectLock, StageFailed
+    from flows.sensor import data_sensor
     from flows.training import training_pipeline
 
     project = project_run_env

@@ -106,7 +106,7 @@ def graft(project: Path, *args: str, env: dict | None = None, stdin: str | None 
 def team(tmp_path_factory):
     """Postgres with a password, both servers with credentials, two users, one `graft run`."""
     from flows import services
-    from stages import secrets
+    from graft.base import secrets
 
     base = tmp_path_factory.mktemp("team")
     marks = SimpleNamespace(pg=f"pgpw{uuid.uuid4().hex}", hook=f"hookpath{uuid.uuid4().hex}",
@@ -207,7 +207,7 @@ def test_run_with_credentials_registers_a_champion_in_postgres(team):
 def test_a_read_only_user_cannot_move_the_champion(team):
     import mlflow
 
-    from stages import registry
+    from graft.registry import rules as registry
 
     def registry_state():
         client = mlflow.MlflowClient(tracking_uri=team.state["mlflow"]["url"])

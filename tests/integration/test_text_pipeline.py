@@ -55,7 +55,7 @@ def text_run(tmp_path_factory, prefect_harness):
 
 
 def test_text_run_trains_tracks_and_registers(text_run):
-    from stages import fsio
+    from graft.base import fsio
 
     project, result = text_run
     assert result.exit_code == 0, result.output
@@ -86,7 +86,7 @@ def test_text_run_trains_tracks_and_registers(text_run):
     # The registered model predicts from raw strings, exactly as evaluate scored them.
     version = client.get_model_version_by_alias("graft-classifier", "champion")
     pyfunc = mlflow.pyfunc.load_model("models:/graft-classifier@champion")
-    from stages.register import load_test_samples
+    from graft.registry.register import load_test_samples
 
     samples = load_test_samples(project / "data/raw", project / "data/prepared").frame()
     assert list(samples.columns) == ["text"] and isinstance(samples["text"][0], str)
@@ -98,7 +98,7 @@ def test_text_run_trains_tracks_and_registers(text_run):
 
 
 def test_graft_predict_reads_text_files_and_a_rerun_is_skipped(text_run, tmp_path):
-    from stages import fsio
+    from graft.base import fsio
 
     project, _ = text_run
     texts = tmp_path / "reviews.txt"
@@ -122,7 +122,7 @@ def test_graft_predict_reads_text_files_and_a_rerun_is_skipped(text_run, tmp_pat
 
 
 def test_bad_text_data_stops_at_validate_naming_rows(text_run, tmp_path):
-    from stages import fsio
+    from graft.base import fsio
 
     project, _ = text_run
     bad = tmp_path / "reviews.csv"

@@ -21,7 +21,8 @@ def test_killed_tracking_server_gives_a_clear_error_and_nothing_is_lost(project)
     import mlflow
 
     from flows import services
-    from stages import fsio, tracking
+    from graft.base import fsio
+    from graft.tracking import runs as tracking
 
     set_params(project, ingest={"max_train_per_class": 40, "max_test_per_class": 4}, preprocess={"image_size": 32},
                fine_tune={"epochs": 4, "batch_size": 16, "mode": "partial", "frozen_groups": 4, "patience": 9})  # fmt: skip

@@ -1,4 +1,4 @@
-"""The C allocator's setting for torch (stages/allocator.py), checked by what the kernel
+"""The C allocator's setting for torch (graft/base/allocator.py), checked by what the kernel
 counts: page faults of real forward passes in fresh processes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import allocator
+from graft.base import allocator
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FORWARDS = """
 import json, resource, sys
 sys.path.insert(0, {root!r})
-from stages import threads
+from graft.base import threads
 import torch
 sizer = threads.sizer("test")  # what every torch stage calls first
-from stages import allocator
+from graft.base import allocator
 torch.set_num_threads(1)
 net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
                                                 torch.nn.ReLU()) for _ in range(6)]).eval()

@@ -1,12 +1,12 @@
-"""Prepared arrays written and read a few rows at a time (stages/arrays.py)."""
+"""Prepared arrays written and read a few rows at a time (graft/base/arrays.py)."""
 
 import pickle
 
 import numpy as np
 import pytest
 
-from stages.arrays import NpyReader, NpyWriter
-from stages.common import GraftError
+from graft.base.arrays import NpyReader, NpyWriter
+from graft.base.errors import GraftError
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.backbone import LoadPretrainedParams, build, lite0_to_timm_keys, preprocessing_config
-from stages.common import GraftError
+from graft.base.errors import GraftError
+from graft.models.backbone import LoadPretrainedParams, build, lite0_to_timm_keys, preprocessing_config
 
 ARCH = "tf_efficientnet_lite0"
 EGYPTIAN_CAT = 285  # ImageNet-1k class index

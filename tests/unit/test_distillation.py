@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 
-from stages.common import GraftError
-from stages.config import ParamsError, parse
-from stages.teach import DistillParams, parse_reference
+from graft.base.errors import GraftError
+from graft.config.params import ParamsError, parse
+from graft.training.teacher import DistillParams, parse_reference
 
 
 def test_distillation_loss_by_its_definition():
     import torch
     import torch.nn.functional as F
 
-    from stages.fine_tune import distillation_loss
+    from graft.training.fine_tune import distillation_loss
 
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(8, 5, generator=g), torch.randn(8, 2, 5, generator=g)
@@ -33,7 +33,7 @@ def test_distillation_moves_the_student_toward_the_teacher():
     """One gradient step on the soft term alone lowers the KL to the teacher."""
     import torch
 
-    from stages.fine_tune import distillation_loss
+    from graft.training.fine_tune import distillation_loss
 
     torch.manual_seed(0)
     student = torch.nn.Linear(6, 4)
@@ -75,7 +75,7 @@ def test_distill_params():
 def test_class_order_maps_the_teachers_classes_onto_the_data():
     from types import SimpleNamespace
 
-    from stages.teach import class_order
+    from graft.training.teacher import class_order
 
     teacher = SimpleNamespace(reference="t", cfg=SimpleNamespace(modality="image", classes=["b", "c", "a"]))
     order = class_order(teacher, ["a", "b", "c"], "image")

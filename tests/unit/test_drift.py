@@ -7,9 +7,20 @@ import json
 import numpy as np
 import pytest
 
-from stages.common import GraftError
-from stages.drift import (DriftParams, backbone_sha256, choose, compare, domain_auc, folder_items, holm, mmd_test,
-                          read_reference, summary, write_report)  # fmt: skip
+from graft.base.errors import GraftError
+from graft.drift.gate import (
+    DriftParams,
+    backbone_sha256,
+    choose,
+    compare,
+    domain_auc,
+    folder_items,
+    holm,
+    mmd_test,
+    read_reference,
+    summary,
+    write_report,
+)
 
 P = DriftParams(permutations=200)
 DIM = 32
@@ -152,7 +163,7 @@ def test_a_folder_that_is_no_reference_is_refused(tmp_path):
 
 
 def test_class_folders_label_the_samples(tmp_path):
-    from stages.modalities import image
+    from graft.modalities import image
     from tests.conftest import write_image
 
     for cls in ("cat", "dog"):
@@ -169,10 +180,10 @@ def test_class_folders_label_the_samples(tmp_path):
 @pytest.fixture(scope="module")
 def lite0_identity(tmp_path_factory):
     """The identity the drift stage records for the packaged backbone at 32 px."""
-    from stages import modeling
-    from stages.backbone import LoadPretrainedParams
-    from stages.drift import identity_of
-    from stages.modalities import image
+    from graft.drift.gate import identity_of
+    from graft.modalities import image
+    from graft.models import modeling
+    from graft.models.backbone import LoadPretrainedParams
 
     lp = LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0", 0.2, 42)
     spec = {"image_size": 32, "interpolation": "bicubic", "resize": "center_crop"}
@@ -185,7 +196,7 @@ def lite0_identity(tmp_path_factory):
 def test_the_references_backbone_is_rebuilt_from_its_source_and_checked(lite0_identity):
     """Another run's backbone or input: the new data is embedded with the reference's own
     backbone, rebuilt (any head) and checked against the recorded hash."""
-    from stages.drift import rebuild
+    from graft.drift.gate import rebuild
 
     e = rebuild(lite0_identity, None, "this run embeds with another backbone")
     assert e.identity["backbone_sha256"] == lite0_identity["backbone_sha256"] and e.cfg.input["image_size"] == 32

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from stages.evaluate import calibration, compute_metrics, confusion_matrix, plot_confusion, plot_reliability
-from stages.modalities import image
+from graft.evaluation.metrics import calibration, compute_metrics, confusion_matrix, plot_confusion, plot_reliability
+from graft.modalities import image
 
 # 5 samples, 2 classes. Predictions: 0, 0, 1, 1, 1 (argmax); truth: 0, 1, 1, 1, 0.
 Y = np.array([0, 1, 1, 1, 0])
@@ -56,7 +56,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_reliability_diagram_says_what_it_draws():
-    from stages.evaluate import calibration, reliability_figure
+    from graft.evaluation.metrics import calibration, reliability_figure
 
     conf = np.array([0.15, 0.55, 0.6, 0.95, 0.97])
     ece, bins = calibration(conf, np.array([0, 1, 0, 1, 1], dtype=bool))
@@ -73,12 +73,12 @@ def test_evaluate_refuses_a_model_with_non_finite_outputs(tmp_path, capsys):
     was retried for nothing): now it is bad input, exit 2, with the likely cause."""
     import torch
 
-    from stages import modeling
-    from stages.backbone import LoadPretrainedParams
+    from graft.data.snapshot import IngestParams, ingest
+    from graft.data.splits import PreprocessParams, preprocess
+    from graft.models import modeling
+    from graft.models.backbone import LoadPretrainedParams
+    from graft.models.pretrained import load_pretrained
     from stages.evaluate import main
-    from stages.ingest import IngestParams, ingest
-    from stages.load_pretrained import load_pretrained
-    from stages.preprocess import PreprocessParams, preprocess
     from tests.conftest import make_image_folder
 
     src = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=6)
@@ -106,7 +106,7 @@ def test_saved_weights_are_byte_identical_for_equal_models(tmp_path):
     only (not on the temporary file name it was written through)."""
     import timm
 
-    from stages import modeling
+    from graft.models import modeling
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
     cfg = modeling.ModelConfig(architecture="tf_efficientnet_lite0", classes=["a", "b", "c"], drop_rate=0.0,
@@ -123,7 +123,7 @@ def test_predictions_of_a_model_left_in_training_mode_are_eval_mode_ones():
     statistics) to eval mode, and does not walk the model again once it is there."""
     import torch
 
-    from stages import modeling
+    from graft.models import modeling
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),

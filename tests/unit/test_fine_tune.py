@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages import modeling
-from stages.arrays import NpyReader
-from stages.backbone import LoadPretrainedParams, build
-from stages.common import GraftError
-from stages.fine_tune import (
+from graft.base.arrays import NpyReader
+from graft.base.errors import GraftError
+from graft.models import modeling
+from graft.models.backbone import LoadPretrainedParams, build
+from graft.training.fine_tune import (
     FineTuneParams,
     Split,
     _evaluate,
@@ -165,7 +165,7 @@ def test_resume_after_crash_gives_the_same_weights(tmp_path, data):
             raise Crash
 
     # The interrupted and resumed runs read their batches from disk, as the stage does
-    # (stages/arrays.py); the uninterrupted one from memory: the same weights all the same.
+    # (graft/base/arrays.py); the uninterrupted one from memory: the same weights all the same.
     np.save(tmp_path / "train_x.npy", train_split.x)
     on_disk = Split(NpyReader(tmp_path / "train_x.npy"), train_split.y)
     model, cfg = make_model()
@@ -200,7 +200,7 @@ def test_validation_loss_is_the_training_objective():
     curves compare different quantities (1.6 against 0.75 on the default run)."""
     import torch.nn.functional as F
 
-    from stages.fine_tune import smoothed_cross_entropy
+    from graft.training.fine_tune import smoothed_cross_entropy
 
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(size=(32, 5)).astype(np.float32))
@@ -214,7 +214,7 @@ def test_validation_loss_is_the_training_objective():
 def test_learning_curves_have_integer_epochs_and_say_what_differs(tmp_path):
     import matplotlib.pyplot as plt
 
-    from stages.fine_tune import plot_learning_curves
+    from graft.training.fine_tune import plot_learning_curves
 
     history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5, "val_accuracy": 0.6} for e in (1, 2, 3)]
     captured = {}

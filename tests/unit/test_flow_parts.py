@@ -7,12 +7,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from prefect.states import Failed
 
-from flows.config import stage_options
-from flows.notify import notify
 from flows.fingerprint import fingerprint
+from flows.notify import notify
 from flows.pipeline import ProjectLock, StageFailed
 from flows.training import _retry_condition
-from stages.config import ParamsError
+from graft.config.params import ParamsError
+from graft.config.project import stage_options
 from tests.conftest import ROOT, make_image_folder
 
 
@@ -144,7 +144,7 @@ def test_a_checkout_for_workers_must_be_on_the_repository_they_clone(tmp_path):
     import subprocess
 
     from flows.deploy import checkout_for, pull_steps
-    from stages.common import GraftError
+    from graft.base.errors import GraftError
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     origin, work = tmp_path / "origin.git", tmp_path / "work"

@@ -3,11 +3,11 @@
 import subprocess
 import sys
 
-from stages import fsio
+from graft.base import fsio
 
 KILLED_WRITER = """
 import os, signal, sys
-from stages import fsio
+from graft.base import fsio
 with fsio.atomic_dir(sys.argv[1]) as tmp:
     (tmp / "half.npy").write_bytes(b"x" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -3,10 +3,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from stages.common import GraftError
-from stages.ingest import MANIFEST_COLUMNS, IngestParams, ingest, read_manifest, subsample
-from stages.modalities import image
-from stages.modalities.image import read_fashion_mnist
+from graft.base.errors import GraftError
+from graft.data.snapshot import MANIFEST_COLUMNS, IngestParams, ingest, read_manifest, subsample
+from graft.modalities import image
+from graft.modalities.image import read_fashion_mnist
 from tests.conftest import FASHION_MNIST, make_image_folder, requires_fashion_mnist, write_image
 
 

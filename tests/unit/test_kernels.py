@@ -1,4 +1,4 @@
-"""stages/kernels.py: a run's CPU kernel level is pinned on a CPU that has more, never
+"""graft/base/kernels.py: a run's CPU kernel level is pinned on a CPU that has more, never
 raised, and the environment it gives is one torch honours."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from stages import kernels
+from graft.base import kernels
 
 
 def test_a_lower_recorded_level_is_pinned_for_both_libraries():
@@ -25,7 +25,7 @@ def test_nothing_is_pinned_when_equal_higher_unknown_or_unrecorded():
 def test_torch_runs_the_pinned_level_in_a_new_process():
     here = kernels.current()
     env = {**os.environ, **kernels.pin_env("DEFAULT", here)}
-    out = subprocess.run([sys.executable, "-c", "from stages import kernels; print(kernels.current())"],
+    out = subprocess.run([sys.executable, "-c", "from graft.base import kernels; print(kernels.current())"],
                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
     # On x86 the pin takes torch down to its portable kernels; elsewhere nothing is pinned.
     assert out.stdout.strip() == ("DEFAULT" if here in kernels.LEVELS else here)

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages import images
-from stages.backbone import LoadPretrainedParams
-from stages.common import GraftError
-from stages.ingest import IngestParams, ingest
-from stages.preprocess import PreprocessParams, assign_splits, load_split, preprocess
+from graft.base import images
+from graft.base.errors import GraftError
+from graft.data.snapshot import IngestParams, ingest
+from graft.data.splits import PreprocessParams, assign_splits, load_split, preprocess
+from graft.models.backbone import LoadPretrainedParams
 from tests.conftest import make_image_folder
 
 BACKBONE = LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0")
@@ -100,9 +100,9 @@ def test_modes_convert_to_rgb():
 def test_a_split_with_one_class_is_refused_naming_it(tmp_path):
     """Class b has one image: it lands in train, so val holds class a alone. A model
     scored on one class is always right; preprocess stops and names the split."""
-    from stages.common import GraftError
-    from stages.ingest import IngestParams, ingest
-    from stages.preprocess import PreprocessParams, preprocess
+    from graft.base.errors import GraftError
+    from graft.data.snapshot import IngestParams, ingest
+    from graft.data.splits import PreprocessParams, preprocess
     from tests.conftest import make_image_folder
 
     src = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=10)

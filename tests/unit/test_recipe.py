@@ -6,13 +6,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from stages import modeling
-from stages.common import GraftError
-from stages.fine_tune import WeightAverage, progressive_size, train, with_tta
-
 from test_fine_tune import BASE, Crash, data, make_model  # noqa: F401  (data: the fixture)
 
+from graft.base.errors import GraftError
+from graft.models import modeling
+from graft.training.fine_tune import WeightAverage, progressive_size, train, with_tta
 
 # The overrides that turn the committed params into a text run (what a pixel lever is refused against).
 TEXT_RUN = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto",
@@ -115,7 +113,7 @@ def test_bad_lever_values_are_named():
 
 
 def test_a_tta_the_modality_lacks_is_refused_before_anything_runs():
-    from stages.config import ParamsError, apply_overrides, read_params
+    from graft.config.params import ParamsError, apply_overrides, read_params
     from tests.conftest import ROOT
 
     committed = read_params(ROOT / "params.yaml")
@@ -128,7 +126,7 @@ def test_a_tta_the_modality_lacks_is_refused_before_anything_runs():
 
 
 def test_mixup_blends_each_image_with_its_partner_by_lam():
-    from stages.modalities import image
+    from graft.modalities import image
 
     batch = np.random.default_rng(1).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
     assert image.mix(batch, np.random.default_rng(0), BASE) == (batch, None)  # neither asked: untouched
@@ -142,7 +140,7 @@ def test_mixup_blends_each_image_with_its_partner_by_lam():
 
 
 def test_cutmix_pastes_a_box_and_lam_is_the_share_kept():
-    from stages.modalities import image
+    from graft.modalities import image
 
     batch = np.repeat(np.arange(16, dtype=np.uint8)[:, None, None, None] * 10, 32, 1).repeat(32, 2).repeat(3, 3)
     p = replace(BASE, cutmix_alpha=1.0)
@@ -176,7 +174,7 @@ def test_training_with_mixing_is_seeded_and_changes_the_weights(data):  # noqa: 
 
 
 def test_mixing_is_refused_where_it_cannot_apply():
-    from stages.config import ParamsError, apply_overrides, read_params
+    from graft.config.params import ParamsError, apply_overrides, read_params
     from tests.conftest import ROOT
 
     with pytest.raises(GraftError, match="fine_tune.cutmix_alpha needs mode partial or full.*set it to 0"):
@@ -195,7 +193,7 @@ def test_mixing_is_refused_where_it_cannot_apply():
 
 
 def test_random_erasing_fills_one_box_of_the_asked_share_and_leaves_the_rest():
-    from stages.modalities import image
+    from graft.modalities import image
 
     batch = np.full((400, 32, 32, 3), 128, dtype=np.uint8)
     plain = replace(BASE, hflip=False, crop_padding=0)
@@ -219,7 +217,7 @@ def test_random_erasing_fills_one_box_of_the_asked_share_and_leaves_the_rest():
 
 
 def test_random_erasing_is_refused_where_it_cannot_apply():
-    from stages.config import ParamsError, apply_overrides, read_params
+    from graft.config.params import ParamsError, apply_overrides, read_params
     from tests.conftest import ROOT
 
     for bad in (-0.1, 1.5):
@@ -237,7 +235,7 @@ def test_random_erasing_is_refused_where_it_cannot_apply():
 def test_randaugment_is_drawn_from_the_epochs_generator_and_leaves_the_process_state_alone():
     import random
 
-    from stages.modalities import image
+    from graft.modalities import image
 
     batch = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     plain = replace(BASE, hflip=False, crop_padding=0)
@@ -264,7 +262,7 @@ def test_randaugment_is_drawn_from_the_epochs_generator_and_leaves_the_process_s
 
 
 def test_randaugment_is_refused_where_it_cannot_apply():
-    from stages.config import ParamsError, apply_overrides, read_params
+    from graft.config.params import ParamsError, apply_overrides, read_params
     from tests.conftest import ROOT
 
     for key, bad in (("randaug_ops", -1), ("randaug_ops", 11), ("randaug_magnitude", 11)):

@@ -45,7 +45,7 @@ def test_lineage_carries_the_diff_of_a_dirty_tree_and_names_untracked_sources(tm
 
     import mlflow
 
-    from stages import tracking
+    from graft.tracking import runs as tracking
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     (tmp_path / "stages").mkdir()
@@ -71,7 +71,7 @@ def test_lineage_carries_the_diff_of_a_dirty_tree_and_names_untracked_sources(tm
 def test_the_rerun_trains_at_the_recorded_thread_count():
     """The same seeded training gives other weights at another thread count, so the rerun
     is pinned to the count on the training run's tag, as ThreadSizer.describe() wrote it."""
-    from stages import threads
+    from graft.base import threads
 
     said = []
     steady = threads.ThreadSizer()

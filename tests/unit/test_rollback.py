@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from stages import registry
+from graft.registry import rules as registry
 from tests.conftest import ROOT
 
 NAME = "graft-classifier"

@@ -6,8 +6,8 @@ import logging
 import pytest
 
 from flows import services
-from stages import secrets
-from stages.common import GraftError
+from graft.base import secrets
+from graft.base.errors import GraftError
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from stages.backbone import LoadPretrainedParams
-from stages.common import GraftError
-from stages.ingest import IngestParams, ingest, read_manifest, read_modality
-from stages.modalities import text
-from stages.validate import ValidateParams, validate
+from graft.base.errors import GraftError
+from graft.data.snapshot import IngestParams, ingest, read_manifest, read_modality
+from graft.data.validation import ValidateParams, validate
+from graft.modalities import text
+from graft.models.backbone import LoadPretrainedParams
 
 MINILM = LoadPretrainedParams("auto", "packaged:minilm-l6")
 VALIDATE = ValidateParams(min_per_class=2, max_imbalance=10.0, min_side=8, max_side=4096, on_class_change="fail")
@@ -123,7 +123,7 @@ def test_long_texts_warn_or_fail_by_parameter_counting_real_tokens(tmp_path):
 
 
 def test_encoder_tokenizes_bytes_and_strings_alike_truncates_and_pads(tmp_path):
-    from stages.preprocess import PreprocessParams
+    from graft.data.splits import PreprocessParams
 
     pre = PreprocessParams(image_size=8, val_fraction=0.2, test_fraction=0.2, resize="squash", seed=0, max_length=8)
     spec = text.input_spec(pre, MINILM, tmp_path / "assets")
@@ -137,7 +137,7 @@ def test_encoder_tokenizes_bytes_and_strings_alike_truncates_and_pads(tmp_path):
 
 
 def test_text_model_layer_groups_and_partial_freezing():
-    from stages.fine_tune import layer_groups, set_trainable, trainable_groups
+    from graft.training.fine_tune import layer_groups, set_trainable, trainable_groups
 
     built = text.build(MINILM, 3, {"max_length": 16}, _tmp_assets())
     model = built.model

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from stages import threads
-from stages.common import GraftError
+from graft.base import threads
+from graft.base.errors import GraftError
 
 BUSY = "while True: pass"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.ingest import IngestParams, ingest
-from stages.validate import ValidateParams, format_summary, validate
+from graft.data.snapshot import IngestParams, ingest
+from graft.data.validation import ValidateParams, format_summary, validate
 from tests.conftest import make_image_folder
 
 PARAMS = ValidateParams(min_per_class=3, max_imbalance=5.0, min_side=8, max_side=4096, on_class_change="fail")

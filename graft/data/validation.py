@@ -1,0 +1,277 @@
+"""Stage ``validate``: the data gate. A Great Expectations suite, defined in code, runs
+on the ingest manifest; any failed check exits non-zero so nothing downstream runs.
+
+Each check carries the risk it guards against, and the report names the offending rows
+(with their file paths), so a person can fix the source and rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from graft.base import fsio
+from graft.base.errors import GraftError
+from graft.stage import stage_main
+from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.data.snapshot import MANIFEST_COLUMNS, read_manifest, read_modality
+
+if TYPE_CHECKING:  # imported where used: graft.config.params.SECTION_TYPES says why
+    import pandas as pd
+
+MAX_EXAMPLES = 10  # offending rows listed per failed check
+CLASS_CHANGE_CHECK = "same classes as the last accepted run"
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_per_class: int  # samples per class, all splits together
+    max_imbalance: float  # largest class count / smallest class count
+    min_side: int  # images: pixels; smaller images carry too little to learn from
+    max_side: int  # images: pixels; larger ones are probably not what was meant (or a bomb)
+    on_class_change: Literal["fail", "warn"]  # classes added/removed since the last accepted run
+    on_long_text: Literal["fail", "warn"] = "warn"  # texts: longer than preprocess.max_length tokens
+
+
+@dataclass
+class Check:
+    name: str
+    expectation: str
+    success: bool
+    severity: Literal["error", "warning"] = "error"
+    unexpected_count: int = 0
+    observed: Any = None
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ValidationResult:
+    success: bool
+    checks: list[Check]
+    n_rows: int
+    class_counts: dict[str, int]
+    class_change: dict[str, list[str]] | None  # {"added": [...], "removed": [...]}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "rows": self.n_rows,
+            "class_counts": self.class_counts,
+            "class_change": self.class_change,
+            "checks": [vars(c) for c in self.checks],
+        }
+
+
+def _jsonable(v: Any) -> Any:
+    """A value the JSON report can hold: numpy scalars unwrapped, NaN and infinities as null."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _gx_context():
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    # GE's "Calculating Metrics" bars ignore TQDM_DISABLE and would flood DVC's log.
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return ctx
+
+
+def _run_suite(ctx, name: str, df: pd.DataFrame, expectations: list[tuple[str, Any]], index_col: str):
+    """Run ``expectations`` (pairs of check name and GE expectation) on ``df``."""
+    import great_expectations as gx
+
+    batch = (
+        ctx.data_sources.add_pandas(f"{name}_source")
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe(f"{name}_batch")
+    )
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"{name}_suite"))
+    for check_name, exp in expectations:
+        exp.meta = {"check": check_name}
+        suite.add_expectation(exp)
+    definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+    return definition.run(
+        batch_parameters={"dataframe": df},
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [index_col]},
+    )
+
+
+def _to_checks(result, lookup: dict[str, dict[str, Any]] | None, index_col: str) -> list[Check]:
+    checks = []
+    for r in result.results:
+        cfg = r.expectation_config
+        info = r.result or {}
+        examples = []
+        for row in (info.get("unexpected_index_list") or [])[:MAX_EXAMPLES]:
+            key = row.get(index_col)
+            example = {k: _jsonable(v) for k, v in row.items()}
+            if lookup is not None and key in lookup:
+                example.update(lookup[key])
+            examples.append(example)
+        exc = r.exception_info or {}
+        observed = info.get("observed_value")
+        if not r.success and exc.get("raised_exception"):
+            observed = f"could not run: {exc.get('exception_message')}"
+        checks.append(
+            Check(
+                name=cfg.meta.get("check", cfg.type),
+                expectation=f"{cfg.type}({', '.join(f'{k}={v!r}' for k, v in cfg.kwargs.items() if k not in ('batch_id', 'value_set'))})",
+                success=bool(r.success),
+                unexpected_count=int(info.get("unexpected_count") or 0),
+                observed=_jsonable(observed) if not isinstance(observed, list) else [_jsonable(x) for x in observed],
+                examples=examples,
+            )
+        )
+    return checks
+
+
+def class_count_table(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Samples per declared class, and each class's size relative to the smallest
+    non-empty class (an empty class has no ratio: the minimum-count check names it)."""
+    import pandas as pd
+
+    counts = manifest["class_name"].value_counts() if "class_name" in manifest else pd.Series(dtype=int)
+    table = pd.DataFrame({"class_name": classes, "count": [int(counts.get(c, 0)) for c in classes]})
+    present = table.loc[table["count"] > 0, "count"]
+    smallest = present.min() if len(present) else 0
+    table["ratio_to_smallest"] = (table["count"] / smallest).where(table["count"] > 0) if smallest else float("nan")
+    return table
+
+
+def split_class_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """For each split of the source (train, test): how many classes it has samples of."""
+    import pandas as pd
+
+    rows = []
+    if {"split", "class_name"} <= set(manifest.columns):
+        for split, group in manifest.groupby("split", sort=True):
+            found = sorted(group["class_name"].dropna().unique())
+            rows.append({"split": split, "classes": len(found), "found": ", ".join(found)})
+    return pd.DataFrame(rows, columns=["split", "classes", "found"])
+
+
+def validate(
+    manifest: pd.DataFrame,
+    classes: list[str],
+    params: ValidateParams,
+    accepted_classes: list[str] | None = None,
+    modality=None,
+    context: dict[str, Any] | None = None,
+) -> ValidationResult:
+    """Run the suite on a manifest; pure apart from Great Expectations' in-memory context.
+    The shared checks (columns, labels, splits, class sizes) are here; ``modality`` (its
+    module) adds its own (decoding, sizes, leaks); ``context`` is what those may need
+    beyond the manifest (text: the snapshot and the tokenizer, to count tokens)."""
+    import great_expectations.expectations as gxe
+
+    from graft import modalities
+
+    modality = modality or modalities.get(None)
+    if not classes:
+        raise GraftError("classes.json is empty: no classes were declared or found")
+    df = manifest.copy()
+    if "sha256" in df and "split" in df:
+        train, test = set(df.loc[df.split == "train", "sha256"]), set(df.loc[df.split == "test", "sha256"])
+        df["in_train_and_test"] = df["sha256"].isin(train & test)
+    else:
+        df["in_train_and_test"] = False
+    lookup = (
+        df.set_index("id")[["path"]].to_dict("index") if {"id", "path"} <= set(df.columns) else None
+    )
+
+    required = ["id", "label", "class_name", "split", "sha256", "path", "member"]
+    columns = [*MANIFEST_COLUMNS, *modality.MANIFEST_COLUMNS]
+    row_checks: list[tuple] = [
+        # A manifest from another tool or an older graft would make later stages misread it.
+        ("manifest has every column", gxe.ExpectTableColumnsToMatchSet(column_set=columns, exact_match=False)),
+        *[(f"{c} is never empty", gxe.ExpectColumnValuesToNotBeNull(column=c)) for c in required],
+        # A label outside the declared set would silently become a new or wrong class.
+        ("every label is a declared class", gxe.ExpectColumnValuesToBeInSet(column="class_name", value_set=list(classes))),
+        ("split is train or test", gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"])),
+        *modality.expectations(df, params, context),
+    ]
+    table = class_count_table(df, classes)
+    class_checks: list[tuple[str, Any]] = [
+        # Too few samples: the class cannot be learnt or evaluated (an empty folder, say).
+        (f"every class has at least {params.min_per_class} samples",
+         gxe.ExpectColumnValuesToBeBetween(column="count", min_value=params.min_per_class)),
+        # Heavy imbalance: accuracy rewards predicting the majority class.
+        (f"largest / smallest class <= {params.max_imbalance:g}",
+         gxe.ExpectColumnValuesToBeBetween(column="ratio_to_smallest", max_value=params.max_imbalance)),
+    ]  # fmt: skip
+    if accepted_classes is not None:
+        # Classes that appear or vanish between runs change what the model means.
+        class_checks.append(
+            (CLASS_CHANGE_CHECK,
+             gxe.ExpectColumnDistinctValuesToEqualSet(column="class_name", value_set=list(accepted_classes)))
+        )  # fmt: skip
+
+    splits = split_class_table(df)
+    split_checks: list[tuple[str, Any]] = [
+        # One class is no classification: a model trained or scored on it is 100 % "right".
+        ("every split has at least two classes", gxe.ExpectColumnValuesToBeBetween(column="classes", min_value=2)),
+    ]
+
+    ctx = _gx_context()
+    warn = {name for name, *rest in row_checks if rest[1:] == ["warning"]}
+    checks = _to_checks(_run_suite(ctx, "manifest", df, [(n, e) for n, e, *_ in row_checks], "id"), lookup, "id")
+    for c in checks:
+        if c.name in warn:
+            c.severity = "warning"
+    checks += _to_checks(_run_suite(ctx, "class_counts", table, class_checks, "class_name"), None, "class_name")
+    if len(splits):
+        found = splits.set_index("split")[["found"]].rename(columns={"found": "classes found"}).to_dict("index")
+        checks += _to_checks(_run_suite(ctx, "splits", splits, split_checks, "split"), found, "split")
+
+    change = None
+    if accepted_classes is not None:
+        added = sorted(set(classes) - set(accepted_classes))
+        removed = sorted(set(accepted_classes) - set(classes))
+        change = {"added": added, "removed": removed}
+        if params.on_class_change == "warn":
+            next(c for c in checks if c.name == CLASS_CHANGE_CHECK).severity = "warning"
+    success = all(c.success or c.severity == "warning" for c in checks)
+    counts = dict(zip(table["class_name"], table["count"].astype(int).tolist(), strict=True))
+    return ValidationResult(success, checks, len(df), counts, change)
+
+
+def format_summary(result: ValidationResult, manifest_path: Path) -> str:
+    failed = [c for c in result.checks if not c.success]
+    head = "passed" if result.success else "FAILED"
+    lines = [
+        f"validate: {head}: {len(result.checks) - len(failed)} of {len(result.checks)} checks "
+        f"passed on {result.n_rows} samples ({manifest_path})"
+    ]
+    for c in failed:
+        mark = "warning" if c.severity == "warning" else "failed"
+        detail = f"{c.unexpected_count} row(s)" if c.unexpected_count else f"observed {c.observed}"
+        lines.append(f"  {mark}: {c.name}: {detail}")
+        lines.append(f"      {c.expectation}")
+        if c.name == CLASS_CHANGE_CHECK and result.class_change:
+            lines.append(f"      added: {result.class_change['added']}, removed: {result.class_change['removed']}")
+        for ex in c.examples:
+            where = ex.pop("path", None) or ex.get("id") or ex.get("class_name")
+            rest = ", ".join(f"{k}={v}" for k, v in ex.items() if k not in ("id",))
+            lines.append(f"      {where}: {rest}")
+        if c.unexpected_count > len(c.examples):
+            lines.append(f"      ... and {c.unexpected_count - len(c.examples)} more (see the JSON report)")
+    if not result.success:
+        if any(c.name == CLASS_CHANGE_CHECK and not c.success and c.severity == "error" for c in result.checks):
+            lines.append(
+                "The class list changed since the last accepted run. If that is intended, set "
+                "validate.on_class_change to warn (params.yaml, or `graft run --set validate.on_class_change=warn`)."
+            )
+        if any(not c.success and c.severity == "error" and c.name != CLASS_CHANGE_CHECK for c in result.checks):
+            lines.append(
+                "Fix or remove the files listed above in the source (or change the bounds in "
+                "params.yaml, section 'validate'), then run the pipeline again."
+            )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Registry: logging a candidate, the promotion gate, aliases with their history."""

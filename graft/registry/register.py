@@ -1,0 +1,264 @@
+"""Stage ``register``: log the fine-tuned model to the MLflow registry and decide, on
+the same evaluation data, whether it becomes ``champion`` or stays ``challenger``.
+
+The candidate and the current champion are both loaded as registered pyfuncs and score
+the raw test samples of this run, in this process: never a number logged on other data.
+If anything fails after the model version is created, the version is deleted and the
+aliases are left as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+import graft
+from graft.base import fsio
+from graft.base.errors import GraftError, fault_point
+from graft.config.params import read_params
+from graft.data.samples import RawSamples
+from graft.registry import rules as registry
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    model_name: str  # registered model name in MLflow
+    min_accuracy: float  # a model below this test accuracy never becomes champion
+    min_improvement: float  # accuracy points a candidate must gain over the champion
+    require_significance: bool = False  # also require McNemar p < alpha
+    alpha: float = 0.05
+    max_latency_ms: float | None = None  # a champion must predict one sample within this (batch 1); None: no limit
+
+    def validate(self) -> None:
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise GraftError(f"params.yaml: register.max_latency_ms must be > 0 or null, got {self.max_latency_ms!r}")
+
+    @property
+    def gate(self) -> registry.GateParams:
+        return registry.GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha,
+                                   self.max_latency_ms)
+
+
+def load_test_samples(raw_dir: Path, prepared_dir: Path) -> RawSamples:
+    return RawSamples(raw_dir, prepared_dir, "test")
+
+
+def score(pyfunc_model, samples: RawSamples, batch: int = 256) -> np.ndarray:
+    """Per-sample correctness of a pyfunc model on the raw test samples, in the prepared
+    order (so two models' results pair up for McNemar's test)."""
+    truth = np.asarray(samples.truth)
+    correct = np.zeros(len(samples), dtype=bool)
+    for positions, frame in samples.batches(batch):
+        correct[positions] = pyfunc_model.predict(frame)["class"].to_numpy() == truth[positions]
+    return correct
+
+
+def serving_costs(candidate, champion, samples: RawSamples) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Both pyfuncs' serving cost, measured one after the other in this process on the
+    same test samples: a fair side-by-side, whatever machine register runs on."""
+    from graft.models import serving
+
+    frame = samples.head(serving.THROUGHPUT_BATCH)
+    measure = [serving.serving_cost(m.predict, frame) if m is not None else None for m in (candidate, champion)]
+    return measure[0], measure[1]
+
+
+def pip_requirements(modality) -> list[str]:
+    pins = ["torch", "mlflow", "numpy", "pandas", "pyyaml", *modality.REQUIREMENTS]
+    return [f"{p}=={metadata.version(p)}" for p in pins]
+
+
+def params_hash(params_path: Path) -> str:
+    return hashlib.sha256(json.dumps(read_params(params_path), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def log_candidate(model_dir: Path, example):
+    """Log the fine-tuned model as a pyfunc into the active run; return its ModelInfo.
+
+    MLflow's models-from-code form: the model is defined by ``graft/models/serving_model.py``
+    and the packaged ``graft`` library, not by a pickled object, so loading it needs no
+    CloudPickle and works with any compatible Python."""
+    import mlflow
+
+    from graft.models import serving
+
+    example_df = example.iloc[:2].reset_index(drop=True)  # batch of 2: no batch size baked in
+    artifacts = {serving.MODEL_ARTIFACT: str(model_dir)}
+    wrapper = serving.load_folder(model_dir)  # only to compute the output schema here
+    from graft.models import modeling
+
+    # The params a caller may pass at predict time, with the model's own as defaults.
+    signature = mlflow.models.infer_signature(example_df, wrapper.predict(None, example_df),
+                                              params={"tta": modeling.tta_of(wrapper.cfg)})  # fmt: skip
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(serving.__file__).with_name("serving_model.py")),
+        artifacts=artifacts,
+        code_paths=[str(Path(graft.__file__).parent)],  # the graft library: self-contained
+        signature=signature,
+        input_example=example_df,
+        pip_requirements=pip_requirements(wrapper.cfg.kind),
+    )
+
+
+def describe(name: str, version: str, decision: registry.Decision, metrics: dict[str, float], tags: dict[str, str]) -> str:
+    """The model version's description in the registry: what it scores, on what data,
+    what the gate decided, and where it came from."""
+    alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+    lines = [f"{name} v{version}, registered as {alias} by graft's register stage.", ""]
+    if metrics:
+        lines.append("Test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" on {decision.n} test samples.")
+    lines.append(f"Decision: {decision.reason}.")
+    if decision.champion_accuracy is not None:
+        lines.append(f"Champion v{decision.champion_version} on the same samples: accuracy {decision.champion_accuracy:.4f}.")
+    lines += ["", "Lineage:",
+              f"- data version (DVC hash of the prepared data): {tags.get('data_version', 'unknown')}",
+              f"- git commit: {tags.get('git_commit', 'unknown')} (uncommitted changes: {tags.get('git_dirty', 'unknown')})",
+              f"- params hash: {tags.get('params_hash', 'unknown')}",
+              f"- MLflow run: {tags.get('mlflow_run_id', 'unknown')}"]  # fmt: skip
+    if tags.get("training_run_id") and tags["training_run_id"] != tags.get("mlflow_run_id"):
+        lines.append(f"- trained in MLflow run {tags['training_run_id']} (model restored from DVC's cache)")
+    if tags.get("graft.teacher"):
+        lines.append(f"- distilled from {tags['graft.teacher']} (training run {tags.get('graft.teacher_run_id', '?')}, "
+                     f"weights sha256 {tags.get('graft.teacher_weights_sha256', '?')[:16]})")
+    if tags.get("graft.drift"):
+        lines.append(f"- drift gate: {tags['graft.drift']}" + (f"; moved: {tags['graft.drift_moved']}" if tags.get("graft.drift_moved") else ""))
+    if tags.get("prefect_flow_run_id"):
+        lines.append(f"- Prefect flow run: {tags['prefect_flow_run_id']}")
+    return "\n".join(lines)
+
+
+def log_drift(reference: Path | None, report_dir: Path | None) -> dict[str, str]:
+    """Into the active run: the drift reference of the data the model was trained on (what
+    later data is tested against once it is champion) and the drift gate's report; return
+    the version tags that say what the gate found."""
+    import mlflow
+
+    from graft.drift import gate as drift
+
+    if reference is not None and (reference / drift.INFO).is_file():
+        mlflow.log_artifacts(str(reference), drift.ARTIFACT)
+    if report_dir is None or not (report_dir / drift.REPORT).is_file():
+        return {}
+    for name in (drift.REPORT, drift.PLOT):
+        if (report_dir / name).is_file():
+            mlflow.log_artifact(str(report_dir / name), drift.REPORT_ARTIFACT)
+    report = fsio.read_json(report_dir / drift.REPORT)
+    tags = {"graft.drift": report["verdict"]}
+    if report.get("overall"):
+        o = report["overall"]
+        mlflow.log_metrics({"drift_p_value": o["p_value"], "drift_p_adjusted": report.get("p_adjusted_min", o["p_adjusted"]),
+                            "drift_domain_auc": o["domain_auc"], "drift_mmd2": o["mmd2"]})  # fmt: skip
+        tags["graft.drift"] += f" against {report['reference']['origin']} (p {o['p_value']:.4f}, AUC {o['domain_auc']:.3f})"
+        if report.get("moved"):
+            tags["graft.drift_moved"] = ", ".join(report["moved"])
+    mlflow.set_tags(tags)
+    return tags
+
+
+def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: RegisterParams, run_id: str,
+             tags: dict[str, str], metrics: dict[str, float], reference: Path | None = None,
+             drift_report: Path | None = None) -> tuple[registry.Decision, str]:  # fmt: skip
+    """Log, register, score, decide and set the alias; return the decision and the version.
+    ``reference`` and ``drift_report`` (the drift stage's) go along with the model."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    # An earlier registration killed half-way is finished or undone before this one.
+    for line in registry.repair(client, params.model_name):
+        print(f"register: repaired: {line}")
+    samples = load_test_samples(raw_dir, prepared_dir)
+    distilled = fsio.read_json(model_dir / "model.json").get("distilled_from")
+    if distilled:  # the teachers this student learnt from, on its registry entry
+        from graft.training import teacher as teach
+
+        tags = {**tags, **teach.lineage_tags(distilled["teachers"])}
+    with mlflow.start_run(run_id=run_id):
+        info = log_candidate(model_dir, samples.head(2))
+        tags = {**tags, **log_drift(reference, drift_report)}
+    candidate_model = mlflow.pyfunc.load_model(info.model_uri)
+    candidate_correct = score(candidate_model, samples)
+
+    champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
+    champion_correct, incompatible, champ_model = None, None, None
+    if champion is not None:
+        champ_model = mlflow.pyfunc.load_model(f"models:/{params.model_name}@{registry.CHAMPION}")
+        champ_classes = champ_model.unwrap_python_model().cfg.classes
+        candidate_classes = json.loads((model_dir / "model.json").read_text())["classes"]
+        if sorted(champ_classes) != sorted(candidate_classes):
+            incompatible = f"champion v{champion.version} knows classes {champ_classes}, this data has {candidate_classes}"
+        else:
+            champion_correct = score(champ_model, samples)
+    serving = serving_costs(candidate_model, champ_model if champion_correct is not None else None, samples)
+
+    try:
+        client.get_registered_model(params.model_name)
+    except Exception:
+        client.create_registered_model(params.model_name, description="Registered by graft's register stage.")
+    # The source is the logged model (models:/m-...): its id must go along, or a tracking
+    # server refuses the source. The version is pending until its alias is set: a kill
+    # before that leaves it for repair() to delete.
+    mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, model_id=info.model_id,
+                                     tags={**tags, registry.STATE_TAG: "pending"})  # fmt: skip
+    version = str(mv.version)
+    fault_point("after_create")
+    try:
+        registry.wait_until_ready(client, params.model_name, version)
+        decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
+                                   params.gate, incompatible, candidate_version=version, serving=serving)  # fmt: skip
+        if decision.promote:  # the gate says champion; the server says whether this user may crown it
+            allowed, why = registry.may_move_champion(client, params.model_name)
+            if not allowed:
+                decision.promote = False
+                decision.reason += f"; but {why}: it waits as challenger for `graft promote {version}`"
+        alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+        if not decision.promote:
+            # One challenger at a time: the newest candidate that did not win takes the alias.
+            previous = registry.alias_version(client, params.model_name, registry.CHALLENGER)
+            if previous is not None and str(previous.version) != version:
+                decision.replaces_challenger = str(previous.version)
+                decision.reason += f"; v{version} replaces v{previous.version} as challenger"
+        for k, v in metrics.items():
+            client.set_model_version_tag(params.model_name, version, f"test_{k}", f"{v:.6f}")
+        client.set_model_version_tag(params.model_name, version, "graft.decision", json.dumps(decision.to_json()))
+        client.update_model_version(params.model_name, version,
+                                    description=describe(params.model_name, version, decision, metrics, tags))  # fmt: skip
+        fault_point("after_tags")
+        registry.move_alias(client, params.model_name, alias, version, decision.reason, run_id)
+        client.set_model_version_tag(params.model_name, version, registry.STATE_TAG, "ready")
+    except BaseException as e:
+        # No half-registered model: repair() keeps the version only if its alias moved.
+        try:
+            undone = registry.repair(client, params.model_name)
+        except Exception as again:  # the registry itself is gone: the next run repairs
+            undone = [f"repair failed too ({type(again).__name__}: {again}); the next run retries it"]
+        raise GraftError(f"registering {params.model_name} v{version} failed: {type(e).__name__}: {e}\n"
+                         + "\n".join(f"  repaired: {line}" for line in undone)) from e  # fmt: skip
+    return decision, version
+
+
+def format_decision(decision: registry.Decision, name: str, version: str) -> str:
+    alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+    lines = [f"register: {name} v{version} -> {alias}", f"  reason: {decision.reason}",
+             f"  candidate test accuracy {decision.candidate_accuracy:.4f} on {decision.n} test samples"]  # fmt: skip
+    if decision.champion_accuracy is not None:
+        lines.append(f"  champion v{decision.champion_version} on the same samples: {decision.champion_accuracy:.4f}")
+    if decision.candidate_serving:
+        c, ch = decision.candidate_serving, decision.champion_serving
+        lines.append(f"  serving: candidate {c['latency_ms_b1']:.2f} ms per sample (batch 1), {c['throughput_b64']:.0f}/s (batch 64)"
+                     + (f"; champion v{decision.champion_version} {ch['latency_ms_b1']:.2f} ms, {ch['throughput_b64']:.0f}/s"
+                        if ch else ""))  # fmt: skip
+    if decision.mcnemar:
+        m = decision.mcnemar
+        lines.append(f"  McNemar: candidate-only correct {m['b']}, champion-only correct {m['c']}, p = {m['p_value']:.3g}")
+    if decision.promote:
+        lines.append(f"  load it with mlflow.pyfunc.load_model('models:/{name}@champion')")
+    else:
+        lines.append(f"  the champion stays v{decision.champion_version}; this one loads as 'models:/{name}/{version}'"
+                     if decision.champion_version else f"  no champion; this one loads as 'models:/{name}/{version}'")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,332 @@
+"""The model registry's rules: aliases with a history, and the promotion gate.
+
+MLflow keeps no history of alias moves, so graft records every move (when, which alias,
+from which version to which, why, by which run and user) as a tag on the registered
+model (``graft.alias_history.<n>``, one small JSON document each).
+
+The history is also the write-ahead record that makes registration survive ``kill -9``:
+a move is written as ``intended`` before the alias moves and marked ``done`` after; a new
+version carries ``graft.state=pending`` until its alias is set. :func:`repair` finishes or
+undoes whatever a killed process left: a move whose alias did change is marked done, one
+whose alias did not is marked aborted, and a pending version that never got its alias is
+deleted. The gate compares models on
+the same images with the same code: each model is loaded as the registered pyfunc and
+scores the raw test images, so each applies its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from graft.base.errors import GraftError, fault_point
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_PREFIX = "graft.alias_history."
+STATE_TAG = "graft.state"  # on a model version: pending until its alias is set, then ready
+
+
+# --- the gate (pure) ---------------------------------------------------------------------
+
+
+def mcnemar(candidate_correct: np.ndarray, champion_correct: np.ndarray) -> dict[str, float]:
+    """Exact two-sided McNemar test on paired per-sample correctness.
+
+    ``b``: samples the candidate gets right and the champion wrong; ``c``: the reverse.
+    Under "equally good", b ~ Binomial(b + c, 1/2)."""
+    from scipy.stats import binomtest
+
+    b = int(np.sum(candidate_correct & ~champion_correct))
+    c = int(np.sum(~candidate_correct & champion_correct))
+    p_value = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    return {"b": b, "c": c, "p_value": float(p_value)}
+
+
+@dataclass(frozen=True)
+class GateParams:
+    min_accuracy: float  # absolute floor on test accuracy for a champion
+    min_improvement: float  # accuracy points the candidate must gain over the champion
+    require_significance: bool  # also require McNemar's p < alpha
+    alpha: float
+    max_latency_ms: float | None = None  # a champion predicts one sample within this (batch 1)
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    candidate_accuracy: float
+    champion_version: str | None
+    champion_accuracy: float | None
+    mcnemar: dict[str, float] | None
+    n: int
+    replaces_challenger: str | None = None  # the challenger this candidate displaces, if any
+    # serving cost measured side by side in the deciding process (graft.models.serving.serving_cost)
+    candidate_serving: dict[str, float] | None = None
+    champion_serving: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(candidate_correct: np.ndarray, champion_correct: np.ndarray | None, champion_version: str | None,
+           gate: GateParams, incompatible: str | None = None, candidate_version: str | None = None,
+           serving: tuple[dict[str, float] | None, dict[str, float] | None] = (None, None)) -> Decision:  # fmt: skip
+    """Champion or not, and why. Both scores and the paired test are always reported when
+    there is a champion. ``incompatible`` names why the champion could not be scored on
+    this data (another class list, say); the candidate is then not promoted automatically.
+    ``serving``: the candidate's and the champion's serving cost, measured side by side;
+    with ``gate.max_latency_ms`` set, a candidate slower than that at batch 1 stays out."""
+    n = int(len(candidate_correct))
+    acc = float(candidate_correct.mean()) if n else 0.0
+    champ = float(champion_correct.mean()) if champion_correct is not None else None
+    test = mcnemar(candidate_correct, champion_correct) if champion_correct is not None else None
+
+    def result(promote: bool, reason: str) -> Decision:
+        return Decision(promote, reason, acc, champion_version, champ, test, n, None, *serving)
+
+    if incompatible:
+        return result(False, f"the champion cannot be compared on this data ({incompatible}); "
+                             f"promote explicitly with `graft promote {candidate_version or 'VERSION'} --force`")  # fmt: skip
+    if acc < gate.min_accuracy:
+        return result(False, f"test accuracy {acc:.4f} is below register.min_accuracy {gate.min_accuracy}")
+    if gate.max_latency_ms is not None:
+        if serving[0] is None:
+            raise ValueError("register.max_latency_ms is set: the candidate's latency must be measured")
+        latency = serving[0]["latency_ms_b1"]
+        if latency > gate.max_latency_ms:
+            beside = f" (champion v{champion_version}: {serving[1]['latency_ms_b1']:.2f} ms)" if serving[1] else ""
+            return result(False, f"latency {latency:.2f} ms per sample at batch 1 exceeds register.max_latency_ms "
+                                 f"{gate.max_latency_ms:g}{beside}")  # fmt: skip
+    if champ is None or test is None:
+        return result(True, f"first champion: test accuracy {acc:.4f} >= register.min_accuracy {gate.min_accuracy}")
+    gain = acc - champ
+    if gain <= 0 or gain < gate.min_improvement:
+        return result(False, f"accuracy {acc:.4f} does not beat the champion's {champ:.4f} "
+                             f"by register.min_improvement {gate.min_improvement} (gain {gain:+.4f})")  # fmt: skip
+    if gate.require_significance and test["p_value"] >= gate.alpha:
+        return result(False, f"gain {gain:+.4f} is not significant (McNemar p = {test['p_value']:.3g} >= alpha {gate.alpha})")
+    return result(True, f"accuracy {acc:.4f} beats the champion's {champ:.4f} by {gain:+.4f} (McNemar p = {test['p_value']:.3g})")
+
+
+# --- aliases with history (MLflow) ---------------------------------------------------------
+
+
+def alias_version(client, name: str, alias: str):
+    """The model version behind ``alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _history_tags(client, name: str) -> list[tuple[str, dict[str, Any]]]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException:
+        return []
+    return [(k, json.loads(v)) for k, v in sorted(tags.items()) if k.startswith(HISTORY_PREFIX)]
+
+
+def history(client, name: str, done_only: bool = False) -> list[dict[str, Any]]:
+    """Every recorded alias move, oldest first; ``done_only`` drops moves that were
+    intended but never happened (aborted) or are still under way."""
+    entries = [e for _, e in _history_tags(client, name)]
+    return [e for e in entries if e.get("state", "done") == "done"] if done_only else entries
+
+
+def current_user() -> str:
+    """Who moved an alias: the MLflow user a tracking server authenticated (it refused the
+    request otherwise), else ``GRAFT_USER`` (a service account, a CI job), else the OS user."""
+    import getpass
+
+    import mlflow
+
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") and mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return os.environ["MLFLOW_TRACKING_USERNAME"]
+    try:
+        return os.environ.get("GRAFT_USER") or getpass.getuser()
+    except Exception:  # no name for this uid (a bare container)
+        return f"uid {os.getuid()}"
+
+
+# --- who may move the champion --------------------------------------------------------------
+
+CHAMPION_PERMISSION = "MANAGE"  # EDIT registers versions and sets the challenger; crowning one is a manager's call
+
+
+class NotAllowed(GraftError):
+    """The authenticated user lacks the permission an alias move needs."""
+
+
+def permission_on_model(client, name: str) -> tuple[str, str] | None:
+    """(user, permission) on registered model ``name`` as the tracking server's own
+    authorization resolves it (MLflow's basic-auth app: grants, roles, its default), or
+    None where nobody is authenticated (a local store, a server without authentication)."""
+    from mlflow.utils.rest_utils import http_request
+
+    from graft.tracking.runs import host_creds
+
+    creds = host_creds(client)
+    if creds is None:
+        return None
+    me = http_request(creds, "/api/2.0/mlflow/users/current", "GET")
+    if me.status_code == 404:  # no auth app on this server
+        return None
+    if me.status_code != 200:
+        raise GraftError(f"the tracking server refused to say who is logged in (HTTP {me.status_code}): "
+                         "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")  # fmt: skip
+    user = me.json()["user"]
+    if user.get("is_admin"):
+        return user["username"], "MANAGE"  # the admin passes every check
+    got = http_request(creds, "/api/3.0/mlflow/users/permissions/get", "GET",
+                       params={"username": user["username"], "resource_type": "registered_model", "resource_id": name})  # fmt: skip
+    if got.status_code != 200:
+        raise GraftError(f"the tracking server did not answer what {user['username']} may do on {name} (HTTP {got.status_code})")
+    return user["username"], got.json()["permission"]
+
+
+def may_move_champion(client, name: str) -> tuple[bool, str]:
+    """Whether this user may move ``champion`` of ``name``, and if not, a message that
+    says who, what is needed and how to get it."""
+    found = permission_on_model(client, name)
+    if found is None or found[1] == CHAMPION_PERMISSION:
+        return True, ""
+    user, permission = found
+    return False, (f"{user} is not allowed to move the champion of {name} (needs {CHAMPION_PERMISSION}, has {permission}); "
+                   f"an admin grants it with `graft server user grant {user} --permission {CHAMPION_PERMISSION}`")  # fmt: skip
+
+
+def require_champion_permission(client, name: str) -> None:
+    allowed, why = may_move_champion(client, name)
+    if not allowed:
+        raise NotAllowed(why)
+
+
+def _entry(alias: str, previous, version: str | None, reason: str, run_id: str | None, kind: str) -> dict[str, Any]:
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "alias": alias,
+        "from_version": str(previous.version) if previous else None,
+        "to_version": str(version) if version is not None else None,
+        "reason": reason,
+        "run_id": run_id,
+        "user": current_user(),
+        "kind": kind,  # move | rollback | removal
+        "state": "intended",
+    }
+
+
+def _set_entry(client, name: str, key: str, entry: dict[str, Any]) -> None:
+    client.set_registered_model_tag(name, key, json.dumps(entry))
+
+
+def _apply(client, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Write ``entry`` ahead, move (or remove) the alias, mark the entry done. A champion
+    move the user may not make is refused before anything is written."""
+    if entry["alias"] == CHAMPION:
+        require_champion_permission(client, name)
+    key = f"{HISTORY_PREFIX}{len(_history_tags(client, name)):06d}"
+    _set_entry(client, name, key, entry)
+    fault_point("after_history")
+    try:
+        if entry["to_version"] is None:
+            client.delete_registered_model_alias(name, entry["alias"])
+        else:
+            client.set_registered_model_alias(name, entry["alias"], entry["to_version"])
+    except BaseException:
+        try:
+            _set_entry(client, name, key, {**entry, "state": "aborted"})
+        except Exception:
+            pass  # repair() settles it from the alias itself
+        raise
+    fault_point("after_alias")
+    entry = {**entry, "state": "done"}
+    _set_entry(client, name, key, entry)
+    return entry
+
+
+def move_alias(client, name: str, alias: str, version: str, reason: str, run_id: str | None = None,
+               kind: str = "move") -> dict[str, Any]:  # fmt: skip
+    """Point ``alias`` at ``version``, recorded ahead in the history (see the module doc)."""
+    previous = alias_version(client, name, alias)
+    return _apply(client, name, _entry(alias, previous, version, reason, run_id, kind))
+
+
+def remove_alias(client, name: str, alias: str, reason: str, run_id: str | None = None) -> dict[str, Any] | None:
+    """Clear ``alias`` (if set), recorded like a move (``to_version`` null)."""
+    previous = alias_version(client, name, alias)
+    if previous is None:
+        return None
+    return _apply(client, name, _entry(alias, previous, None, reason, run_id, "removal"))
+
+
+def champion_stack(moves: list[dict[str, Any]]) -> list[str]:
+    """The champions in order, as rollbacks see them: a promotion pushes its version, a
+    rollback pops the one it replaced. The last element is the current champion, the one
+    before it is where a rollback goes (never forward to a model rolled back from)."""
+    stack: list[str] = []
+    for h in moves:
+        if h["alias"] != CHAMPION or h.get("state", "done") != "done":
+            continue
+        if h.get("kind") == "rollback":
+            if stack:
+                stack.pop()
+        elif h["to_version"] is None:
+            stack.clear()
+        else:
+            stack.append(h["to_version"])
+    return stack
+
+
+def repair(client, name: str, min_age_seconds: float = 0.0) -> list[str]:
+    """Finish or undo what a killed registration or alias move left behind; return one
+    line per repair. Leftovers younger than ``min_age_seconds`` are left alone: a caller
+    that cannot rule out a registration under way (``graft status`` beside a plain
+    ``dvc repro``) passes a few minutes; ``register`` itself, which the project's locks
+    serialise, passes 0."""
+    now = time.time()
+    repaired = []
+    for key, entry in _history_tags(client, name):
+        if entry.get("state", "done") != "intended":
+            continue
+        if now - datetime.fromisoformat(entry["time"]).timestamp() < min_age_seconds:
+            continue
+        current = alias_version(client, name, entry["alias"])
+        moved = (str(current.version) if current else None) == entry["to_version"]
+        _set_entry(client, name, key, {**entry, "state": "done" if moved else "aborted"})
+        what = f"{entry['alias']} v{entry['from_version'] or '-'} -> v{entry['to_version'] or '-'}"
+        repaired.append(f"alias move {what}: " + ("it happened; recorded as done" if moved else "it never happened; recorded as aborted"))
+    done = history(client, name, done_only=True)
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get(STATE_TAG) != "pending" or now - mv.creation_timestamp / 1000 < min_age_seconds:
+            continue
+        version = str(mv.version)
+        if any(h["to_version"] == version for h in done):
+            client.set_model_version_tag(name, version, STATE_TAG, "ready")
+            repaired.append(f"v{version}: its alias was set before the interruption; marked ready")
+        else:
+            client.delete_model_version(name, version)
+            repaired.append(f"v{version}: registration was interrupted before its alias was set; version deleted")
+    return repaired
+
+
+def wait_until_ready(client, name: str, version: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        mv = client.get_model_version(name, version)
+        if mv.status == "READY":
+            return mv
+        if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise GraftError(f"model version {name} v{version} did not become ready (status {mv.status})")
+        time.sleep(0.5)

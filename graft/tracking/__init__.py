@@ -1,0 +1,1 @@
+"""Tracking: where MLflow runs go and what every run carries."""

@@ -1,0 +1,724 @@
+"""Stage ``fine_tune``: train the new head (and, by mode, part or all of the backbone).
+
+Transfer modes:
+
+- ``feature_extraction``: the backbone is frozen, BatchNorm statistics included; its
+  pooled features (for texts: mean-pooled sentence embeddings) are computed once and
+  cached, so each epoch trains only the head on cached features (no augmentation: the
+  cache is of un-augmented samples);
+- ``partial``: the first ``frozen_groups`` layer groups stay frozen (images: the stem,
+  then timm's blocks; texts: the embeddings, then the transformer layers), the rest and
+  the head train;
+- ``full``: everything trains.
+
+Optionally the head trains alone for ``head_epochs`` first (gradual unfreezing), and
+earlier layer groups get smaller learning rates (``lr_decay``, discriminative LRs).
+With a teacher (the ``teach`` stage, ``distill`` in params.yaml) the loss is knowledge
+distillation's: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)``,
+the teacher's logits cached for the un-augmented training samples (:func:`distillation_loss`).
+
+Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG state,
+history); a rerun with the same inputs resumes from it and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from graft.base import distributed, fsio
+from graft.base.arrays import NpyReader, NpyWriter
+from graft.base.errors import GraftError, fault_point, progress
+from graft.base.threads import ThreadSizer
+from graft.config.params import load_section
+from graft.models import modeling
+
+# Levers that change a training image's pixels: images only, and not on cached features.
+PIXEL_LEVERS = ("mixup_alpha", "cutmix_alpha", "erase_prob", "randaug_ops")
+
+
+def pixel_names(keys: list[str]) -> str:
+    return " and ".join(f"fine_tune.{k}" for k in keys)
+
+
+@dataclass(frozen=True)
+class FineTuneParams:
+    mode: Literal["feature_extraction", "partial", "full"]
+    epochs: int  # upper bound; early stopping may end sooner
+    batch_size: int
+    lr: float  # peak learning rate of the head (after warm-up)
+    weight_decay: float  # AdamW's decoupled decay
+    warmup_epochs: float  # linear warm-up, then cosine decay to zero
+    label_smoothing: float
+    patience: int  # epochs without a better validation accuracy before stopping
+    seed: int
+    frozen_groups: int = 0  # partial: leading layer groups kept frozen (group 0: stem / embeddings)
+    head_epochs: int = 0  # gradual unfreezing: epochs that train the head alone first
+    lr_decay: float = 1.0  # discriminative LRs: group k below the head gets lr * lr_decay**k
+    hflip: bool = True  # images: augmentation by random horizontal flip
+    crop_padding: int = 0  # images: augmentation by a random crop after padding by this many pixels
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    channels_last: bool = True  # 1.5 to 2.7 times faster on CPU (stack-notes.md)
+    eval_batch_size: int = 256  # predictions per batch: validation here, the test split in evaluate
+    nproc: int = 1  # processes (ranks) under torchrun with DistributedDataParallel; batch_size stays the global batch
+    sync_batchnorm: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
+    ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights (0.999, say)
+    min_image_size: int | None = None  # images: progressive resizing, the first epoch at this size, growing to full
+    tta: str = "none"  # none | a test-time view of the modality (images: hflip), saved with the model
+    mixup_alpha: float = 0.0  # images: >0 blends each training image with another, weight ~ Beta(a, a)
+    cutmix_alpha: float = 0.0  # images: >0 pastes a box of another image, area ~ Beta(a, a); both >0: one per batch
+    erase_prob: float = 0.0  # images: each training image gets a random box of noise with this probability
+    randaug_ops: int = 0  # images: RandAugment, this many random ops per training image (timm's); 0 = off
+    randaug_magnitude: int = 9  # their strength on timm's scale, 0 to 10 (drawn around it, std 0.5)
+
+    def validate(self) -> None:
+        checks = {  # key: (valid, what is)
+            "epochs": (self.epochs >= 1, "1 or more"), "batch_size": (self.batch_size >= 1, "1 or more"),
+            "lr": (self.lr > 0, "above 0"), "patience": (self.patience >= 1, "1 or more"),
+            "frozen_groups": (self.frozen_groups >= 0, "0 or more"), "head_epochs": (self.head_epochs >= 0, "0 or more"),
+            "lr_decay": (0 < self.lr_decay <= 1, "above 0, at most 1"),
+            "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"), "crop_padding": (self.crop_padding >= 0, "0 or more"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "0 or more, below 1"),
+            "eval_batch_size": (self.eval_batch_size >= 1, "1 or more"), "nproc": (self.nproc >= 1, "1 or more"),
+            "ema_decay": (0 <= self.ema_decay < 1, "0 (off) or more, below 1"),
+            "min_image_size": (self.min_image_size is None or self.min_image_size >= 8, "null (off) or 8 or more"),
+            "mixup_alpha": (self.mixup_alpha >= 0, "0 (off) or more"), "cutmix_alpha": (self.cutmix_alpha >= 0, "0 (off) or more"),
+            "erase_prob": (0 <= self.erase_prob <= 1, "0 to 1"),
+            "randaug_ops": (0 <= self.randaug_ops <= 10, "0 (off) to 10"),
+            "randaug_magnitude": (0 <= self.randaug_magnitude <= 10, "0 to 10"),
+        }  # fmt: skip
+        for key, (ok, allowed) in checks.items():
+            if not ok:
+                raise GraftError(f"params.yaml: fine_tune.{key} has an invalid value: {getattr(self, key)!r} (allowed: {allowed})")
+        pixel = self.pixel_levers()
+        if self.mode == "feature_extraction" and pixel:
+            raise GraftError(f"params.yaml: {pixel_names(pixel)} {'need' if len(pixel) > 1 else 'needs'} mode partial or "
+                             "full: feature_extraction trains the head on cached features of the unaugmented samples; "
+                             f"set {'them' if len(pixel) > 1 else 'it'} to 0")  # fmt: skip
+
+    def pixel_levers(self) -> list[str]:
+        """The keys of :data:`PIXEL_LEVERS` this run sets."""
+        return [k for k in PIXEL_LEVERS if getattr(self, k)]
+
+
+@dataclass
+class Split:
+    x: Any  # encoded samples, indexable like an array: an NpyReader (on disk) or an ndarray
+    y: np.ndarray  # int64 (N,)
+
+
+@dataclass
+class Distillation:
+    """A teacher's logits for the training split (N, M teachers, C), in the split's order,
+    and the student's distillation hyperparameters."""
+
+    logits: Any  # an NpyReader (on disk) or an ndarray
+    temperature: float
+    alpha: float
+
+
+def distillation_loss(logits, teacher_logits, y, temperature: float, alpha: float, label_smoothing: float = 0.0):
+    """Hinton et al.'s loss: ``alpha * T^2 * KL(p_teacher || p_student)`` at temperature T,
+    plus ``(1 - alpha)`` times the labels' cross-entropy (with the run's label smoothing).
+
+    ``teacher_logits`` is (B, M, C): an ensemble's members are averaged as probabilities at
+    temperature T. The T^2 keeps the soft term's gradients at the same scale whatever T."""
+    import torch.nn.functional as F
+
+    t = temperature
+    target = (teacher_logits.float() / t).softmax(-1).mean(1)
+    soft = F.kl_div(F.log_softmax(logits.float() / t, -1), target, reduction="batchmean")
+    hard = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    return alpha * t * t * soft + (1 - alpha) * hard
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_accuracy: float
+    best_state: dict[str, Any]
+    stopped_early: bool
+    resumed_from: int | None = None
+    parameters: dict[str, int] = field(default_factory=dict)
+
+
+# --- freezing and parameter groups ---------------------------------------------------------
+
+
+def layer_groups(model) -> list[list[tuple[str, Any]]]:
+    """The model's parameters in timm's coarse layer groups, input side first; the last
+    group is the classifier head."""
+    from timm.models import group_parameters
+
+    named = dict(model.named_parameters())
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    backbone = [[(n, named[n]) for n in names if id(named[n]) not in head] for _, names in sorted(groups.items())]
+    backbone = [g for g in backbone if g]
+    return [*backbone, [(n, p) for n, p in named.items() if id(p) in head]]
+
+
+def trainable_groups(n_groups: int, mode: str, frozen_groups: int) -> list[int]:
+    """Indices of the groups that train in ``mode`` once unfrozen (the head is last)."""
+    head = n_groups - 1
+    if mode == "feature_extraction":
+        return [head]
+    if mode == "full":
+        return list(range(n_groups))
+    if frozen_groups >= head:
+        raise GraftError(
+            f"params.yaml: fine_tune.frozen_groups={frozen_groups} freezes the whole backbone "
+            f"({head} groups); use mode feature_extraction, or a value below {head}"
+        )
+    return list(range(frozen_groups, n_groups))
+
+
+def set_trainable(groups, active: list[int]) -> None:
+    for i, group in enumerate(groups):
+        for _, p in group:
+            p.requires_grad_(i in active)
+
+
+def freeze_batchnorm_stats(model) -> None:
+    """Put every BatchNorm whose parameters are frozen in eval mode, so its running
+    statistics stay the pretrained ones (call after ``model.train()``)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+def optimizer_groups(groups, active: list[int], p: FineTuneParams) -> list[dict[str, Any]]:
+    """One AdamW group per layer group that trains: head at ``lr``, each group below it
+    at ``lr * lr_decay**depth``. Biases and norm weights get no weight decay."""
+    head = len(groups) - 1
+    out = []
+    for i in active:
+        lr = p.lr * p.lr_decay ** (head - i)
+        decay = [t for n, t in groups[i] if t.ndim > 1]
+        no_decay = [t for n, t in groups[i] if t.ndim <= 1]
+        for params, wd, kind in ((decay, p.weight_decay, "w"), (no_decay, 0.0, "b")):
+            if params:
+                out.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"group{i}_{kind}"})
+    return out
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return f
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (parameters and BatchNorm
+    statistics), updated after every optimizer step: the averaged model generalises
+    better than the last step's, most of all at the end of a short schedule.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the
+    average forgets the pretrained starting point within a few hundred steps instead of
+    the thousands ``decay`` alone would take (TensorFlow's and timm's convention)."""
+
+    def __init__(self, model, decay: float):
+        import copy
+
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        for t in self.model.parameters():
+            t.requires_grad_(False)
+
+    def update(self, model) -> None:
+        import torch
+
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            avg, cur = self.model.state_dict(), model.state_dict()
+            floats = [k for k, v in avg.items() if v.is_floating_point()]
+            torch._foreach_lerp_([avg[k] for k in floats], [cur[k].detach() for k in floats], 1.0 - d)
+            for k, v in avg.items():
+                if not v.is_floating_point():
+                    v.copy_(cur[k])  # counters (BatchNorm's batches seen): the live model's
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+def progressive_size(p: FineTuneParams, epoch: int, full: int) -> int:
+    """The input size of ``epoch`` under progressive resizing: ``min_image_size`` at the
+    first epoch, growing linearly to the prepared size at the last, in steps of 8 pixels
+    (what the networks' strides divide evenly); validation and testing stay at full size."""
+    low = min(p.min_image_size or full, full)
+    frac = epoch / (p.epochs - 1) if p.epochs > 1 else 1.0  # a single epoch trains at full size
+    return min(full, max(low, int(round((low + (full - low) * frac) / 8)) * 8))
+
+
+def with_tta(cfg: modeling.ModelConfig, tta: str) -> modeling.ModelConfig:
+    """The model's config with its test-time augmentation, saved in model.json so that
+    evaluate, the promotion gate and the registered pyfunc predict the same way."""
+    from dataclasses import replace
+
+    return replace(cfg, input={**cfg.input, "tta": tta}) if tta != "none" else cfg
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
+    """Shuffle and augmentation randomness of one epoch depend only on (seed, epoch), so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(n), rng
+
+
+# --- the training loop ---------------------------------------------------------------------
+
+
+def _features(model, x, cfg, device, p: FineTuneParams, desc: str, path: Path):
+    """Pooled backbone features (N, F) in eval mode, written to ``path`` as they come and
+    read back a batch at a time: the feature-extraction cache, on disk like the data.
+
+    Computed at the training batch size, not eval_batch_size: on the 2-core CPU the
+    backbone ran 890 to 1,190 images/s at 64 images a batch and 690 to 760 at 256 (the
+    activations outgrow the cache). Validation keeps eval_batch_size: its rounding
+    decides ties between epochs, so changing it would change the default run's model."""
+    import torch
+
+    model.eval()
+    writer = None
+    with torch.inference_mode():
+        for s in progress(range(0, len(x), p.batch_size), desc=desc, unit="batch"):
+            inp = modeling.to_input(x[s : s + p.batch_size], cfg, device, p.channels_last)
+            f = model.forward_head(model.forward_features(inp), pre_logits=True).float().cpu().numpy()
+            if writer is None:
+                writer = NpyWriter(path, np.float32, (len(x), *f.shape[1:]))
+            writer.write(s, f)
+    writer.close()
+    return NpyReader(path)
+
+
+def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -> tuple[float, float, float]:
+    """Validation loss, negative log-likelihood and accuracy.
+
+    The loss is the training objective, cross-entropy with the same label smoothing, so
+    the train and val curves measure the same thing (train still differs by augmentation
+    and dropout, which the chart says). The NLL (no smoothing, a proper scoring rule)
+    breaks ties in accuracy when choosing the best epoch, as it always has: a chart's
+    fix must not change which model ships."""
+    import torch
+    import torch.nn.functional as F
+
+    if feats is not None:
+        with torch.inference_mode():
+            model.eval()
+            head = model.get_classifier()
+            logits = torch.cat([head(torch.from_numpy(feats[s : s + p.eval_batch_size]).to(device)).float()
+                                for s in range(0, len(feats), p.eval_batch_size)])  # fmt: skip
+            y = torch.from_numpy(split.y).to(device)
+            loss = F.cross_entropy(logits, y, label_smoothing=p.label_smoothing).item()
+            return loss, F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    probs = modeling.predict_proba(model, split.x, cfg, device, p.eval_batch_size, p.channels_last)
+    return (smoothed_cross_entropy(probs, split.y, p.label_smoothing), smoothed_cross_entropy(probs, split.y, 0.0),
+            float((probs.argmax(1) == split.y).mean()))  # fmt: skip
+
+
+def smoothed_cross_entropy(probs: np.ndarray, y: np.ndarray, smoothing: float) -> float:
+    """Mean cross-entropy against labels smoothed like ``F.cross_entropy(label_smoothing=)``:
+    (1 - s) on the true class's log-probability plus s spread evenly over all classes."""
+    logp = np.log(np.clip(probs, 1e-12, None))
+    nll = -logp[np.arange(len(y)), y]
+    uniform = -logp.mean(1)
+    return float(((1 - smoothing) * nll + smoothing * uniform).mean())
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def train(
+    model,
+    cfg: modeling.ModelConfig,
+    train_split: Split,
+    val_split: Split,
+    p: FineTuneParams,
+    checkpoint: Path | None = None,
+    run_key: str = "",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+    distill: Distillation | None = None,
+    threads: ThreadSizer | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` in place; the pure core of the stage (no params file, no MLflow).
+
+    ``checkpoint`` is rewritten atomically after every epoch; if it exists and was made
+    with the same ``run_key``, training resumes from it; ``checkpoint_extra`` is stored in
+    it as is (the MLflow run id, say). ``on_epoch`` receives each epoch's record (for
+    logging); if it raises, training stops after the checkpoint. ``distill``: train on a
+    teacher's soft labels as well as the labels (:func:`distillation_loss`). ``threads``:
+    re-sizes torch's thread pool between batches to the CPUs other processes leave free.
+    ``on_step(step, loss)``: each optimizer step's loss over the whole (global) batch, on
+    rank 0.
+
+    Under torchrun (``graft.base.distributed``) every rank calls this with the same arguments:
+    each trains on its slice of every batch, rank 0 alone validates and writes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    rk = distributed.current()
+    torch.manual_seed(p.seed + rk.rank)  # rank 0 draws what a single process draws
+    device = modeling.resolve_device(p.device)
+    if rk.distributed and device.type == "cuda":
+        device = torch.device("cuda", rk.local)  # one GPU per rank on its node
+    if rk.distributed and p.mode == "feature_extraction":
+        raise GraftError("fine_tune: feature_extraction trains the head on cached features in one process; "
+                         "set fine_tune.nproc to 1 for it")  # fmt: skip
+    if rk.distributed and p.sync_batchnorm:
+        if device.type != "cuda":
+            raise GraftError("params.yaml: fine_tune.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU "
+                             "kernel); on CPU leave it false: each rank normalises with its own slice's statistics")  # fmt: skip
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # same parameter and buffer names: it saves as the plain model
+    modeling.check_tta(cfg.kind, p.tta, "params.yaml: fine_tune.tta")
+    cfg = with_tta(cfg, p.tta)  # validation predicts as the shipped model will
+    distributed.init(rk, device)
+    model.to(device)
+    if p.channels_last:
+        model.to(memory_format=torch.channels_last)
+    groups = layer_groups(model)
+    active = trainable_groups(len(groups), p.mode, p.frozen_groups)
+    head_only = [len(groups) - 1]
+    set_trainable(groups, active)
+    optimizer = torch.optim.AdamW(optimizer_groups(groups, active, p))
+    steps_per_epoch = math.ceil(len(train_split.y) / p.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch))
+    )
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    ema = WeightAverage(model, p.ema_decay) if p.ema_decay else None
+
+    history: list[dict[str, Any]] = []
+    start, best_acc, best_loss, best_epoch, bad_epochs = 0, -1.0, math.inf, -1, 0
+    best_state: dict[str, Any] = {}
+    resumed_from = None
+    if rk.distributed:
+        ck = distributed.broadcast_checkpoint(checkpoint, rk) or {}
+    else:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint and checkpoint.is_file() else {}
+    if ck:
+        if ck.get("run_key") == run_key:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
+            # Each rank's own RNG state where the checkpoint has it (a checkpoint of another
+            # world size, or older than graft's torchrun, has rank 0's alone).
+            rngs = ck.get("torch_rng_ranks") or []
+            torch.set_rng_state(rngs[rk.rank] if rk.distributed and rk.rank < len(rngs) else ck["torch_rng"])
+            history, best_state = ck["history"], ck["best_state"]
+            best_acc, best_loss, best_epoch, bad_epochs = ck["best_acc"], ck["best_loss"], ck["best_epoch"], ck["bad_epochs"]
+            start = resumed_from = ck["epoch"] + 1
+            if rk.leader:
+                print(f"fine_tune: resuming after epoch {ck['epoch'] + 1} from {checkpoint}")
+    if history and bad_epochs >= p.patience:
+        start = p.epochs  # the interrupted run had already stopped early
+
+    cached = None
+    cache_dir = None
+    if p.mode == "feature_extraction" and start < p.epochs:
+        t0 = time.perf_counter()
+        # Beside the checkpoint (on disk; the system temp folder may be RAM), gone with train().
+        where = checkpoint.parent if checkpoint is not None else None
+        if where is not None:
+            where.mkdir(parents=True, exist_ok=True)
+            for stale in where.glob(".graft-features-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+        cache_dir = tempfile.TemporaryDirectory(prefix=".graft-features-", dir=where)
+        cached = (
+            _features(model, train_split.x, cfg, device, p, "caching train features", Path(cache_dir.name) / "train.npy"),
+            _features(model, val_split.x, cfg, device, p, "caching val features", Path(cache_dir.name) / "val.npy"),
+        )
+        cache_seconds = time.perf_counter() - t0
+    stopped_early = False
+    net, wrapped_for = model, None  # what the batches go through: the model, or its DDP wrapper
+    for epoch in range(start, p.epochs):
+        t0 = time.perf_counter()
+        unfrozen = active if epoch >= p.head_epochs else head_only
+        set_trainable(groups, unfrozen)
+        if rk.distributed and wrapped_for != unfrozen:
+            # DDP fixes the parameters it synchronises when it is built: a new wrapper when
+            # gradual unfreezing changes them (every rank at the same epoch).
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = None
+            net = DistributedDataParallel(model, device_ids=[rk.local] if device.type == "cuda" else None)
+            wrapped_for = unfrozen
+        model.train()
+        freeze_batchnorm_stats(model)
+        order, rng = epoch_order(len(train_split.y), p.seed, epoch)
+        size = None  # progressive resizing: this epoch's input size, known from the first batch
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch", leave=False,
+                       disable=not rk.leader)  # fmt: skip
+        for b in bar:
+            idx = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
+            # Under torchrun: this rank's slice of the global batch (all of it otherwise).
+            part, weight = distributed.shard(len(idx), rk) if rk.distributed else (slice(None), 1.0)
+            y = torch.from_numpy(train_split.y[idx][part]).to(device)
+            mixed = None  # mixup / CutMix: (each sample's partner in the batch, the weight of its own label)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                if cached is not None:
+                    feats = torch.from_numpy(cached[0][idx]).to(device)
+                    drop = getattr(model, "drop_rate", 0.0)
+                    logits = model.get_classifier()(F.dropout(feats, p=drop, training=True))
+                else:
+                    # The whole batch is augmented on every rank, then sliced: the same
+                    # random flips and crops as one process, whatever the world size.
+                    # Mixed before slicing, too: a sample's partner may be on another rank.
+                    batch, mixed = cfg.kind.mix(cfg.kind.augment(train_split.x[idx], rng, p), rng, p)
+                    batch = batch[part]
+                    inp = modeling.to_input(batch, cfg, device, p.channels_last)
+                    if p.min_image_size is not None:
+                        size = progressive_size(p, epoch, inp.shape[-1])
+                        inp = cfg.kind.rescale(inp, size)
+                    logits = net(inp)
+                # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
+                # leave its prediction nearly unchanged, and it costs no teacher forward.
+                teacher = np.asarray(distill.logits[idx]) if distill is not None else None
+                partner = None if mixed is None else torch.from_numpy(train_split.y[idx][mixed[0]][part]).to(device)
+
+                def criterion(labels, order=slice(None)):  # against the labels (and teachers) of batch[order]
+                    if teacher is None:
+                        return F.cross_entropy(logits.float(), labels, label_smoothing=p.label_smoothing)
+                    soft = torch.from_numpy(teacher[order][part]).to(device)
+                    return distillation_loss(logits, soft, labels, distill.temperature, distill.alpha, p.label_smoothing)
+
+                # A mixed sample's target is the same mix of both samples' targets; the
+                # losses are linear in the target, so it is the same mix of both losses.
+                loss = criterion(y) if mixed is None else mixed[1] * criterion(y) + (1 - mixed[1]) * criterion(partner, mixed[0])
+            if not torch.isfinite(loss):
+                # One NaN poisons every weight it reaches: stop before the step, save nothing.
+                raise GraftError(
+                    f"fine_tune: the training loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}: training "
+                    f"diverged. The usual cause is a learning rate too high (fine_tune.lr = {p.lr:g}); lower it, e.g. "
+                    f"`graft run --set fine_tune.lr={p.lr / 10:g}`. No model was saved."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            if threads is not None:
+                threads.step()
+            if weight:  # a zero-weight stand-in sample counts for nothing
+                total_loss += loss.item() * len(y)
+                hits = logits.argmax(1)
+                if mixed is None:
+                    correct += int((hits == y).sum())
+                else:  # against the mixed target: each label at its weight in it
+                    correct += mixed[1] * float((hits == y).sum()) + (1 - mixed[1]) * float((hits == partner).sum())
+                seen += len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if on_step is not None:
+                step_loss = loss.item()
+                if rk.distributed:  # the global batch's mean: the slices' sums over their sizes
+                    import torch.distributed as dist
+
+                    sums = torch.tensor([step_loss * len(y) * (weight > 0), len(y) * (weight > 0)], dtype=torch.float64)
+                    dist.all_reduce(sums)
+                    step_loss = float(sums[0] / sums[1])
+                if rk.leader:
+                    on_step(epoch * steps_per_epoch + b + 1, step_loss)
+            fault_point(f"fine_tune_rank{rk.rank}_epoch{epoch + 1}_batch{b + 1}")  # the kill tests' mid-epoch point
+        train_seconds = time.perf_counter() - t0
+        if rk.distributed:  # the epoch's training loss and accuracy over every rank's slices
+            import torch.distributed as dist
+
+            sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+            dist.all_reduce(sums)
+            total_loss, correct = float(sums[0]), float(sums[1])
+        # Rank 0 validates (its BatchNorm statistics are the ones DDP spreads) and every
+        # rank takes its verdict, so they all stop at the same epoch.
+        shipped = ema.model if ema is not None else model  # what validation judges is what ships
+        # Cached features are of the plain samples: with test-time views, the backbone runs.
+        feats = cached[1] if cached and p.tta == "none" else None
+        val = _evaluate(shipped, val_split, cfg, device, p, feats) if rk.leader else None
+        val_loss, val_nll, val_acc = distributed.broadcast(val, rk)
+        counts = modeling.count_parameters(model)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / len(train_split.y),
+            "train_accuracy": correct / len(train_split.y),
+            "val_loss": val_loss,
+            "val_nll": val_nll,
+            "val_accuracy": val_acc,
+            "epoch_seconds": time.perf_counter() - t0,
+            "samples_per_second": len(train_split.y) / train_seconds,
+            "trainable_parameters": counts["trainable"],
+            "frozen_parameters": counts["frozen"],
+            "threads": torch.get_num_threads(),  # at the epoch's end: throughput is read against it
+        }
+        if size:
+            record["image_size"] = size
+        for g in optimizer.param_groups:  # one learning rate per layer group
+            record.setdefault(f"lr_{g['name'].rsplit('_', 1)[0]}", g["lr"])
+        if cached is not None and epoch == start:
+            record["feature_cache_seconds"] = cache_seconds
+        history.append(record)
+        if val_acc > best_acc or (val_acc == best_acc and val_nll < best_loss):
+            best_acc, best_loss, best_epoch, bad_epochs = val_acc, val_nll, epoch + 1, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in shipped.state_dict().items()}
+        else:
+            bad_epochs += 1
+        if rk.leader:
+            print(
+            f"epoch {epoch + 1}/{p.epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {record['samples_per_second']:.0f} samples/s, "
+            f"{record['epoch_seconds']:.1f}s, {counts['trainable']:,} trainable",
+            flush=True,
+            )  # fmt: skip
+        rngs = distributed.gather(torch.get_rng_state(), rk)  # every rank's, for an exact resume
+        if checkpoint is not None and rk.leader:
+            state = {
+                "run_key": run_key, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "torch_rng_ranks": rngs, "history": history, "best_state": best_state,
+                "best_acc": best_acc, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                **({"ema": ema.state_dict()} if ema is not None else {}), **(checkpoint_extra or {}),
+            }  # fmt: skip
+            with fsio.atomic_path(checkpoint) as tmp:
+                torch.save(state, tmp)
+        if on_epoch is not None and rk.leader:
+            on_epoch(record)
+        if bad_epochs >= p.patience:
+            stopped_early = True
+            if rk.leader:
+                print(f"fine_tune: no better validation accuracy for {p.patience} epochs; stopping early")
+            break
+    if cache_dir is not None:
+        cached = None
+        cache_dir.cleanup()
+    if not best_state:
+        raise GraftError("fine_tune: no epoch completed")
+    model.load_state_dict(best_state)
+    set_trainable(groups, active)
+    return TrainResult(history, best_epoch, best_acc, best_state, stopped_early, resumed_from,
+                       modeling.count_parameters(model))
+
+
+# --- outputs and the thin main -------------------------------------------------------------
+
+
+def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smoothing: float = 0.0,
+                         distilled: bool = False) -> None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style, label in (("train", "-o", "train (augmented batches, dropout on)"), ("val", "-s", "val")):
+        ax1.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=label)
+        ax2.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=label)
+    smoothing = f", label smoothing {label_smoothing:g}" if label_smoothing else ""
+    # A student's training loss is the distillation objective; validation stays cross-entropy.
+    what = f"train: distillation objective; val: cross-entropy{smoothing}" if distilled else f"cross-entropy{smoothing}"
+    ax1.set(title=f"loss ({what})", xlabel="epoch")
+    ax2.set(title="accuracy", xlabel="epoch")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("fine_tune: learning curves")
+    fig.tight_layout()
+    with fsio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
+    keys = ["epoch", "train_loss", "val_loss", "val_nll", "train_accuracy", "val_accuracy", "epoch_seconds",
+            "samples_per_second"]  # fmt: skip
+    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k]) for k in keys) for h in history]
+    fsio.write_text(path, "\n".join(lines) + "\n")
+
+
+def epoch_logger(mlflow) -> Callable[[dict[str, Any]], None]:
+    def log_epoch(record: dict[str, Any]) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+    return log_epoch
+
+
+def resumed_logging(run_id: str, history: list[dict[str, Any]], parent: str | None) -> None:
+    """A training resumed from its checkpoint: log the epochs the tracking server never
+    received (it was down, or the process died between checkpoint and logging), and move
+    the run under this pipeline run's parent, saying where it started."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
+    missing = [h for h in history if h["epoch"] not in logged]
+    for record in missing:
+        epoch_logger(mlflow)(record)
+    if missing:
+        print(f"fine_tune: logged {len(missing)} epoch(s) of metrics that had not reached the tracking server")
+    first = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if parent and first != parent:
+        client.set_tag(run_id, "mlflow.parentRunId", parent)
+        client.set_tag(run_id, "graft.resumed", f"training started under parent run {first or 'none'}, "
+                                                f"resumed from its checkpoint under {parent}")  # fmt: skip
+
+
+TEACHER_KEYS = ("reference", "model_name", "version", "run_id", "training_run_id", "model_dir", "architecture",
+                "weights_sha256")  # what a student's model.json keeps of each teacher
+
+
+def load_distillation(teacher_dir: Path, prepared: Path, params_path: Path) -> tuple[Distillation | None, list[dict[str, Any]]]:
+    """The teach stage's soft labels, checked against this training split, with the
+    distill params; (None, []) when there is no teacher."""
+    from graft.training import teacher as teach
+
+    info, logits_path = teach.read(teacher_dir)
+    if logits_path is None:
+        return None, []
+    p = load_section(teach.DistillParams, "distill", params_path)
+    if info.get("train_ids_sha256") != fsio.sha256_file(prepared / "train_ids.npy"):
+        raise GraftError(f"{teacher_dir}: the teacher's soft labels are for other training samples than {prepared}; "
+                         "rerun the teach stage (`dvc repro teach`)")  # fmt: skip
+    logits = NpyReader(logits_path)
+    if logits.shape[0] != info["samples"]:
+        raise GraftError(f"{logits_path}: {logits.shape[0]} rows, teacher.json says {info['samples']}; rerun teach")
+    teachers = [{k: t[k] for k in TEACHER_KEYS if k in t} for t in info["teachers"]]
+    return Distillation(logits, p.temperature, p.alpha), teachers
