@@ -27,7 +27,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: help setup data text-data mnist-data postgres browser sshd run run-text test bench bench-gpu clean servers servers-stop
+.PHONY: lint help setup data text-data mnist-data postgres browser sshd run run-text test bench bench-gpu clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -104,7 +104,11 @@ run-text: setup  ## the text run: fresh vs rotten reviews, MiniLM fine-tuned (gr
 # part serially.
 TEST_WORKERS ?= 2
 
-test: setup postgres browser sshd  ## set up, then run the whole test suite (slow integration tests included)
+lint: $(STAMP)  ## ruff, and the import-linter contract that keeps the library's layers (pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: setup postgres browser sshd lint  ## set up, then run the whole test suite (slow integration tests included)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"
 	$(BIN)/python -m pytest -m serial
 

@@ -211,7 +211,7 @@ def _write_overrides(root: Path, overrides: list[str], logger) -> None:
     dvc.lock and the MLflow run record exactly what was used."""
     if not overrides:
         return
-    from graft.config.params import write_overrides
+    from graft.overrides import write_overrides
 
     write_overrides(root / "params.yaml", overrides)
     logger.info("params.yaml updated: %s", ", ".join(overrides))

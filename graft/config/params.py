@@ -185,41 +185,6 @@ SECTION_TYPES = {
 }
 
 
-def check_all(params: dict[str, Any]) -> None:
-    """Parse every known section, then check that the backbone suits the data's modality
-    (a text source with an image backbone, say); raise ParamsError naming the first bad key."""
-    from graft.base.errors import GraftError
-
-    parsed = {}
-    for section in SECTION_TYPES:
-        cls = section_type(section)
-        if section not in params:
-            raise ParamsError(f"params.yaml: missing section '{section}'")
-        try:
-            parsed[section] = parse(cls, params[section], section)
-        except GraftError as e:
-            raise ParamsError(str(e)) from None
-    try:
-        parsed["ingest"].modality.check_backbone(parsed["load_pretrained"])
-    except GraftError as e:
-        raise ParamsError(f"{e} (ingest.source {parsed['ingest'].source} is {parsed['ingest'].modality.SAMPLES}; "
-                          "`graft run --preset text` or `--preset image` sets every key a modality needs)") from None
-    from graft.models import modeling
-
-    try:
-        modeling.check_tta(parsed["ingest"].modality, parsed["fine_tune"].tta, "params.yaml: fine_tune.tta")
-    except GraftError as e:
-        raise ParamsError(str(e)) from None
-    ft, modality = parsed["fine_tune"], parsed["ingest"].modality
-    pixel_keys = ft.pixel_levers()
-    if pixel_keys and not modality.MIXABLE:
-        from graft.training.fine_tune import pixel_names
-
-        raise ParamsError(f"params.yaml: {pixel_names(pixel_keys)} {'are' if len(pixel_keys) > 1 else 'is'} for images, and "
-                          f"ingest.source {parsed['ingest'].source} is {modality.SAMPLES}; "
-                          f"set {'them' if len(pixel_keys) > 1 else 'it'} to 0")  # fmt: skip
-
-
 PRESETS = Path("presets")
 
 
@@ -236,40 +201,3 @@ def preset_overrides(name: str, root: str | Path = ".") -> list[str]:
         raise ParamsError(f"{path}: expected sections of keys, like params.yaml")
     return [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix(chr(10) + '...').strip()}"
             for section, keys in data.items() for key, value in keys.items()]  # fmt: skip
-
-
-def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``params`` with ``section.key=value`` overrides applied and checked."""
-    import copy
-
-    out = copy.deepcopy(params)
-    for assignment in overrides:
-        set_override(out, assignment)
-    check_all(out)
-    return out
-
-
-def write_overrides(path: str | Path, overrides: list[str]) -> dict[str, Any]:
-    """Check ``overrides`` against every stage's types, then write them into the params
-    file, keeping its comments and layout (a round trip through ruamel.yaml, as DVC does)."""
-    import io
-
-    from ruamel.yaml import YAML
-
-    path = Path(path)
-    checked = apply_overrides(read_params(path), overrides)
-    rt = YAML()
-    rt.preserve_quotes = True
-    # ruamel writes None as an empty value; keep the file's explicit `null`s.
-    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = rt.load(path.read_text(encoding="utf-8"))
-    for assignment in overrides:
-        dotted, raw = assignment.split("=", 1)
-        name, key = dotted.strip().split(".")
-        doc[name][key] = parse_value(raw)
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    from graft.base.fsio import write_text
-
-    write_text(path, buf.getvalue())
-    return checked

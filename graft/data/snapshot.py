@@ -14,7 +14,6 @@ Samples that cannot be decoded are kept and recorded with their error, so that
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -26,12 +25,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from graft.base import fsio
 from graft import modalities
-from graft.data import sources
+from graft.base import fsio
 from graft.base.errors import GraftError, progress
-from graft.stage import stage_main
-from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.data import sources
 from graft.modalities import Candidate
 
 if TYPE_CHECKING:  # imported where used: graft.config.params.SECTION_TYPES says why

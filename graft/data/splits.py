@@ -13,7 +13,6 @@ backbone's config.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -22,11 +21,9 @@ import numpy as np
 
 from graft.base import fsio
 from graft.base.arrays import NpyReader, NpyWriter
-from graft.models.backbone import LoadPretrainedParams
 from graft.base.errors import GraftError, progress
-from graft.stage import stage_main
-from graft.config.params import DEFAULT_PARAMS, load_section
-from graft.data.snapshot import SNAPSHOT, iter_snapshot, read_manifest, read_modality
+from graft.data.snapshot import iter_snapshot, read_modality
+from graft.models.backbone import LoadPretrainedParams
 
 if TYPE_CHECKING:  # imported where used: graft.config.params.SECTION_TYPES says why
     import pandas as pd

@@ -7,17 +7,13 @@ Each check carries the risk it guards against, and the report names the offendin
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from graft.base import fsio
 from graft.base.errors import GraftError
-from graft.stage import stage_main
-from graft.config.params import DEFAULT_PARAMS, load_section
-from graft.data.snapshot import MANIFEST_COLUMNS, read_manifest, read_modality
+from graft.data.snapshot import MANIFEST_COLUMNS
 
 if TYPE_CHECKING:  # imported where used: graft.config.params.SECTION_TYPES says why
     import pandas as pd

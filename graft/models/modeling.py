@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from graft.base import fsio
 from graft import modalities
+from graft.base import fsio
 from graft.base.errors import GraftError
 
 WEIGHTS, CONFIG, ASSETS = "weights.pt", "model.json", "assets"

@@ -9,15 +9,12 @@ and ``assets/``, never from a second copy.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from graft.base import fsio
+from graft.data.snapshot import read_modality
 from graft.models import modeling
 from graft.models.backbone import LoadPretrainedParams
-from graft.stage import stage_main
-from graft.config.params import DEFAULT_PARAMS, load_section
-from graft.data.snapshot import read_modality
 
 
 def load_pretrained(params: LoadPretrainedParams, prepared: Path, assets: Path, seed: int | None = None):

@@ -13,9 +13,9 @@ trained to ship with (``fine_tune.tta``); ``none`` turns it off (half the cost f
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow.pyfunc
@@ -60,6 +60,37 @@ def load_folder(model_dir: str | Path) -> GraftClassifier:
     wrapper = GraftClassifier()
     wrapper.load_context(SimpleNamespace(artifacts={MODEL_ARTIFACT: str(model_dir)}))
     return wrapper
+
+
+# Models registered before graft's library existed ship their code as a ``stages``
+# package (``stages.serving``, ``stages.modeling``...), while a process running a stage
+# has today's ``stages`` (the entry modules) imported. Loading such a model in that
+# process would find today's package and not the model's modules.
+LEGACY_PACKAGE = "stages"
+
+
+def load_registered(uri: str):
+    """A registered version as a pyfunc (``models:/name/3``, ``models:/name@champion``): the
+    one way graft loads a registered model, so models logged by any graft version load.
+
+    A model whose code is the pre-library ``stages`` package is loaded with today's
+    ``stages`` modules set aside, then those are put back. The model's own modules stay
+    registered under their names for the lazy imports its code makes while predicting,
+    except where today's entry modules have the same name."""
+    import mlflow.pyfunc
+
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    if not (local / "code" / LEGACY_PACKAGE / "serving.py").is_file():
+        return mlflow.pyfunc.load_model(str(local))
+    import sys
+
+    ours = {k: m for k, m in sys.modules.items() if k == LEGACY_PACKAGE or k.startswith(LEGACY_PACKAGE + ".")}
+    for name in ours:
+        del sys.modules[name]
+    try:
+        return mlflow.pyfunc.load_model(str(local))
+    finally:
+        sys.modules.update(ours)
 
 
 # --- what serving costs ----------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_missing_params_file(tmp_path):
 
 
 def test_overrides_are_checked_against_every_stage_type():
-    from graft.config.params import apply_overrides
+    from graft.overrides import apply_overrides
 
     params = read_params()
     ok = apply_overrides(params, ["fine_tune.lr=0.01", "ingest.max_train_per_class=null"])
@@ -74,7 +74,7 @@ def test_overrides_are_checked_against_every_stage_type():
 def test_write_overrides_keeps_comments(tmp_path):
     import shutil
 
-    from graft.config.params import write_overrides
+    from graft.overrides import write_overrides
     from tests.conftest import ROOT
 
     path = tmp_path / "params.yaml"
@@ -106,7 +106,7 @@ def test_every_field_of_a_stage_can_be_set_even_when_the_file_omits_it(tmp_path)
     """A field with a default (`fine_tune.eval_batch_size`) left out of a user's
     params.yaml: the stage accepts it, so --set must too (one source of truth: the
     stage's type)."""
-    from graft.config.params import apply_overrides, write_overrides
+    from graft.overrides import apply_overrides, write_overrides
     from tests.conftest import ROOT
 
     path = tmp_path / "params.yaml"
@@ -128,7 +128,8 @@ def test_presets_switch_modality_and_back_to_the_committed_params(tmp_path):
     presets name the same keys, and the image preset is the committed file's values."""
     import yaml
 
-    from graft.config.params import apply_overrides, preset_overrides
+    from graft.config.params import preset_overrides
+    from graft.overrides import apply_overrides
     from tests.conftest import ROOT
 
     presets = {n: yaml.safe_load((ROOT / "presets" / f"{n}.yaml").read_text()) for n in ("image", "text")}

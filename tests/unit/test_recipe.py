@@ -113,7 +113,8 @@ def test_bad_lever_values_are_named():
 
 
 def test_a_tta_the_modality_lacks_is_refused_before_anything_runs():
-    from graft.config.params import ParamsError, apply_overrides, read_params
+    from graft.config.params import ParamsError, read_params
+    from graft.overrides import apply_overrides
     from tests.conftest import ROOT
 
     committed = read_params(ROOT / "params.yaml")
@@ -174,7 +175,8 @@ def test_training_with_mixing_is_seeded_and_changes_the_weights(data):  # noqa: 
 
 
 def test_mixing_is_refused_where_it_cannot_apply():
-    from graft.config.params import ParamsError, apply_overrides, read_params
+    from graft.config.params import ParamsError, read_params
+    from graft.overrides import apply_overrides
     from tests.conftest import ROOT
 
     with pytest.raises(GraftError, match="fine_tune.cutmix_alpha needs mode partial or full.*set it to 0"):
@@ -217,7 +219,8 @@ def test_random_erasing_fills_one_box_of_the_asked_share_and_leaves_the_rest():
 
 
 def test_random_erasing_is_refused_where_it_cannot_apply():
-    from graft.config.params import ParamsError, apply_overrides, read_params
+    from graft.config.params import ParamsError, read_params
+    from graft.overrides import apply_overrides
     from tests.conftest import ROOT
 
     for bad in (-0.1, 1.5):
@@ -262,7 +265,8 @@ def test_randaugment_is_drawn_from_the_epochs_generator_and_leaves_the_process_s
 
 
 def test_randaugment_is_refused_where_it_cannot_apply():
-    from graft.config.params import ParamsError, apply_overrides, read_params
+    from graft.config.params import ParamsError, read_params
+    from graft.overrides import apply_overrides
     from tests.conftest import ROOT
 
     for key, bad in (("randaug_ops", -1), ("randaug_ops", 11), ("randaug_magnitude", 11)):
