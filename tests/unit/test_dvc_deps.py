@@ -91,3 +91,27 @@ def test_the_closure_sees_function_level_imports():
     files = closure("stages.fine_tune")
     assert Path("graft/training/fine_tune.py") in files
     assert Path("graft/modalities/text.py") in files  # found through the modality registry
+
+
+def test_editing_library_code_a_stage_runs_makes_dvc_rerun_it(tmp_path):
+    """The failure mode itself, through real DVC: record preprocess as done, then change a
+    function it runs from the library (not its entry module): `dvc status` must say so."""
+    import json
+
+    from tests.conftest import copy_project, dvc
+
+    project = copy_project(tmp_path / "project")
+    for out in ("data/raw/manifest.csv", "data/prepared/meta.json", "reports/validation.json", "reports/preprocess.json"):
+        (project / out).parent.mkdir(parents=True, exist_ok=True)
+        (project / out).write_text("{}\n")
+    dvc(project, "commit", "--force", "preprocess")
+    assert json.loads(dvc(project, "status", "--json", "preprocess").stdout) == {}
+
+    splits = project / "graft" / "data" / "splits.py"
+    text = splits.read_text()
+    assert "def assign_splits(" in text
+    splits.write_text(text.replace("def assign_splits(", "def assign_splits(  # edited\n    ", 1))
+    status = json.loads(dvc(project, "status", "--json", "preprocess").stdout)
+    changed = [c for entry in status.get("preprocess", []) if isinstance(entry, dict)
+               for c in entry.get("changed deps", {})]  # fmt: skip
+    assert "graft" in changed, status
