@@ -125,7 +125,7 @@ def predict_throughput(project: Path) -> dict:
     """The registered champion as a user loads it (pyfunc), on raw test strings."""
     import mlflow
 
-    from graft.registry.register import load_test_samples
+    from graft.registry.gate import load_test_samples
     from tests.conftest import project_env
 
     mlflow.set_tracking_uri(project_env(project)["MLFLOW_TRACKING_URI"])

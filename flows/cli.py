@@ -256,8 +256,9 @@ def promote(
     """Make VERSION the champion. Unless --force, it must beat the current champion on the project's current test samples, with the same gate as the pipeline."""
 
     from graft.config.params import load_section
+    from graft.registry import gate
     from graft.registry import rules as registry
-    from graft.registry.register import RegisterParams, load_test_samples, score, serving_costs
+    from graft.registry.register import RegisterParams
 
     client, name = _registry(project)
     _require_champion_permission(client, name)
@@ -277,16 +278,15 @@ def promote(
         if not (prepared / "test_ids.npy").is_file():
             _fail("no test data in this workspace to compare on; run `graft run` first, or pass --force")
         params = load_section(RegisterParams, "register", root / "params.yaml")
-        samples = load_test_samples(raw, prepared)
+        samples = gate.load_test_samples(raw, prepared)
         typer.echo(f"Scoring v{version}" + (f" and champion v{champion.version}" if champion else "") + f" on {len(samples)} test samples...")
         from graft.models import serving  # mlflow.pyfunc: 1.5 to 2 s of import, only when a model is loaded
 
         cand_model = serving.load_registered(f"models:/{name}/{version}")
         champ_model = serving.load_registered(f"models:/{name}/{champion.version}") if champion else None
-        cand = score(cand_model, samples)
-        champ = score(champ_model, samples) if champ_model else None
-        serving = serving_costs(cand_model, champ_model, samples) if params.max_latency_ms is not None else (None, None)
-        decision = registry.decide(cand, champ, str(champion.version) if champion else None, params.gate, serving=serving)
+        comparison = gate.compare(cand_model, champ_model, samples, params.gate,
+                                  str(champion.version) if champion else None, measure_serving=False)  # fmt: skip
+        decision = comparison.decision(params.gate, candidate_version=version)
         typer.echo(f"  {decision.reason}")
         if not decision.promote:
             _fail(f"v{version} did not pass the gate; not promoted (use --force to override)")

@@ -125,19 +125,21 @@ def metrics_diff(a: Side, b: Side) -> dict[str, Any]:
 
 def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | None:
     """Both sides score this workspace's test samples; McNemar on the pairs."""
-    from graft.registry import rules as registry
-    from graft.registry.register import load_test_samples, score
+    from graft.registry import gate, rules
 
     raw, prepared = root / "data" / "raw", root / "data" / "prepared"
     if not (prepared / "test_ids.npy").is_file():
         return {"note": "not computed: no test data in this workspace (`graft run` or `graft pull`)"}
     try:
-        samples = load_test_samples(raw, prepared)
-        ca = score(_model(root, name, a), samples)
-        cb = score(_model(root, name, b), samples)
-    except Exception as e:  # another class list, a model that cannot load here
+        samples = gate.load_test_samples(raw, prepared)
+        # the gate's own scoring: b as the candidate, a in the champion's seat
+        pair = gate.score_pair(_model(root, name, b), _model(root, name, a), samples, a.label)
+    except Exception as e:  # a model that cannot load or predict here
         return {"note": f"not computed: the two versions cannot score the same samples ({type(e).__name__}: {e})"}
-    return {"n": len(samples), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **registry.mcnemar(cb, ca)}
+    if pair.champion_correct is None:
+        return {"note": f"not computed: {pair.incompatible}"}
+    cb, ca = pair.candidate_correct, pair.champion_correct
+    return {"n": len(samples), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **rules.mcnemar(cb, ca)}
 
 
 class _WorkspaceModel:

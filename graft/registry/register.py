@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
 import graft
 from graft.base import fsio
 from graft.base.errors import GraftError, fault_point
 from graft.config.params import read_params
-from graft.data.samples import RawSamples
+from graft.registry import gate
 from graft.registry import rules as registry
 
 
@@ -42,30 +40,6 @@ class RegisterParams:
     def gate(self) -> registry.GateParams:
         return registry.GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha,
                                    self.max_latency_ms)
-
-
-def load_test_samples(raw_dir: Path, prepared_dir: Path) -> RawSamples:
-    return RawSamples(raw_dir, prepared_dir, "test")
-
-
-def score(pyfunc_model, samples: RawSamples, batch: int = 256) -> np.ndarray:
-    """Per-sample correctness of a pyfunc model on the raw test samples, in the prepared
-    order (so two models' results pair up for McNemar's test)."""
-    truth = np.asarray(samples.truth)
-    correct = np.zeros(len(samples), dtype=bool)
-    for positions, frame in samples.batches(batch):
-        correct[positions] = pyfunc_model.predict(frame)["class"].to_numpy() == truth[positions]
-    return correct
-
-
-def serving_costs(candidate, champion, samples: RawSamples) -> tuple[dict[str, float], dict[str, float] | None]:
-    """Both pyfuncs' serving cost, measured one after the other in this process on the
-    same test samples: a fair side-by-side, whatever machine register runs on."""
-    from graft.models import serving
-
-    frame = samples.head(serving.THROUGHPUT_BATCH)
-    measure = [serving.serving_cost(m.predict, frame) if m is not None else None for m in (candidate, champion)]
-    return measure[0], measure[1]
 
 
 def pip_requirements(modality) -> list[str]:
@@ -174,7 +148,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     # An earlier registration killed half-way is finished or undone before this one.
     for line in registry.repair(client, params.model_name):
         print(f"register: repaired: {line}")
-    samples = load_test_samples(raw_dir, prepared_dir)
+    samples = gate.load_test_samples(raw_dir, prepared_dir)
     distilled = fsio.read_json(model_dir / "model.json").get("distilled_from")
     if distilled:  # the teachers this student learnt from, on its registry entry
         from graft.training import teacher as teach
@@ -184,19 +158,10 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
         info = log_candidate(model_dir, samples.head(2))
         tags = {**tags, **log_drift(reference, drift_report)}
     candidate_model = serving.load_registered(info.model_uri)
-    candidate_correct = score(candidate_model, samples)
-
     champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
-    champion_correct, incompatible, champ_model = None, None, None
-    if champion is not None:
-        champ_model = serving.load_registered(f"models:/{params.model_name}@{registry.CHAMPION}")
-        champ_classes = champ_model.unwrap_python_model().cfg.classes
-        candidate_classes = json.loads((model_dir / "model.json").read_text())["classes"]
-        if sorted(champ_classes) != sorted(candidate_classes):
-            incompatible = f"champion v{champion.version} knows classes {champ_classes}, this data has {candidate_classes}"
-        else:
-            champion_correct = score(champ_model, samples)
-    serving = serving_costs(candidate_model, champ_model if champion_correct is not None else None, samples)
+    champ_model = serving.load_registered(f"models:/{params.model_name}@{registry.CHAMPION}") if champion else None
+    comparison = gate.compare(candidate_model, champ_model, samples, params.gate,
+                              str(champion.version) if champion else None)  # fmt: skip
 
     try:
         client.get_registered_model(params.model_name)
@@ -211,8 +176,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     fault_point("after_create")
     try:
         registry.wait_until_ready(client, params.model_name, version)
-        decision = registry.decide(candidate_correct, champion_correct, str(champion.version) if champion else None,
-                                   params.gate, incompatible, candidate_version=version, serving=serving)  # fmt: skip
+        decision = comparison.decision(params.gate, candidate_version=version)
         if decision.promote:  # the gate says champion; the server says whether this user may crown it
             allowed, why = registry.may_move_champion(client, params.model_name)
             if not allowed:

@@ -77,7 +77,7 @@ def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):
     import numpy as np
 
     from graft.base import images
-    from graft.registry.register import load_test_samples
+    from graft.registry.gate import load_test_samples
 
     model_dir, raw, prepared, run_id = candidate
     candidate_model, candidate_cfg = modeling.load(model_dir)
@@ -114,7 +114,7 @@ def test_registered_model_flips_at_test_time_by_default_and_on_request_not(candi
     import numpy as np
     from PIL import Image
 
-    from graft.registry.register import load_test_samples
+    from graft.registry.gate import load_test_samples
     from graft.training.fine_tune import with_tta
 
     model_dir, raw, prepared, run_id = candidate
@@ -141,3 +141,42 @@ def test_registered_model_flips_at_test_time_by_default_and_on_request_not(candi
     assert not np.allclose(served, plain, atol=1e-4)
     with pytest.raises(Exception, match="tta='vflip'.*none, hflip"):
         pyfunc.predict(frame, params={"tta": "vflip"})
+
+
+def test_promote_refuses_a_model_of_other_classes_as_register_does(candidate, monkeypatch):
+    """One gate: a champion that knows other classes is never scored against this data,
+    whether the pipeline's register or `graft promote` asks."""
+    import json
+    import shutil
+    import subprocess
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tests.conftest import ROOT
+
+    model_dir, raw, prepared, run_id = candidate
+    other = model_dir.parent / "other-classes"
+    shutil.copytree(model_dir, other)
+    cfg = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**cfg, "classes": ["x", "y"]}))
+    params = RegisterParams(model_name=NAME, min_accuracy=0.0, min_improvement=0.0)
+    first, _ = register(other, raw, prepared, params, run_id, {}, {})
+    assert first.promote  # the first champion: nothing to compare with
+    decision, version = register(model_dir, raw, prepared, params, run_id, {}, {})
+    assert not decision.promote and "knows classes ['x', 'y']" in decision.reason
+
+    # The same pair through `graft promote`, in a project whose test data is this one's.
+    project = model_dir.parent / "project"
+    (project / "data").mkdir(parents=True)
+    shutil.copytree(raw, project / "data" / "raw")
+    shutil.copytree(prepared, project / "data" / "prepared")
+    committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, check=True,
+                                              capture_output=True, text=True).stdout)  # fmt: skip
+    committed["register"].update(model_name=NAME, min_accuracy=0.0, min_improvement=0.0)
+    (project / "params.yaml").write_text(yaml.safe_dump(committed))
+    result = CliRunner().invoke(app, ["promote", version, "--project", str(project)])
+    assert result.exit_code != 0, result.output
+    assert "knows classes ['x', 'y']" in result.output and "not promoted" in result.output
+    assert str(registry.alias_version(__import__("mlflow").MlflowClient(), NAME, "champion").version) == "1"
