@@ -33,13 +33,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from graft.base import fsio
-from graft.config.params import DEFAULT_PARAMS, parse_value, preset_overrides, read_params, section
-from graft.data.snapshot import IngestParams
-from graft.data.splits import PreprocessParams, load_split
+from graft.config.params import (
+    DEFAULT_PARAMS,
+    FineTuneParams,
+    IngestParams,
+    LoadPretrainedParams,
+    PreprocessParams,
+    parse_value,
+    preset_overrides,
+    read_params,
+    section,
+)
+from graft.data.splits import load_split
 from graft.models import modeling
-from graft.models.backbone import LoadPretrainedParams
 from graft.overrides import apply_overrides
-from graft.training.fine_tune import FineTuneParams, Split, train, with_tta
+from graft.training.fine_tune import Split, train, with_tta
 
 # The levers, each a set of fine_tune overrides on the preset's recipe. "preset" is the
 # preset as written (the baseline); the others take one lever away from it or add one.

@@ -38,12 +38,10 @@ REPLACED, BY = "Sneaker", "Bag"
 
 def default_embedder(assets: Path):
     """The default run's backbone and input, built as load_pretrained builds it."""
-    from graft.config.params import load_section
-    from graft.data.splits import PreprocessParams
+    from graft.config.params import LoadPretrainedParams, PreprocessParams, load_section
     from graft.drift.gate import Embedder, identity_of
     from graft.modalities import image
     from graft.models import modeling
-    from graft.models.backbone import LoadPretrainedParams
 
     params = ROOT / "params.yaml"
     lp = load_section(LoadPretrainedParams, "load_pretrained", params)
@@ -83,11 +81,11 @@ def main() -> None:
 
     from benchmarks.transfer import machine_info
     from graft.base import fsio
-    from graft.config.params import load_section
+    from graft.config.params import DriftParams, load_section
     from graft.drift import gate as drift
     from graft.modalities.image import FASHION_MNIST_CLASSES, _read_idx
 
-    p = load_section(drift.DriftParams, "drift", ROOT / "params.yaml")
+    p = load_section(DriftParams, "drift", ROOT / "params.yaml")
     n = p.max_samples
     pixels = _read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
     labels = _read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz", 8).astype(np.int64)

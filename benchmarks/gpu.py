@@ -32,11 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.transfer import machine_info, measure_throughput, prepare, splits
 from graft.base import fsio
-from graft.config.params import load_section
-from graft.data.snapshot import IngestParams
-from graft.data.splits import PreprocessParams
-from graft.models.backbone import LoadPretrainedParams
-from graft.training.fine_tune import FineTuneParams, Split
+from graft.config.params import FineTuneParams, IngestParams, LoadPretrainedParams, PreprocessParams, load_section
+from graft.training.fine_tune import Split
 
 
 def main(argv: list[str] | None = None) -> int:

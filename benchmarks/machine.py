@@ -50,10 +50,10 @@ def child_train(out: Path) -> None:
     from dataclasses import replace
 
     from graft.base import distributed, threads
-    from graft.config.params import load_section
+    from graft.config.params import FineTuneParams, load_section
     from graft.data.splits import load_split
     from graft.models import modeling
-    from graft.training.fine_tune import FineTuneParams, Split, train
+    from graft.training.fine_tune import Split, train
 
     p = load_section(FineTuneParams, "fine_tune", ROOT / "params.yaml")
     p = replace(p, epochs=1, patience=5)

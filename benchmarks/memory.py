@@ -254,12 +254,9 @@ def prepared_samples(project: Path) -> int:
 def disk_vs_memory(work: Path) -> dict:
     """(3) and (4) on the default data and params (partial fine-tuning, 64 px)."""
     from benchmarks.transfer import ROUNDS, prepare, scratch_assets, splits, throughput_figures
-    from graft.config.params import load_section
-    from graft.data.snapshot import IngestParams
-    from graft.data.splits import PreprocessParams
-    from graft.models.backbone import LoadPretrainedParams
+    from graft.config.params import FineTuneParams, IngestParams, LoadPretrainedParams, PreprocessParams, load_section
     from graft.models.pretrained import load_pretrained
-    from graft.training.fine_tune import FineTuneParams, Split, epoch_order, train
+    from graft.training.fine_tune import Split, epoch_order, train
 
     backbone = load_section(LoadPretrainedParams, "load_pretrained")
     ft = replace(load_section(FineTuneParams, "fine_tune"), device="cpu", epochs=1, patience=99)

@@ -40,14 +40,21 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.transfer import machine_info  # noqa: E402
 from graft.base import fsio
-from graft.config.params import preset_overrides, read_params, section  # noqa: E402
-from graft.data.snapshot import IngestParams, ingest, read_manifest  # noqa: E402
-from graft.data.splits import PreprocessParams, load_split, preprocess  # noqa: E402
+from graft.config.params import (  # noqa: E402
+    FineTuneParams,
+    IngestParams,
+    LoadPretrainedParams,  # noqa: E402
+    PreprocessParams,
+    preset_overrides,
+    read_params,
+    section,
+)
+from graft.data.snapshot import ingest, read_manifest  # noqa: E402
+from graft.data.splits import load_split, preprocess  # noqa: E402
 from graft.models import modeling  # noqa: E402
-from graft.models.backbone import LoadPretrainedParams  # noqa: E402
 from graft.models.pretrained import load_pretrained  # noqa: E402
 from graft.overrides import apply_overrides  # noqa: E402
-from graft.training.fine_tune import FineTuneParams, Split, train  # noqa: E402
+from graft.training.fine_tune import Split, train  # noqa: E402
 
 C_GRID = (0.25, 1.0, 4.0, 16.0)
 
@@ -125,7 +132,7 @@ def predict_throughput(project: Path) -> dict:
     """The registered champion as a user loads it (pyfunc), on raw test strings."""
     import mlflow
 
-    from graft.registry.gate import load_test_samples
+    from graft.promotion.gate import load_test_samples
     from tests.conftest import project_env
 
     mlflow.set_tracking_uri(project_env(project)["MLFLOW_TRACKING_URI"])

@@ -37,13 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from graft.base import fsio, kernels
-from graft.config.params import load_section
-from graft.data.snapshot import IngestParams, ingest
-from graft.data.splits import PreprocessParams, load_split, preprocess
+from graft.config.params import FineTuneParams, IngestParams, LoadPretrainedParams, PreprocessParams, load_section
+from graft.data.snapshot import ingest
+from graft.data.splits import load_split, preprocess
 from graft.models import modeling
-from graft.models.backbone import LoadPretrainedParams
 from graft.models.pretrained import load_pretrained
-from graft.training.fine_tune import FineTuneParams, Split, train
+from graft.training.fine_tune import Split, train
 
 SECTIONS = ("throughput", "feature_extraction", "default", "full")
 # Throughput rounds: an even number, so each loop goes first equally often; the rounds

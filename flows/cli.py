@@ -64,8 +64,7 @@ def _registry(project: Path):
     """(client, model name) for the project's registry."""
     import mlflow
 
-    from graft.config.params import load_section
-    from graft.registry.register import RegisterParams
+    from graft.config.params import RegisterParams, load_section
     from graft.tracking import runs as tracking
 
     root = project.resolve()
@@ -104,8 +103,8 @@ def run(
     _quiet_defaults()
     root = project.resolve()
     from graft.base.errors import BAD_INPUT_EXIT, GraftError
-    from graft.config.params import ParamsError, preset_overrides, read_params, section
-    from graft.data.snapshot import IngestParams, check_source
+    from graft.config.params import IngestParams, ParamsError, preset_overrides, read_params, section
+    from graft.data.snapshot import check_source
     from graft.overrides import apply_overrides
 
     try:  # a typo in --set or params.yaml, or a missing source, fails here, before anything starts
@@ -255,10 +254,9 @@ def promote(
 ) -> None:
     """Make VERSION the champion. Unless --force, it must beat the current champion on the project's current test samples, with the same gate as the pipeline."""
 
-    from graft.config.params import load_section
-    from graft.registry import gate
+    from graft.config.params import RegisterParams, load_section
+    from graft.promotion import gate
     from graft.registry import rules as registry
-    from graft.registry.register import RegisterParams
 
     client, name = _registry(project)
     _require_champion_permission(client, name)
@@ -447,7 +445,7 @@ def drift(
 
     from graft import modalities
     from graft.base.errors import GraftError
-    from graft.config.params import load_section
+    from graft.config.params import DriftParams, load_section
     from graft.drift import gate as drift_stage
 
     _quiet_defaults()
@@ -457,7 +455,7 @@ def drift(
     if not path.exists():
         _fail(f"{path}: no such file or folder", 2)
     try:
-        p = load_section(drift_stage.DriftParams, "drift", root / "params.yaml")
+        p = load_section(DriftParams, "drift", root / "params.yaml")
         p = dataclasses.replace(p, **({"alpha": alpha} if alpha is not None else {}))
         p.validate()
         ref_name = reference or p.reference or "champion"

@@ -125,7 +125,7 @@ def metrics_diff(a: Side, b: Side) -> dict[str, Any]:
 
 def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | None:
     """Both sides score this workspace's test samples; McNemar on the pairs."""
-    from graft.registry import gate, rules
+    from graft.promotion import gate
 
     raw, prepared = root / "data" / "raw", root / "data" / "prepared"
     if not (prepared / "test_ids.npy").is_file():
@@ -139,7 +139,7 @@ def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | Non
     if pair.champion_correct is None:
         return {"note": f"not computed: {pair.incompatible}"}
     cb, ca = pair.candidate_correct, pair.champion_correct
-    return {"n": len(samples), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **rules.mcnemar(cb, ca)}
+    return {"n": len(samples), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()), **gate.mcnemar(cb, ca)}
 
 
 class _WorkspaceModel:

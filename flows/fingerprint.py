@@ -22,9 +22,9 @@ def fingerprint(root: Path) -> dict[str, Any]:
     class list. A source that is missing or broken gets a fingerprint of its error, so
     the run it triggers fails with ingest's own message."""
     from graft.base.errors import GraftError
-    from graft.config.params import load_section
+    from graft.config.params import IngestParams, load_section
     from graft.data import sources
-    from graft.data.snapshot import IngestParams, source_files, source_path, url_files
+    from graft.data.snapshot import source_files, source_path, url_files
 
     params = load_section(IngestParams, "ingest", root / "params.yaml")
     h = hashlib.sha256()

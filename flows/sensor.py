@@ -25,12 +25,11 @@ def source_drift(root: Path) -> dict[str, Any]:
     that ``drift.reference`` names (the champion's): the report."""
     import tempfile
 
-    from graft.config.params import load_section
+    from graft.config.params import DriftParams, RegisterParams, load_section
     from graft.drift import gate as drift
-    from graft.registry.register import RegisterParams
 
     params_path = root / "params.yaml"
-    p = load_section(drift.DriftParams, "drift", params_path)
+    p = load_section(DriftParams, "drift", params_path)
     if p.reference is None:
         return {"verdict": "no_reference", "reason": "drift.reference is null"}
     model_name = load_section(RegisterParams, "register", params_path).model_name

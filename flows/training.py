@@ -199,8 +199,7 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
 def check_source(root: Path) -> None:
     """The ingest source must exist before DVC is asked to run anything: DVC checks the
     stage's dependencies first and would fail with a bare ``No such file or directory``."""
-    from graft.config.params import load_section
-    from graft.data.snapshot import IngestParams
+    from graft.config.params import IngestParams, load_section
     from graft.data.snapshot import check_source as check
 
     check(load_section(IngestParams, "ingest", root / "params.yaml"), root)

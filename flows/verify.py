@@ -18,8 +18,7 @@ def verify_champion(project_dir: str = ".", model_ref: str = "champion") -> dict
 
     from flows import reproduce as rep
     from flows.notify import notify
-    from graft.config.params import load_section
-    from graft.registry.register import RegisterParams
+    from graft.config.params import RegisterParams, load_section
     from graft.tracking import runs as tracking
 
     logger = get_run_logger()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from graft import modalities
 from graft.base.errors import GraftError, ParamsError
 from graft.config.params import SECTION_TYPES, parse, parse_value, read_params, section_type, set_override
 
@@ -28,20 +29,20 @@ def check_all(params: dict[str, Any]) -> None:
         except GraftError as e:
             raise ParamsError(str(e)) from None
     try:
-        parsed["ingest"].modality.check_backbone(parsed["load_pretrained"])
+        modalities.for_source(parsed["ingest"].source).check_backbone(parsed["load_pretrained"])
     except GraftError as e:
-        raise ParamsError(f"{e} (ingest.source {parsed['ingest'].source} is {parsed['ingest'].modality.SAMPLES}; "
+        raise ParamsError(f"{e} (ingest.source {parsed['ingest'].source} is {modalities.for_source(parsed['ingest'].source).SAMPLES}; "
                           "`graft run --preset text` or `--preset image` sets every key a modality needs)") from None
     from graft.models import modeling
 
     try:
-        modeling.check_tta(parsed["ingest"].modality, parsed["fine_tune"].tta, "params.yaml: fine_tune.tta")
+        modeling.check_tta(modalities.for_source(parsed["ingest"].source), parsed["fine_tune"].tta, "params.yaml: fine_tune.tta")
     except GraftError as e:
         raise ParamsError(str(e)) from None
-    ft, modality = parsed["fine_tune"], parsed["ingest"].modality
+    ft, modality = parsed["fine_tune"], modalities.for_source(parsed["ingest"].source)
     pixel_keys = ft.pixel_levers()
     if pixel_keys and not modality.MIXABLE:
-        from graft.training.fine_tune import pixel_names
+        from graft.config.params import pixel_names
 
         raise ParamsError(f"params.yaml: {pixel_names(pixel_keys)} {'are' if len(pixel_keys) > 1 else 'is'} for images, and "
                           f"ingest.source {parsed['ingest'].source} is {modality.SAMPLES}; "

@@ -16,11 +16,10 @@ import numpy as np
 
 from graft.base import fsio
 from graft.base.errors import GraftError
-from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.config.params import DEFAULT_PARAMS, DriftParams, load_section
 from graft.drift.gate import (
     PLOT,
     REPORT,
-    DriftParams,
     check,
     choose,
     embed,
@@ -54,9 +53,8 @@ def main(argv: list[str] | None = None) -> None:
 
     threads.sizer("drift")  # before any torch work: the CPUs other processes leave free
 
+    from graft.config.params import LoadPretrainedParams, RegisterParams
     from graft.data.samples import RawSamples
-    from graft.models.backbone import LoadPretrainedParams
-    from graft.registry.register import RegisterParams
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     p = load_section(DriftParams, "drift", args.params)

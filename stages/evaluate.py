@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlflow
 
+    from graft.config.params import FineTuneParams
     from graft.data.splits import load_split
     from graft.tracking import runs as tracking
-    from graft.training.fine_tune import FineTuneParams
 
     # Validation's batch size: the peak memory of a prediction is one batch's activations.
     batch_size = load_section(FineTuneParams, "fine_tune", args.params).eval_batch_size

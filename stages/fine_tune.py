@@ -17,11 +17,10 @@ import numpy as np
 
 from graft.base import distributed, fsio, kernels
 from graft.base.errors import STATUS_ENV, fault_point
-from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.config.params import DEFAULT_PARAMS, FineTuneParams, load_section
 from graft.models import modeling
 from graft.stage import stage_main
 from graft.training.fine_tune import (
-    FineTuneParams,
     Split,
     epoch_logger,
     fingerprint,

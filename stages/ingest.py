@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from graft import modalities
 from graft.base import fsio
-from graft.config.params import DEFAULT_PARAMS, load_section
-from graft.data.snapshot import IngestParams, ingest
+from graft.config.params import DEFAULT_PARAMS, IngestParams, load_section
+from graft.data.snapshot import ingest
 from graft.stage import stage_main
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     counts = manifest.groupby(["split"]).size().to_dict()
     bad = int(manifest["error"].notna().sum())
-    what = params.modality.SAMPLES
+    what = modalities.for_source(params.source).SAMPLES
     print(
         f"ingest: {len(manifest)} {what} from {params.source} ({params.path}), "
         f"{len(classes)} classes, splits {counts} -> {args.out}"

@@ -10,9 +10,8 @@ import argparse
 from pathlib import Path
 
 from graft.base import fsio
-from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.config.params import DEFAULT_PARAMS, LoadPretrainedParams, load_section
 from graft.models import modeling
-from graft.models.backbone import LoadPretrainedParams
 from graft.models.pretrained import load_pretrained
 from graft.stage import stage_main
 

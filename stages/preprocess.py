@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from graft import modalities
 from graft.base import fsio
-from graft.config.params import DEFAULT_PARAMS, load_section
-from graft.data.snapshot import SNAPSHOT, read_manifest, read_modality
-from graft.data.splits import PreprocessParams, preprocess
-from graft.models.backbone import LoadPretrainedParams
+from graft.base.archive import SNAPSHOT
+from graft.config.params import DEFAULT_PARAMS, LoadPretrainedParams, PreprocessParams, load_section
+from graft.data.snapshot import read_manifest
+from graft.data.splits import preprocess
 from graft.stage import stage_main
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     with fsio.atomic_dir(args.out) as tmp:
         metrics = preprocess(manifest, classes, args.raw / SNAPSHOT, params, backbone, tmp)
     fsio.write_json(args.metrics, metrics)
-    modality = read_modality(args.out)
+    modality = modalities.of_folder(args.out)
     sizes = ", ".join(f"{s} {n}" for s, n in metrics["samples"].items())
     spec = fsio.read_json(args.out / "meta.json")["input"]
     print(f"preprocess: {sizes} {modality.SAMPLES} at {modality.describe_input(spec)} -> {args.out}")

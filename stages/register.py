@@ -1,7 +1,7 @@
 """Stage ``register``: log the fine-tuned model to the MLflow registry and decide, on the same evaluation data, whether it becomes ``champion`` or stays ``challenger``.
 
 The stage's entry point, as ``dvc.yaml`` runs it (``python -m stages.register``): it reads its
-params section, calls :mod:`graft.registry.register` and writes the outputs.
+params section, calls :mod:`graft.promotion.register` and writes the outputs.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from graft.base import fsio
-from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.config.params import DEFAULT_PARAMS, RegisterParams, load_section
+from graft.promotion.register import format_decision, params_hash, register
 from graft.registry import rules as registry
-from graft.registry.register import RegisterParams, format_decision, params_hash, register
 from graft.stage import stage_main
 
 

@@ -11,18 +11,10 @@ import time
 from pathlib import Path
 
 from graft.base import fsio
-from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.config.params import DEFAULT_PARAMS, DistillParams, load_section
+from graft.registry.teachers import load_teacher
 from graft.stage import stage_main
-from graft.training.teacher import (
-    BATCH,
-    INFO,
-    LOGITS,
-    DistillParams,
-    class_order,
-    lineage_name,
-    load_teacher,
-    soft_labels,
-)
+from graft.training.teacher import BATCH, INFO, LOGITS, class_order, lineage_name, soft_labels
 
 
 @stage_main
@@ -54,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from graft.config.params import RegisterParams
     from graft.data.samples import RawSamples
-    from graft.registry.register import RegisterParams
 
     model_name = load_section(RegisterParams, "register", args.params).model_name
     # Every teacher is loaded and checked before any is run: a bad entry costs no inference.

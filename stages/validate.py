@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from graft import modalities
 from graft.base import fsio
 from graft.base.errors import GraftError
-from graft.config.params import DEFAULT_PARAMS, load_section
-from graft.data.snapshot import read_manifest, read_modality
-from graft.data.validation import ValidateParams, format_summary, validate
+from graft.config.params import DEFAULT_PARAMS, ValidateParams, load_section
+from graft.data.snapshot import read_manifest
+from graft.data.validation import format_summary, validate
 from graft.stage import stage_main
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_section(ValidateParams, "validate", args.params)
     manifest, classes = read_manifest(args.raw)
-    modality = read_modality(args.raw)
+    modality = modalities.of_folder(args.raw)
     accepted = fsio.read_json(args.accepted) if args.accepted.is_file() else None
     # What a modality's checks may need beyond the manifest (text: the snapshot and the
     # params file, for the backbone's tokenizer and the length limit, to count tokens).

@@ -18,9 +18,11 @@ class RawSamples:
     fine_tune's for train)."""
 
     def __init__(self, raw_dir: Path, prepared_dir: Path, split: str = "test"):
-        from graft.data.snapshot import SNAPSHOT, read_manifest, read_modality
+        from graft import modalities
+        from graft.base.archive import SNAPSHOT
+        from graft.data.snapshot import read_manifest
 
-        self.modality = read_modality(raw_dir)
+        self.modality = modalities.of_folder(raw_dir)
         self.snapshot = raw_dir / SNAPSHOT
         manifest, _ = read_manifest(raw_dir, columns=["id", "class_name", "member"])
         self.split = split
@@ -46,7 +48,7 @@ class RawSamples:
         """(positions, DataFrame of ``size`` samples), in the snapshot's order."""
         import pandas as pd
 
-        from graft.data.snapshot import iter_snapshot
+        from graft.base.archive import iter_snapshot
 
         positions: list[int] = []
         values: list[Any] = []

@@ -15,19 +15,19 @@ Samples that cannot be decoded are kept and recorded with their error, so that
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import tarfile
-from collections.abc import Container, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graft import modalities
 from graft.base import fsio
+from graft.base.archive import SNAPSHOT, add_member
 from graft.base.errors import GraftError, progress
+from graft.config.params import IngestParams
 from graft.data import sources
 from graft.modalities import Candidate
 
@@ -45,31 +45,8 @@ MANIFEST_COLUMNS = [
     "member",  # member name in samples.tar
     "error",  # empty when the sample decodes, else why not
 ]
-SNAPSHOT = "samples.tar"
 
 
-@dataclass(frozen=True)
-class IngestParams:
-    source: Literal["fashion-mnist", "imagefolder", "texttable", "textfolder"]
-    path: str
-    seed: int
-    classes: tuple[str, ...] | None = None  # null: the source's own class list
-    max_train_per_class: int | None = None  # null: every training sample
-    max_test_per_class: int | None = None
-    drop_classes: tuple[str, ...] = ()  # classes of the source left out (rotten tomatoes' "plot")
-    text_column: str = "text"  # texttable: the column holding the text
-    label_column: str = "label"  # texttable: the column holding the class
-
-    def validate(self) -> None:
-        modalities.of_source(self.source)
-        for key in ("max_train_per_class", "max_test_per_class"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise GraftError(f"params.yaml: ingest.{key} must be >= 1 or null, got {value}")
-
-    @property
-    def modality(self):
-        return modalities.for_source(self.source)
 
 
 # --- reading sources -------------------------------------------------------------------
@@ -84,7 +61,7 @@ def source_path(params: IngestParams, root: Path | None = None) -> Path:
 def url_files(params: IngestParams) -> dict[str, dict]:
     """For a URL source: the files ingest reads there ({path relative to the URL: its size
     and version}). Raises, naming the URL, when they are not there."""
-    return params.modality.url_wanted(params, sources.listing(params.path))
+    return modalities.for_source(params.source).url_wanted(params, sources.listing(params.path))
 
 
 @contextlib.contextmanager
@@ -106,7 +83,7 @@ def check_source(params: IngestParams, root: Path | None = None) -> None:
     if sources.is_url(params.path):
         url_files(params)
         return
-    params.modality.check_source(params, source_path(params, root))
+    modalities.for_source(params.source).check_source(params, source_path(params, root))
 
 
 def source_files(params: IngestParams, root: Path | None = None) -> tuple[Path, list[Path], tuple[str, ...]]:
@@ -115,7 +92,7 @@ def source_files(params: IngestParams, root: Path | None = None) -> tuple[Path, 
     (a README.txt) never triggers a retraining."""
     path = source_path(params, root)
     check_source(params, root)
-    files, classes = params.modality.source_files(params, path)
+    files, classes = modalities.for_source(params.source).source_files(params, path)
     return path, files, classes
 
 
@@ -141,27 +118,6 @@ def subsample(
     return [candidates[i] for i in sorted(keep)]
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed metadata: identical input gives an identical archive
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-    tar.members.clear()  # TarFile keeps every member it wrote; the snapshot can be millions
-
-
-def iter_snapshot(tar_path: Path, wanted: Container[str] | None = None) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of the snapshot's samples, in archive order, one at a time
-    (only those in ``wanted``, if given). TarFile remembers every member it has read
-    (about 1 KB each), so this walks with ``next()`` and forgets them: reading a snapshot
-    of any size takes the memory of one sample."""
-    with tarfile.open(tar_path, "r") as tar:
-        while (member := tar.next()) is not None:
-            tar.members.clear()
-            if member.isfile() and (wanted is None or member.name in wanted):
-                yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
 
 
 def write_snapshot(chosen: list[Candidate], classes: tuple[str, ...], out_dir: Path, modality) -> pd.DataFrame:
@@ -176,7 +132,7 @@ def write_snapshot(chosen: list[Candidate], classes: tuple[str, ...], out_dir: P
             data = c.read()
             sample_id = f"{n:0{width}d}"
             member = f"{sample_id}{c.suffix}"
-            _tar_member(tar, member, data)
+            add_member(tar, member, data)
             info = modality.inspect(data)
             rows.append({"id": sample_id, "label": index.get(c.class_name, -1), "class_name": c.class_name,
                          "split": c.split, "sha256": fsio.sha256_bytes(data), "path": c.path, "member": member,
@@ -187,7 +143,7 @@ def write_snapshot(chosen: list[Candidate], classes: tuple[str, ...], out_dir: P
 
 def ingest(params: IngestParams, out_dir: Path) -> tuple[pd.DataFrame, tuple[str, ...], list[str]]:
     """Read the source, subsample, write the snapshot into ``out_dir``."""
-    modality = params.modality
+    modality = modalities.for_source(params.source)
     with readable_source(params) as root:
         source = modality.read_source(params, root)
         dropped = set(params.drop_classes)
@@ -205,11 +161,6 @@ def ingest(params: IngestParams, out_dir: Path) -> tuple[pd.DataFrame, tuple[str
     return manifest, classes, source.ignored
 
 
-def read_modality(data_dir: Path):
-    """The modality module of a snapshot or prepared folder (its ``meta.json``)."""
-    meta = data_dir / "meta.json"
-    return modalities.get(fsio.read_json(meta).get("modality") if meta.is_file() else None)
-
 
 def read_manifest(raw_dir: Path, columns: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Load ``manifest.csv`` and ``classes.json`` from an ingest output directory; only
@@ -221,7 +172,7 @@ def read_manifest(raw_dir: Path, columns: list[str] | None = None) -> tuple[pd.D
     for p in (manifest_path, classes_path):
         if not p.is_file():
             raise GraftError(f"{p}: not found. Run the ingest stage first (`dvc repro ingest`).")
-    extra = read_modality(raw_dir).MANIFEST_COLUMNS
+    extra = modalities.of_folder(raw_dir).MANIFEST_COLUMNS
     numbers = [c for c, t in extra.items() if t == "Int64"]
     manifest = pd.read_csv(
         manifest_path,

@@ -13,17 +13,17 @@ backbone's config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from graft import modalities
 from graft.base import fsio
+from graft.base.archive import iter_snapshot
 from graft.base.arrays import NpyReader, NpyWriter
 from graft.base.errors import GraftError, progress
-from graft.data.snapshot import iter_snapshot, read_modality
-from graft.models.backbone import LoadPretrainedParams
+from graft.config.params import LoadPretrainedParams, PreprocessParams
 
 if TYPE_CHECKING:  # imported where used: graft.config.params.SECTION_TYPES says why
     import pandas as pd
@@ -31,24 +31,6 @@ if TYPE_CHECKING:  # imported where used: graft.config.params.SECTION_TYPES says
 SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    image_size: int  # images: pixels, square; what the model is trained and served at
-    val_fraction: float  # share of the source's train split held out for validation
-    test_fraction: float  # share carved out for test, only when the source has no test split
-    resize: Literal["center_crop", "squash"]  # images: keep aspect ratio and crop, or stretch
-    seed: int
-    max_length: int = 128  # texts: tokens kept per text (longer ones are cut; validate counts them)
-
-    def validate(self) -> None:
-        if self.image_size < 8:
-            raise GraftError(f"params.yaml: preprocess.image_size must be >= 8, got {self.image_size}")
-        for key in ("val_fraction", "test_fraction"):
-            v = getattr(self, key)
-            if not 0.0 < v < 1.0:
-                raise GraftError(f"params.yaml: preprocess.{key} must be between 0 and 1, got {v}")
-        if self.max_length < 2:
-            raise GraftError(f"params.yaml: preprocess.max_length must be >= 2, got {self.max_length}")
 
 
 def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
@@ -90,7 +72,7 @@ def preprocess(
 ) -> dict:
     """Write the arrays into ``out_dir``; return the split metrics. The modality is the
     snapshot's (``tar_path``'s folder)."""
-    modality = read_modality(tar_path.parent)
+    modality = modalities.of_folder(tar_path.parent)
     if manifest["error"].notna().any() or (manifest["label"] < 0).any():
         raise GraftError(f"the manifest has undecodable {modality.SAMPLES} or unknown labels: run validate first")
     manifest = manifest.reset_index(drop=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from graft.base.errors import GraftError
+from graft.config.params import ValidateParams
 from graft.data.snapshot import MANIFEST_COLUMNS
 
 if TYPE_CHECKING:  # imported where used: graft.config.params.SECTION_TYPES says why
@@ -22,14 +23,6 @@ MAX_EXAMPLES = 10  # offending rows listed per failed check
 CLASS_CHANGE_CHECK = "same classes as the last accepted run"
 
 
-@dataclass(frozen=True)
-class ValidateParams:
-    min_per_class: int  # samples per class, all splits together
-    max_imbalance: float  # largest class count / smallest class count
-    min_side: int  # images: pixels; smaller images carry too little to learn from
-    max_side: int  # images: pixels; larger ones are probably not what was meant (or a bomb)
-    on_class_change: Literal["fail", "warn"]  # classes added/removed since the last accepted run
-    on_long_text: Literal["fail", "warn"] = "warn"  # texts: longer than preprocess.max_length tokens
 
 
 @dataclass

@@ -46,9 +46,10 @@ from typing import Any
 
 import numpy as np
 
+from graft import modalities
 from graft.base import fsio
 from graft.base.errors import GraftError, progress
-from graft.config.params import load_section
+from graft.config.params import FOLDS, DriftParams, load_section
 from graft.models import modeling
 
 EMBEDDINGS, LABELS, INFO, ASSETS = "embeddings.npy", "labels.npy", "reference.json", "assets"
@@ -58,38 +59,9 @@ REPORT, PLOT = "drift.json", "drift.png"
 # Samples per backbone forward. Fixed: embeddings must not depend on anything but the
 # backbone and the data. 64 was the CPU's fastest batch (fine_tune._features).
 BATCH = 64
-FOLDS = 5  # of the domain classifier's cross-validation
 VERDICTS = ("drift", "no_drift", "skipped", "no_reference")
 
 
-@dataclass(frozen=True)
-class DriftParams:
-    on_drift: str = "warn"  # warn: report and go on; fail: stop before training (exit code 2)
-    alpha: float = 0.05  # the test's level: the chance of a false alarm when nothing moved
-    # what new data is compared with: champion (or another alias), name@alias, name/version,
-    # a reference folder (data/reference of a run); null: no test (the reference is still written)
-    reference: str | None = "champion"
-    max_samples: int = 2000  # samples embedded per side; a seeded random sample above it
-    min_samples: int = 20  # fewer on a side (overall, or in a class): that test is skipped, with a warning
-    permutations: int = 500  # of the MMD permutation test; its smallest p-value is 1/(permutations+1)
-    seed: int = 42
-
-    def validate(self) -> None:
-        if self.on_drift not in ("warn", "fail"):
-            raise GraftError(f"params.yaml: drift.on_drift must be warn or fail, got {self.on_drift!r}")
-        if not 0 < self.alpha < 1:
-            raise GraftError(f"params.yaml: drift.alpha must be between 0 and 1, got {self.alpha!r}")
-        if self.min_samples < FOLDS:
-            raise GraftError(f"params.yaml: drift.min_samples must be at least {FOLDS} (the domain classifier's "
-                             f"folds), got {self.min_samples!r}")  # fmt: skip
-        if self.max_samples < self.min_samples:
-            raise GraftError(f"params.yaml: drift.max_samples ({self.max_samples}) must be at least "
-                             f"drift.min_samples ({self.min_samples})")  # fmt: skip
-        if 1 / (self.permutations + 1) >= self.alpha:
-            raise GraftError(f"params.yaml: drift.permutations {self.permutations} cannot give a p-value under "
-                             f"drift.alpha {self.alpha}; use at least {math.ceil(1 / self.alpha)}")  # fmt: skip
-        if self.reference is not None and not str(self.reference).strip():
-            raise GraftError("params.yaml: drift.reference is empty; use null for no drift test")
 
 
 # --- the statistics (pure numpy; sklearn for the domain classifier) ---------------------------
@@ -276,7 +248,7 @@ def rebuild(identity: dict[str, Any], assets: Path | None, why: str) -> Embedder
     """The reference's own backbone, rebuilt from its recorded source and checked against
     its hash; a GraftError that says what to do when this machine cannot."""
     from graft import modalities
-    from graft.models.backbone import LoadPretrainedParams
+    from graft.config.params import LoadPretrainedParams
 
     def refuse(reason: str) -> GraftError:
         return GraftError(f"drift: the reference was embedded with {identity['architecture']} from "
@@ -381,7 +353,7 @@ def resolve(ref: str, model_name: str, dst: Path) -> tuple[Reference | None, str
     """The reference ``ref`` names, or (None, why) when there is none to compare with yet
     (no champion, a version registered before graft kept references). A named version or
     folder that does not exist is a GraftError."""
-    from graft.training.teacher import parse_reference
+    from graft.config.params import parse_reference
 
     where = parse_reference(ref, model_name, "drift.reference", "reference directory", "reference folder (data/reference of a run)")
     if isinstance(where, Path):
@@ -574,13 +546,14 @@ def folder_items(kind, path: Path, classes: list[str], text_column: str | None =
 def source_items(root: Path, params_path: Path) -> list[tuple[str | None, Any]]:
     """The samples of ``ingest.path`` as ingest would read them, with their classes (the
     data sensor's drift check: before ingest, without copying anything)."""
+    from graft.config.params import IngestParams
     from graft.data import sources
-    from graft.data.snapshot import IngestParams, source_path
+    from graft.data.snapshot import source_path
 
     ip = load_section(IngestParams, "ingest", params_path)
     if sources.is_url(ip.path):
         raise GraftError(f"ingest.path {ip.path} is a URL: the drift check of the data sensor reads a local source")
-    kind = ip.modality
+    kind = modalities.for_source(ip.source)
     source = kind.read_source(ip, source_path(ip, root))
     dropped = set(ip.drop_classes or ())
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from graft.base import fsio
+from graft.base import plots
 from graft.models import modeling
 
 ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al., 2017)
@@ -67,23 +67,8 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dic
 # --- plots ---------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with fsio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-
-
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
-    plt = _plt()
+    plt = plots.pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.55 * n))
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -94,14 +79,14 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test)")
-    _save(fig, path)
+    plots.save_png(fig, path)
 
 
 def reliability_figure(bins: list[dict[str, float]], ece: float):
     """Bars: accuracy per confidence bin, drawn over the bin, with its sample count on
     top; dots: each bin's (mean confidence, accuracy), which lie on the diagonal when the
     model is calibrated."""
-    plt = _plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
@@ -119,18 +104,7 @@ def reliability_figure(bins: list[dict[str, float]], ece: float):
 
 
 def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> None:
-    _save(reliability_figure(bins, ece), path)
-
-
-def worst_mistakes(y: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` wrong predictions made with the highest confidence (ties: the
-    earlier sample first); each modality presents them its own way."""
-    pred = probs.argmax(1)
-    wrong = np.flatnonzero(pred != y)
-    return wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:k]
-
-
-# --- the thin main -------------------------------------------------------------------------
+    plots.save_png(reliability_figure(bins, ece), path)
 
 
 def measure_serving(model_dir: Path, raw_dir: Path, prepared_dir: Path) -> dict[str, float]:

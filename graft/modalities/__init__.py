@@ -48,9 +48,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
+from graft.base import fsio
 from graft.base.errors import GraftError
 
 # ingest.source -> modality. One table, so the params check, ingest and the docs agree.
@@ -112,7 +116,21 @@ def for_source(source: str) -> ModuleType:
     return get(of_source(source))
 
 
+def of_folder(data_dir: Path) -> ModuleType:
+    """The modality module of a snapshot or prepared folder (its ``meta.json``)."""
+    meta = data_dir / "meta.json"
+    return get(fsio.read_json(meta).get("modality") if meta.is_file() else None)
+
+
 # --- what several modalities share ------------------------------------------------------
+
+
+def worst_mistakes(y: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` wrong predictions made with the highest confidence (ties: the
+    earlier sample first); each modality presents them its own way."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    return wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:k]
 
 SPLIT_DIRS = ("train", "test")
 

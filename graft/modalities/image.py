@@ -141,7 +141,7 @@ def expectations(df, params, context) -> list[tuple[str, Any]]:
 
 def check_backbone(backbone) -> None:
     """Cheap: ``load_pretrained.source`` names a kind of image backbone (before a run starts)."""
-    from graft.models.backbone import PACKAGED, parse_source
+    from graft.modalities.backbone import PACKAGED, parse_source
 
     kind, value = parse_source(backbone.source)
     if kind == "packaged" and value not in PACKAGED:
@@ -152,7 +152,7 @@ def check_backbone(backbone) -> None:
 def input_spec(pre, backbone, assets: Path) -> dict[str, Any]:
     """How raw bytes become pixels: preprocess's size and resizing, the backbone's
     interpolation (mean and std are added by ``build``, from the same config)."""
-    from graft.models.backbone import preprocessing_config, resolve_architecture
+    from graft.modalities.backbone import preprocessing_config, resolve_architecture
 
     interpolation = preprocessing_config(resolve_architecture(backbone)).interpolation
     return {"image_size": pre.image_size, "interpolation": interpolation, "resize": pre.resize}
@@ -195,8 +195,8 @@ def from_raw(data: bytes) -> bytes:
 
 
 def build(params, num_classes: int, spec: dict[str, Any], assets: Path) -> Built:
-    from graft.models.backbone import build as build_timm
-    from graft.models.backbone import preprocessing_config, resolve_architecture
+    from graft.modalities.backbone import build as build_timm
+    from graft.modalities.backbone import preprocessing_config, resolve_architecture
 
     architecture = resolve_architecture(params)
     backbone = build_timm(params, num_classes=num_classes, seed=params.seed)
@@ -351,9 +351,10 @@ def mix(batch: np.ndarray, rng: np.random.Generator, p) -> tuple[np.ndarray, tup
 def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], prepared: Path,
                      out_dir: Path, k: int = 16) -> list[Path]:  # fmt: skip
     """The ``k`` wrong predictions made with the highest confidence, as a grid."""
-    from graft.evaluation.metrics import _plt, _save, worst_mistakes
+    from graft.base import plots
+    from graft.modalities import worst_mistakes
 
-    plt = _plt()
+    plt = plots.pyplot()
     pred = probs.argmax(1)
     worst = worst_mistakes(y, probs, k)
     cols = 4
@@ -368,7 +369,7 @@ def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: l
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center")
     fig.suptitle("most confident mistakes (test)")
     path = out_dir / "worst_mistakes.png"
-    _save(fig, path)
+    plots.save_png(fig, path)
     return [path]
 
 

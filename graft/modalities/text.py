@@ -243,7 +243,7 @@ def token_counts(raw_dir: Path, members: list[str], tokenizer, chunk: int = 1024
     """Tokens per text (special tokens included), in ``members`` order; None where the
     text does not decode (another check names it). The snapshot is read and tokenized
     ``chunk`` texts at a time: only the counts stay in memory."""
-    from graft.data.snapshot import SNAPSHOT, iter_snapshot
+    from graft.base.archive import SNAPSHOT, iter_snapshot
 
     counts: dict[str, int | None] = {}
     pending: list[tuple[str, str]] = []
@@ -289,9 +289,7 @@ def expectations(df, params, context) -> list[tuple[str, Any]]:
          gxe.ExpectColumnValuesToBeInSet(column="in_train_and_test_normalised", value_set=[False])),
     ]  # fmt: skip
     if context and context.get("params") is not None and "member" in df:
-        from graft.config.params import load_section
-        from graft.data.splits import PreprocessParams
-        from graft.models.backbone import LoadPretrainedParams
+        from graft.config.params import LoadPretrainedParams, PreprocessParams, load_section
 
         limit = load_section(PreprocessParams, "preprocess", context["params"]).max_length
         backbone = load_section(LoadPretrainedParams, "load_pretrained", context["params"])
@@ -347,7 +345,7 @@ def _hf_offline_hint(model_id: str) -> str:
 def _hub_check(model_id: str) -> None:
     import os
 
-    from graft.models.backbone import hub_unreachable
+    from graft.modalities.backbone import hub_unreachable
 
     if not os.environ.get("HF_HUB_OFFLINE"):
         reason = hub_unreachable()
@@ -662,7 +660,7 @@ def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: l
     max_length cut), which is what explains the mistake."""
     from tokenizers import Tokenizer
 
-    from graft.evaluation.metrics import worst_mistakes
+    from graft.modalities import worst_mistakes
 
     meta = fsio.read_json(prepared / "meta.json")
     tok = Tokenizer.from_file(str(prepared / "assets" / meta["input"]["tokenizer"]))

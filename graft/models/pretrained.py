@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from graft import modalities
 from graft.base import fsio
-from graft.data.snapshot import read_modality
+from graft.config.params import LoadPretrainedParams
 from graft.models import modeling
-from graft.models.backbone import LoadPretrainedParams
 
 
 def load_pretrained(params: LoadPretrainedParams, prepared: Path, assets: Path, seed: int | None = None):
@@ -28,7 +28,7 @@ def load_pretrained(params: LoadPretrainedParams, prepared: Path, assets: Path, 
     if seed is not None:
         params = dataclasses.replace(params, seed=seed)
     meta = fsio.read_json(prepared / "meta.json")
-    modality = read_modality(prepared)
+    modality = modalities.of_folder(prepared)
     if (prepared / modeling.ASSETS).is_dir():
         shutil.copytree(prepared / modeling.ASSETS, assets, dirs_exist_ok=True)
     assets.mkdir(parents=True, exist_ok=True)

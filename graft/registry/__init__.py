@@ -1,1 +1,2 @@
-"""Registry: logging a candidate, the promotion gate, aliases with their history."""
+"""The registry: versions and aliases with their history (kill-safe moves, repair,
+permissions), and loading registered teachers."""

@@ -1,4 +1,4 @@
-"""The model registry's rules: aliases with a history, and the promotion gate.
+"""The model registry's rules: aliases with a history.
 
 MLflow keeps no history of alias moves, so graft records every move (when, which alias,
 from which version to which, why, by which run and user) as a tag on the registered
@@ -9,9 +9,7 @@ a move is written as ``intended`` before the alias moves and marked ``done`` aft
 version carries ``graft.state=pending`` until its alias is set. :func:`repair` finishes or
 undoes whatever a killed process left: a move whose alias did change is marked done, one
 whose alias did not is marked aborted, and a pending version that never got its alias is
-deleted. The gate compares models on
-the same images with the same code: each model is loaded as the registered pyfunc and
-scores the raw test images, so each applies its own preprocessing.
+deleted.
 """
 
 from __future__ import annotations
@@ -19,100 +17,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
-
-import numpy as np
 
 from graft.base.errors import GraftError, fault_point
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_PREFIX = "graft.alias_history."
 STATE_TAG = "graft.state"  # on a model version: pending until its alias is set, then ready
-
-
-# --- the gate (pure) ---------------------------------------------------------------------
-
-
-def mcnemar(candidate_correct: np.ndarray, champion_correct: np.ndarray) -> dict[str, float]:
-    """Exact two-sided McNemar test on paired per-sample correctness.
-
-    ``b``: samples the candidate gets right and the champion wrong; ``c``: the reverse.
-    Under "equally good", b ~ Binomial(b + c, 1/2)."""
-    from scipy.stats import binomtest
-
-    b = int(np.sum(candidate_correct & ~champion_correct))
-    c = int(np.sum(~candidate_correct & champion_correct))
-    p_value = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
-    return {"b": b, "c": c, "p_value": float(p_value)}
-
-
-@dataclass(frozen=True)
-class GateParams:
-    min_accuracy: float  # absolute floor on test accuracy for a champion
-    min_improvement: float  # accuracy points the candidate must gain over the champion
-    require_significance: bool  # also require McNemar's p < alpha
-    alpha: float
-    max_latency_ms: float | None = None  # a champion predicts one sample within this (batch 1)
-
-
-@dataclass
-class Decision:
-    promote: bool
-    reason: str
-    candidate_accuracy: float
-    champion_version: str | None
-    champion_accuracy: float | None
-    mcnemar: dict[str, float] | None
-    n: int
-    replaces_challenger: str | None = None  # the challenger this candidate displaces, if any
-    # serving cost measured side by side in the deciding process (graft.models.serving.serving_cost)
-    candidate_serving: dict[str, float] | None = None
-    champion_serving: dict[str, float] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def decide(candidate_correct: np.ndarray, champion_correct: np.ndarray | None, champion_version: str | None,
-           gate: GateParams, incompatible: str | None = None, candidate_version: str | None = None,
-           serving: tuple[dict[str, float] | None, dict[str, float] | None] = (None, None)) -> Decision:  # fmt: skip
-    """Champion or not, and why. Both scores and the paired test are always reported when
-    there is a champion. ``incompatible`` names why the champion could not be scored on
-    this data (another class list, say); the candidate is then not promoted automatically.
-    ``serving``: the candidate's and the champion's serving cost, measured side by side;
-    with ``gate.max_latency_ms`` set, a candidate slower than that at batch 1 stays out."""
-    n = int(len(candidate_correct))
-    acc = float(candidate_correct.mean()) if n else 0.0
-    champ = float(champion_correct.mean()) if champion_correct is not None else None
-    test = mcnemar(candidate_correct, champion_correct) if champion_correct is not None else None
-
-    def result(promote: bool, reason: str) -> Decision:
-        return Decision(promote, reason, acc, champion_version, champ, test, n, None, *serving)
-
-    if incompatible:
-        return result(False, f"the champion cannot be compared on this data ({incompatible}); "
-                             f"promote explicitly with `graft promote {candidate_version or 'VERSION'} --force`")  # fmt: skip
-    if acc < gate.min_accuracy:
-        return result(False, f"test accuracy {acc:.4f} is below register.min_accuracy {gate.min_accuracy}")
-    if gate.max_latency_ms is not None:
-        if serving[0] is None:
-            raise ValueError("register.max_latency_ms is set: the candidate's latency must be measured")
-        latency = serving[0]["latency_ms_b1"]
-        if latency > gate.max_latency_ms:
-            beside = f" (champion v{champion_version}: {serving[1]['latency_ms_b1']:.2f} ms)" if serving[1] else ""
-            return result(False, f"latency {latency:.2f} ms per sample at batch 1 exceeds register.max_latency_ms "
-                                 f"{gate.max_latency_ms:g}{beside}")  # fmt: skip
-    if champ is None or test is None:
-        return result(True, f"first champion: test accuracy {acc:.4f} >= register.min_accuracy {gate.min_accuracy}")
-    gain = acc - champ
-    if gain <= 0 or gain < gate.min_improvement:
-        return result(False, f"accuracy {acc:.4f} does not beat the champion's {champ:.4f} "
-                             f"by register.min_improvement {gate.min_improvement} (gain {gain:+.4f})")  # fmt: skip
-    if gate.require_significance and test["p_value"] >= gate.alpha:
-        return result(False, f"gain {gain:+.4f} is not significant (McNemar p = {test['p_value']:.3g} >= alpha {gate.alpha})")
-    return result(True, f"accuracy {acc:.4f} beats the champion's {champ:.4f} by {gain:+.4f} (McNemar p = {test['p_value']:.3g})")
 
 
 # --- aliases with history (MLflow) ---------------------------------------------------------

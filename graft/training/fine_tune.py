@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -40,75 +40,8 @@ from graft.base import distributed, fsio
 from graft.base.arrays import NpyReader, NpyWriter
 from graft.base.errors import GraftError, fault_point, progress
 from graft.base.threads import ThreadSizer
-from graft.config.params import load_section
+from graft.config.params import FineTuneParams, load_section
 from graft.models import modeling
-
-# Levers that change a training image's pixels: images only, and not on cached features.
-PIXEL_LEVERS = ("mixup_alpha", "cutmix_alpha", "erase_prob", "randaug_ops")
-
-
-def pixel_names(keys: list[str]) -> str:
-    return " and ".join(f"fine_tune.{k}" for k in keys)
-
-
-@dataclass(frozen=True)
-class FineTuneParams:
-    mode: Literal["feature_extraction", "partial", "full"]
-    epochs: int  # upper bound; early stopping may end sooner
-    batch_size: int
-    lr: float  # peak learning rate of the head (after warm-up)
-    weight_decay: float  # AdamW's decoupled decay
-    warmup_epochs: float  # linear warm-up, then cosine decay to zero
-    label_smoothing: float
-    patience: int  # epochs without a better validation accuracy before stopping
-    seed: int
-    frozen_groups: int = 0  # partial: leading layer groups kept frozen (group 0: stem / embeddings)
-    head_epochs: int = 0  # gradual unfreezing: epochs that train the head alone first
-    lr_decay: float = 1.0  # discriminative LRs: group k below the head gets lr * lr_decay**k
-    hflip: bool = True  # images: augmentation by random horizontal flip
-    crop_padding: int = 0  # images: augmentation by a random crop after padding by this many pixels
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    channels_last: bool = True  # 1.5 to 2.7 times faster on CPU (stack-notes.md)
-    eval_batch_size: int = 256  # predictions per batch: validation here, the test split in evaluate
-    nproc: int = 1  # processes (ranks) under torchrun with DistributedDataParallel; batch_size stays the global batch
-    sync_batchnorm: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
-    ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights (0.999, say)
-    min_image_size: int | None = None  # images: progressive resizing, the first epoch at this size, growing to full
-    tta: str = "none"  # none | a test-time view of the modality (images: hflip), saved with the model
-    mixup_alpha: float = 0.0  # images: >0 blends each training image with another, weight ~ Beta(a, a)
-    cutmix_alpha: float = 0.0  # images: >0 pastes a box of another image, area ~ Beta(a, a); both >0: one per batch
-    erase_prob: float = 0.0  # images: each training image gets a random box of noise with this probability
-    randaug_ops: int = 0  # images: RandAugment, this many random ops per training image (timm's); 0 = off
-    randaug_magnitude: int = 9  # their strength on timm's scale, 0 to 10 (drawn around it, std 0.5)
-
-    def validate(self) -> None:
-        checks = {  # key: (valid, what is)
-            "epochs": (self.epochs >= 1, "1 or more"), "batch_size": (self.batch_size >= 1, "1 or more"),
-            "lr": (self.lr > 0, "above 0"), "patience": (self.patience >= 1, "1 or more"),
-            "frozen_groups": (self.frozen_groups >= 0, "0 or more"), "head_epochs": (self.head_epochs >= 0, "0 or more"),
-            "lr_decay": (0 < self.lr_decay <= 1, "above 0, at most 1"),
-            "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"), "crop_padding": (self.crop_padding >= 0, "0 or more"),
-            "label_smoothing": (0 <= self.label_smoothing < 1, "0 or more, below 1"),
-            "eval_batch_size": (self.eval_batch_size >= 1, "1 or more"), "nproc": (self.nproc >= 1, "1 or more"),
-            "ema_decay": (0 <= self.ema_decay < 1, "0 (off) or more, below 1"),
-            "min_image_size": (self.min_image_size is None or self.min_image_size >= 8, "null (off) or 8 or more"),
-            "mixup_alpha": (self.mixup_alpha >= 0, "0 (off) or more"), "cutmix_alpha": (self.cutmix_alpha >= 0, "0 (off) or more"),
-            "erase_prob": (0 <= self.erase_prob <= 1, "0 to 1"),
-            "randaug_ops": (0 <= self.randaug_ops <= 10, "0 (off) to 10"),
-            "randaug_magnitude": (0 <= self.randaug_magnitude <= 10, "0 to 10"),
-        }  # fmt: skip
-        for key, (ok, allowed) in checks.items():
-            if not ok:
-                raise GraftError(f"params.yaml: fine_tune.{key} has an invalid value: {getattr(self, key)!r} (allowed: {allowed})")
-        pixel = self.pixel_levers()
-        if self.mode == "feature_extraction" and pixel:
-            raise GraftError(f"params.yaml: {pixel_names(pixel)} {'need' if len(pixel) > 1 else 'needs'} mode partial or "
-                             "full: feature_extraction trains the head on cached features of the unaugmented samples; "
-                             f"set {'them' if len(pixel) > 1 else 'it'} to 0")  # fmt: skip
-
-    def pixel_levers(self) -> list[str]:
-        """The keys of :data:`PIXEL_LEVERS` this run sets."""
-        return [k for k in PIXEL_LEVERS if getattr(self, k)]
 
 
 @dataclass
@@ -708,12 +641,13 @@ TEACHER_KEYS = ("reference", "model_name", "version", "run_id", "training_run_id
 def load_distillation(teacher_dir: Path, prepared: Path, params_path: Path) -> tuple[Distillation | None, list[dict[str, Any]]]:
     """The teach stage's soft labels, checked against this training split, with the
     distill params; (None, []) when there is no teacher."""
+    from graft.config.params import DistillParams
     from graft.training import teacher as teach
 
     info, logits_path = teach.read(teacher_dir)
     if logits_path is None:
         return None, []
-    p = load_section(teach.DistillParams, "distill", params_path)
+    p = load_section(DistillParams, "distill", params_path)
     if info.get("train_ids_sha256") != fsio.sha256_file(prepared / "train_ids.npy"):
         raise GraftError(f"{teacher_dir}: the teacher's soft labels are for other training samples than {prepared}; "
                          "rerun the teach stage (`dvc repro teach`)")  # fmt: skip

@@ -1,5 +1,6 @@
-"""Stage ``teach``: a teacher's soft predictions on the training samples, for
-knowledge distillation (``distill`` in params.yaml; ``fine_tune`` trains the student).
+"""The teacher of knowledge distillation: its soft predictions on the training samples
+(``distill`` in params.yaml; ``fine_tune`` trains the student), and the record of who
+taught a student. Loading a registered teacher is :mod:`graft.registry.teachers`.
 
 The teacher is a registered model (``champion`` or another alias of
 ``register.model_name``, ``name@alias``, ``name/version``, a bare version number), a
@@ -23,7 +24,6 @@ distil from the new champion, ``dvc repro -f teach`` (or pin ``name/version``).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,28 +40,6 @@ LOGITS, INFO = "logits.npy", "teacher.json"
 BATCH = 64
 
 
-@dataclass(frozen=True)
-class DistillParams:
-    teacher: str | list[str] | None = None  # None: no distillation (a list arrives as a tuple)
-    temperature: float = 4.0  # softens both distributions; the KL term is scaled by T^2
-    alpha: float = 0.7  # weight of the teacher's term; 1 - alpha goes to the labels' cross-entropy
-
-    def validate(self) -> None:
-        if not self.temperature > 0:
-            raise GraftError(f"params.yaml: distill.temperature must be > 0, got {self.temperature!r}")
-        if not 0 <= self.alpha <= 1:
-            raise GraftError(f"params.yaml: distill.alpha must be between 0 and 1, got {self.alpha!r}")
-        if self.teacher is not None and not isinstance(self.teacher, str) and not self.teacher:
-            raise GraftError("params.yaml: distill.teacher is an empty list; use null for no teacher")
-        for ref in self.references:
-            if not ref.strip():
-                raise GraftError("params.yaml: distill.teacher has an empty entry")
-
-    @property
-    def references(self) -> list[str]:
-        if self.teacher is None:
-            return []
-        return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
 
 
 @dataclass
@@ -79,79 +57,6 @@ class Teacher:
         return {"reference": self.reference, **self.lineage, "architecture": self.cfg.architecture,
                 "modality": self.cfg.modality, "input": self.cfg.input, "classes": list(self.cfg.classes),
                 "weights_sha256": fsio.sha256_file(self.model_dir / modeling.WEIGHTS)}  # fmt: skip
-
-
-_VERSION = re.compile(r"^(?:(?P<name>[^/@\s]+)/)?(?P<version>\d+)$")
-_ALIAS = re.compile(r"^(?:(?P<name>[^/@\s]+)@)?(?P<alias>[A-Za-z_][\w-]*)$")
-
-
-def parse_reference(ref: str, model_name: str, key: str = "distill.teacher", what: str = "model directory",
-                    folder: str = "graft model folder (with model.json and weights.pt, e.g. models/fine_tuned of another project)",
-                    ) -> tuple[str, str, str] | Path:  # fmt: skip
-    """A directory (a path that exists, or one written like a path), or a registry
-    reference as (name, "version" | "alias", value); bare versions and aliases belong to
-    ``model_name``. ``key``, ``what`` and ``folder`` say in messages which param it is and what it wants."""
-    ref = ref.strip()
-    looks_like_path = ref.startswith(("/", "./", "../", "~")) or ref.endswith("/")
-    path = Path(ref).expanduser()
-    if path.exists() or looks_like_path:
-        if not path.is_dir():
-            raise GraftError(f"{key}: {ref}: no such {what}. Name a {folder} "
-                             "or a registered model (champion, name@alias, name/version).")  # fmt: skip
-        return path
-    if m := _VERSION.match(ref):
-        return (m["name"] or model_name, "version", m["version"])
-    if m := _ALIAS.match(ref):
-        return (m["name"] or model_name, "alias", m["alias"])
-    raise GraftError(f"{key}: '{ref}' is neither a {what} nor a registry reference "
-                     "(champion, name@alias, name/version, a version number)")  # fmt: skip
-
-
-def load_teacher(ref: str, model_name: str) -> Teacher:
-    """Load one teacher; every way it can fail is a GraftError naming the reference."""
-    where = parse_reference(ref, model_name)
-    if isinstance(where, Path):
-        try:
-            model, cfg = modeling.load(where)
-            encoder = cfg.kind.Encoder(cfg.input, where / modeling.ASSETS)
-        except GraftError as e:
-            raise GraftError(f"distill.teacher: {ref}: {e}") from None
-        except Exception as e:
-            raise GraftError(f"distill.teacher: {ref}: the model cannot be loaded ({type(e).__name__}: {e}); "
-                             "is it a complete graft model directory, saved by this graft?") from None  # fmt: skip
-        return Teacher(ref, model, cfg, encoder, where, {"model_dir": str(where.resolve())})
-    return _load_registered(ref, *where)
-
-
-def _load_registered(ref: str, name: str, kind: str, value: str) -> Teacher:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from graft.registry import rules as registry
-    from graft.tracking import runs as tracking
-
-    tracking.configure()
-    client = mlflow.MlflowClient()
-    try:
-        mv = client.get_model_version_by_alias(name, value) if kind == "alias" else client.get_model_version(name, value)
-    except MlflowException as e:
-        what = f"no version with alias '{value}'" if kind == "alias" else f"no version {value}"
-        raise GraftError(f"distill.teacher: '{ref}': registered model '{name}' has {what} "
-                         f"({e.error_code}). `graft status` lists the versions and aliases.") from None  # fmt: skip
-    if mv.tags.get(registry.STATE_TAG) == "pending":
-        raise GraftError(f"distill.teacher: '{ref}': {name} v{mv.version} is still being registered "
-                         "(or its registration was interrupted); pick another version") from None  # fmt: skip
-    uri = f"models:/{name}/{mv.version}"
-    from graft.models import serving  # mlflow.pyfunc: 1.5 to 2 s of import, only when a model is loaded
-
-    try:
-        wrapper = serving.load_registered(uri).unwrap_python_model()
-        model, cfg, encoder, model_dir = wrapper.model, wrapper.cfg, wrapper.encoder, wrapper.model_dir
-    except Exception as e:
-        raise GraftError(f"distill.teacher: '{ref}': {uri} cannot be loaded ({type(e).__name__}: {e})") from None
-    lineage = {"model_name": name, "version": str(mv.version), "run_id": mv.run_id,
-               "training_run_id": mv.tags.get("training_run_id") or mv.run_id}  # fmt: skip
-    return Teacher(ref, model, cfg, encoder, model_dir, lineage)
 
 
 def class_order(teacher: Teacher, classes: list[str], modality: str) -> np.ndarray:

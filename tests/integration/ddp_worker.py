@@ -11,10 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from graft.base import distributed
-from graft.config.params import load_section
+from graft.config.params import FineTuneParams, load_section
 from graft.data.splits import load_split
 from graft.models import modeling
-from graft.training.fine_tune import FineTuneParams, Split, train
+from graft.training.fine_tune import Split, train
 
 
 def main() -> None:

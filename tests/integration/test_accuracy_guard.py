@@ -30,13 +30,12 @@ def tiny_run(work: Path, seed: int = 0, mode: str | None = None) -> float:
     the test accuracy."""
     import torch
 
-    from graft.config.params import load_section
-    from graft.data.snapshot import IngestParams, ingest
-    from graft.data.splits import PreprocessParams, load_split, preprocess
+    from graft.config.params import FineTuneParams, IngestParams, LoadPretrainedParams, PreprocessParams, load_section
+    from graft.data.snapshot import ingest
+    from graft.data.splits import load_split, preprocess
     from graft.models import modeling
-    from graft.models.backbone import LoadPretrainedParams
     from graft.models.pretrained import load_pretrained
-    from graft.training.fine_tune import FineTuneParams, Split, train
+    from graft.training.fine_tune import Split, train
 
     torch.set_num_threads(2)
     params = ROOT / "params.yaml"

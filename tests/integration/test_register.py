@@ -4,13 +4,13 @@ after the version is created undoes it and leaves the aliases as they were."""
 import pytest
 
 from graft.base.errors import GraftError
-from graft.data.snapshot import IngestParams, ingest
-from graft.data.splits import PreprocessParams, preprocess
+from graft.config.params import IngestParams, LoadPretrainedParams, PreprocessParams, RegisterParams
+from graft.data.snapshot import ingest
+from graft.data.splits import preprocess
 from graft.models import modeling
-from graft.models.backbone import LoadPretrainedParams
 from graft.models.pretrained import load_pretrained
+from graft.promotion.register import register
 from graft.registry import rules as registry
-from graft.registry.register import RegisterParams, register
 from tests.conftest import make_image_folder
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):
     import numpy as np
 
     from graft.base import images
-    from graft.registry.gate import load_test_samples
+    from graft.promotion.gate import load_test_samples
 
     model_dir, raw, prepared, run_id = candidate
     candidate_model, candidate_cfg = modeling.load(model_dir)
@@ -114,7 +114,7 @@ def test_registered_model_flips_at_test_time_by_default_and_on_request_not(candi
     import numpy as np
     from PIL import Image
 
-    from graft.registry.gate import load_test_samples
+    from graft.promotion.gate import load_test_samples
     from graft.training.fine_tune import with_tta
 
     model_dir, raw, prepared, run_id = candidate

@@ -92,8 +92,8 @@ def test_an_ssh_url_source_is_read_through_dvc_and_tracked_as_a_dependency(sshd,
 
     from flows.fingerprint import fingerprint
     from graft.base.errors import GraftError
-    from graft.config.params import load_section
-    from graft.data.snapshot import IngestParams, check_source
+    from graft.config.params import IngestParams, load_section
+    from graft.data.snapshot import check_source
     from tests.conftest import make_image_folder, write_image
 
     home = tmp_path / "home"  # this machine's user: the key at ssh's default place, the host known

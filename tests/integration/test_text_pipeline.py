@@ -86,7 +86,7 @@ def test_text_run_trains_tracks_and_registers(text_run):
     # The registered model predicts from raw strings, exactly as evaluate scored them.
     version = client.get_model_version_by_alias("graft-classifier", "champion")
     pyfunc = mlflow.pyfunc.load_model("models:/graft-classifier@champion")
-    from graft.registry.gate import load_test_samples
+    from graft.promotion.gate import load_test_samples
 
     samples = load_test_samples(project / "data/raw", project / "data/prepared").frame()
     assert list(samples.columns) == ["text"] and isinstance(samples["text"][0], str)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from graft.base.errors import GraftError
-from graft.models.backbone import LoadPretrainedParams, build, lite0_to_timm_keys, preprocessing_config
+from graft.config.params import LoadPretrainedParams
+from graft.modalities.backbone import build, lite0_to_timm_keys, preprocessing_config
 
 ARCH = "tf_efficientnet_lite0"
 EGYPTIAN_CAT = 285  # ImageNet-1k class index

@@ -3,8 +3,7 @@ from typing import Literal
 
 import pytest
 
-from graft.config.params import ParamsError, load_section, parse, read_params, set_override
-from graft.data.snapshot import IngestParams
+from graft.config.params import IngestParams, ParamsError, load_section, parse, read_params, set_override
 
 
 @dataclass(frozen=True)

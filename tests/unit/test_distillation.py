@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from graft.base.errors import GraftError
-from graft.config.params import ParamsError, parse
-from graft.training.teacher import DistillParams, parse_reference
+from graft.config.params import DistillParams, ParamsError, parse, parse_reference
 
 
 def test_distillation_loss_by_its_definition():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from graft.base.errors import GraftError
+from graft.config.params import DriftParams
 from graft.drift.gate import (
-    DriftParams,
     backbone_sha256,
     choose,
     compare,
@@ -180,10 +180,10 @@ def test_class_folders_label_the_samples(tmp_path):
 @pytest.fixture(scope="module")
 def lite0_identity(tmp_path_factory):
     """The identity the drift stage records for the packaged backbone at 32 px."""
+    from graft.config.params import LoadPretrainedParams
     from graft.drift.gate import identity_of
     from graft.modalities import image
     from graft.models import modeling
-    from graft.models.backbone import LoadPretrainedParams
 
     lp = LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0", 0.2, 42)
     spec = {"image_size": 32, "interpolation": "bicubic", "resize": "center_crop"}

@@ -82,15 +82,21 @@ def test_dvc_yaml_lists_every_module_a_stage_can_run(stage):
     spec = dvc_stages()[stage]
     entry = re.search(r"python -m (stages\.\w+)", spec["cmd"]).group(1)
     code_deps = [d for d in spec["deps"] if isinstance(d, str) and d.split("/")[0] in LIBRARY]
-    missing = sorted(str(p) for p in closure(entry) if not covered(p, code_deps))
+    files = closure(entry)
+    missing = sorted(str(p) for p in files if not covered(p, code_deps))
     assert not missing, f"dvc.yaml: stage {stage} runs {missing} but does not list them under deps"
+    # and nothing more: a folder the stage never imports would rerun it for nothing
+    unused = sorted(d for d in code_deps if not any(covered(p, [d]) for p in files))
+    assert not unused, f"dvc.yaml: stage {stage} lists {unused} under deps but never imports them"
 
 
-def test_the_closure_sees_function_level_imports():
-    # stage_main imports tracking at the top; fine_tune's entry reaches the training loop
+def test_the_closure_sees_function_level_imports_and_the_modality_registry():
     files = closure("stages.fine_tune")
     assert Path("graft/training/fine_tune.py") in files
     assert Path("graft/modalities/text.py") in files  # found through the modality registry
+    # the layers keep the gate out of the stages before register: editing it reruns register only
+    assert Path("graft/promotion/gate.py") not in closure("stages.drift")
+    assert Path("graft/promotion/gate.py") in closure("stages.register")
 
 
 def test_editing_library_code_a_stage_runs_makes_dvc_rerun_it(tmp_path):
@@ -107,6 +113,11 @@ def test_editing_library_code_a_stage_runs_makes_dvc_rerun_it(tmp_path):
     dvc(project, "commit", "--force", "preprocess")
     assert json.loads(dvc(project, "status", "--json", "preprocess").stdout) == {}
 
+    # code preprocess never runs (the promotion gate) leaves it up to date
+    gate = project / "graft" / "promotion" / "gate.py"
+    gate.write_text(gate.read_text() + "\n# edited\n")
+    assert json.loads(dvc(project, "status", "--json", "preprocess").stdout) == {}
+
     splits = project / "graft" / "data" / "splits.py"
     text = splits.read_text()
     assert "def assign_splits(" in text
@@ -114,4 +125,4 @@ def test_editing_library_code_a_stage_runs_makes_dvc_rerun_it(tmp_path):
     status = json.loads(dvc(project, "status", "--json", "preprocess").stdout)
     changed = [c for entry in status.get("preprocess", []) if isinstance(entry, dict)
                for c in entry.get("changed deps", {})]  # fmt: skip
-    assert "graft" in changed, status
+    assert "graft/data" in changed, status

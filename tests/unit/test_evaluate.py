@@ -73,10 +73,10 @@ def test_evaluate_refuses_a_model_with_non_finite_outputs(tmp_path, capsys):
     was retried for nothing): now it is bad input, exit 2, with the likely cause."""
     import torch
 
-    from graft.data.snapshot import IngestParams, ingest
-    from graft.data.splits import PreprocessParams, preprocess
+    from graft.config.params import IngestParams, LoadPretrainedParams, PreprocessParams
+    from graft.data.snapshot import ingest
+    from graft.data.splits import preprocess
     from graft.models import modeling
-    from graft.models.backbone import LoadPretrainedParams
     from graft.models.pretrained import load_pretrained
     from stages.evaluate import main
     from tests.conftest import make_image_folder

@@ -9,8 +9,9 @@ import torch
 
 from graft.base.arrays import NpyReader
 from graft.base.errors import GraftError
+from graft.config.params import LoadPretrainedParams
+from graft.modalities.backbone import build
 from graft.models import modeling
-from graft.models.backbone import LoadPretrainedParams, build
 from graft.training.fine_tune import (
     FineTuneParams,
     Split,

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from graft.base.errors import GraftError
-from graft.data.snapshot import MANIFEST_COLUMNS, IngestParams, ingest, read_manifest, subsample
+from graft.config.params import IngestParams
+from graft.data.snapshot import MANIFEST_COLUMNS, ingest, read_manifest, subsample
 from graft.modalities import image
 from graft.modalities.image import read_fashion_mnist
 from tests.conftest import FASHION_MNIST, make_image_folder, requires_fashion_mnist, write_image

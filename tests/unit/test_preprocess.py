@@ -7,9 +7,9 @@ from PIL import Image
 
 from graft.base import images
 from graft.base.errors import GraftError
-from graft.data.snapshot import IngestParams, ingest
-from graft.data.splits import PreprocessParams, assign_splits, load_split, preprocess
-from graft.models.backbone import LoadPretrainedParams
+from graft.config.params import IngestParams, LoadPretrainedParams, PreprocessParams
+from graft.data.snapshot import ingest
+from graft.data.splits import assign_splits, load_split, preprocess
 from tests.conftest import make_image_folder
 
 BACKBONE = LoadPretrainedParams("tf_efficientnet_lite0", "packaged:efficientnet_lite0")
@@ -101,8 +101,9 @@ def test_a_split_with_one_class_is_refused_naming_it(tmp_path):
     """Class b has one image: it lands in train, so val holds class a alone. A model
     scored on one class is always right; preprocess stops and names the split."""
     from graft.base.errors import GraftError
-    from graft.data.snapshot import IngestParams, ingest
-    from graft.data.splits import PreprocessParams, preprocess
+    from graft.config.params import IngestParams, PreprocessParams
+    from graft.data.snapshot import ingest
+    from graft.data.splits import preprocess
     from tests.conftest import make_image_folder
 
     src = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=10)

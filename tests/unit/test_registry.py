@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from graft.registry.rules import GateParams, decide, mcnemar
+from graft.config.params import GateParams
+from graft.promotion.gate import decide, mcnemar
 
 GATE = GateParams(min_accuracy=0.5, min_improvement=0.01, require_significance=False, alpha=0.05)
 
@@ -65,7 +66,7 @@ def test_messages_name_the_real_version():
 
 
 def test_challenger_decision_does_not_offer_the_champion_alias():
-    from graft.registry.register import format_decision
+    from graft.promotion.register import format_decision
 
     lose = decide(vec(0, 1, 0, 0), vec(1, 1, 1, 1), "1", GATE, candidate_version="2")
     text = format_decision(lose, "m", "2")

@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 
+from graft import modalities
 from graft.base.errors import GraftError
-from graft.data.snapshot import IngestParams, ingest, read_manifest, read_modality
-from graft.data.validation import ValidateParams, validate
+from graft.config.params import IngestParams, LoadPretrainedParams, ValidateParams
+from graft.data.snapshot import ingest, read_manifest
+from graft.data.validation import validate
 from graft.modalities import text
-from graft.models.backbone import LoadPretrainedParams
 
 MINILM = LoadPretrainedParams("auto", "packaged:minilm-l6")
 VALIDATE = ValidateParams(min_per_class=2, max_imbalance=10.0, min_side=8, max_side=4096, on_class_change="fail")
@@ -48,7 +49,7 @@ def test_csv_table_rows_are_named_by_line_and_bad_rows_fail_by_name(tmp_path):
     data = ("\n".join(rows) + "\n").encode() + b'"caf\xe9 au lait",rotten,x\n'  # Latin-1, not UTF-8
     path.write_bytes(data)
     raw, manifest, classes, _ = snapshot(tmp_path, "texttable", path, drop_classes=("plot",))
-    assert read_modality(raw).NAME == "text"
+    assert modalities.of_folder(raw).NAME == "text"
     assert classes == ["fresh", "rotten"]  # the labels found, sorted, "plot" dropped
     assert len(manifest) == 11 and (manifest["split"] == "train").all()
     assert manifest.loc[0, "path"] == "reviews.csv:2"
@@ -123,7 +124,7 @@ def test_long_texts_warn_or_fail_by_parameter_counting_real_tokens(tmp_path):
 
 
 def test_encoder_tokenizes_bytes_and_strings_alike_truncates_and_pads(tmp_path):
-    from graft.data.splits import PreprocessParams
+    from graft.config.params import PreprocessParams
 
     pre = PreprocessParams(image_size=8, val_fraction=0.2, test_fraction=0.2, resize="squash", seed=0, max_length=8)
     spec = text.input_spec(pre, MINILM, tmp_path / "assets")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from graft.data.snapshot import IngestParams, ingest
-from graft.data.validation import ValidateParams, format_summary, validate
+from graft.config.params import IngestParams, ValidateParams
+from graft.data.snapshot import ingest
+from graft.data.validation import format_summary, validate
 from tests.conftest import make_image_folder
 
 PARAMS = ValidateParams(min_per_class=3, max_imbalance=5.0, min_side=8, max_side=4096, on_class_change="fail")

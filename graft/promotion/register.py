@@ -11,35 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import graft
 from graft.base import fsio
 from graft.base.errors import GraftError, fault_point
-from graft.config.params import read_params
-from graft.registry import gate
+from graft.config.params import RegisterParams, read_params
+from graft.promotion import gate
 from graft.registry import rules as registry
-
-
-@dataclass(frozen=True)
-class RegisterParams:
-    model_name: str  # registered model name in MLflow
-    min_accuracy: float  # a model below this test accuracy never becomes champion
-    min_improvement: float  # accuracy points a candidate must gain over the champion
-    require_significance: bool = False  # also require McNemar p < alpha
-    alpha: float = 0.05
-    max_latency_ms: float | None = None  # a champion must predict one sample within this (batch 1); None: no limit
-
-    def validate(self) -> None:
-        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
-            raise GraftError(f"params.yaml: register.max_latency_ms must be > 0 or null, got {self.max_latency_ms!r}")
-
-    @property
-    def gate(self) -> registry.GateParams:
-        return registry.GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha,
-                                   self.max_latency_ms)
 
 
 def pip_requirements(modality) -> list[str]:
@@ -80,7 +60,7 @@ def log_candidate(model_dir: Path, example):
     )
 
 
-def describe(name: str, version: str, decision: registry.Decision, metrics: dict[str, float], tags: dict[str, str]) -> str:
+def describe(name: str, version: str, decision: gate.Decision, metrics: dict[str, float], tags: dict[str, str]) -> str:
     """The model version's description in the registry: what it scores, on what data,
     what the gate decided, and where it came from."""
     alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
@@ -137,7 +117,7 @@ def log_drift(reference: Path | None, report_dir: Path | None) -> dict[str, str]
 
 def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: RegisterParams, run_id: str,
              tags: dict[str, str], metrics: dict[str, float], reference: Path | None = None,
-             drift_report: Path | None = None) -> tuple[registry.Decision, str]:  # fmt: skip
+             drift_report: Path | None = None) -> tuple[gate.Decision, str]:  # fmt: skip
     """Log, register, score, decide and set the alias; return the decision and the version.
     ``reference`` and ``drift_report`` (the drift stage's) go along with the model."""
     import mlflow
@@ -208,7 +188,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     return decision, version
 
 
-def format_decision(decision: registry.Decision, name: str, version: str) -> str:
+def format_decision(decision: gate.Decision, name: str, version: str) -> str:
     alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
     lines = [f"register: {name} v{version} -> {alias}", f"  reason: {decision.reason}",
              f"  candidate test accuracy {decision.candidate_accuracy:.4f} on {decision.n} test samples"]  # fmt: skip

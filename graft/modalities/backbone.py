@@ -15,18 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.base.errors import GraftError
-
-
-@dataclass(frozen=True)
-class LoadPretrainedParams:
-    # images: a timm model name, e.g. tf_efficientnet_lite0; texts: the encoder's model
-    # type (bert); auto: the one the source implies
-    architecture: str
-    # images: packaged:efficientnet_lite0 | file:<path> | timm:<name> | scratch:<architecture>
-    # texts: packaged:minilm-l6 | hf:<model id> | file:<folder> | scratch:<packaged name or folder>
-    source: str
-    drop_rate: float = 0.2  # dropout before the new classifier head
-    seed: int = 42  # initialises the new head (and the whole model for scratch:)
+from graft.config.params import LoadPretrainedParams
 
 
 @dataclass(frozen=True)
