@@ -75,8 +75,9 @@ def load_registered(uri: str):
 
     A model whose code is the pre-library ``stages`` package is loaded with today's
     ``stages`` modules set aside, then those are put back. The model's own modules stay
-    registered under their names for the lazy imports its code makes while predicting,
-    except where today's entry modules have the same name."""
+    registered under their names, and its code folder is searched after today's package,
+    for the imports its code makes while predicting (where a name is one of today's entry
+    modules, the entry module wins: old serving code imports none of them)."""
     import mlflow.pyfunc
 
     local = Path(mlflow.artifacts.download_artifacts(uri))
@@ -91,6 +92,9 @@ def load_registered(uri: str):
         return mlflow.pyfunc.load_model(str(local))
     finally:
         sys.modules.update(ours)
+        today = ours.get(LEGACY_PACKAGE)
+        if today is not None:  # what the model imports later (at predict time) is found in its code
+            today.__path__.append(str(local / "code" / LEGACY_PACKAGE))
 
 
 # --- what serving costs ----------------------------------------------------------------------
