@@ -289,6 +289,342 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@dataclass
+class Precision:
+    """Where a run computes and at what precision: bf16 autocast on a CUDA GPU that has it
+    (fp16 with a gradient scaler on one that has not), fp32 on the CPU, where bf16 measured
+    slower for these models."""
+
+    device: Any
+    enabled: bool
+    dtype: Any
+    scaler: Any
+
+    @classmethod
+    def on(cls, device) -> Precision:
+        import torch
+
+        enabled = device.type == "cuda"
+        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
+        return cls(device, enabled, dtype, torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16))
+
+    def autocast(self):
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.enabled)
+
+    def step(self, loss, weight: float, optimizer) -> None:
+        """Backward and an optimizer step (``weight``: this rank's share of the global batch)."""
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def place(model, p: FineTuneParams, rk: distributed.Rank):
+    """The device of this rank and the model on it (SyncBatchNorm under torchrun on GPUs
+    when asked, channels_last when asked); the process group joined when distributed."""
+    import torch
+
+    device = modeling.resolve_device(p.device)
+    if rk.distributed and device.type == "cuda":
+        device = torch.device("cuda", rk.local)  # one GPU per rank on its node
+    if rk.distributed and p.mode == "feature_extraction":
+        raise GraftError("fine_tune: feature_extraction trains the head on cached features in one process; "
+                         "set fine_tune.nproc to 1 for it")  # fmt: skip
+    if rk.distributed and p.sync_batchnorm:
+        if device.type != "cuda":
+            raise GraftError("params.yaml: fine_tune.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU "
+                             "kernel); on CPU leave it false: each rank normalises with its own slice's statistics")  # fmt: skip
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # same parameter and buffer names: it saves as the plain model
+    return model, device
+
+
+@dataclass
+class Progress:
+    """What a run has learnt about itself so far, and what a checkpoint carries of it:
+    each epoch's record, the best epoch by validation accuracy (ties: the lower NLL) with
+    its weights, and how many epochs have passed without a better one (early stopping)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_acc: float = -1.0
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_state: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, record: dict[str, Any], shipped) -> None:
+        self.history.append(record)
+        if record["val_accuracy"] > self.best_acc or (record["val_accuracy"] == self.best_acc and
+                                                      record["val_nll"] < self.best_loss):  # fmt: skip
+            self.best_acc, self.best_loss, self.best_epoch, self.bad_epochs = (record["val_accuracy"], record["val_nll"],
+                                                                               record["epoch"], 0)  # fmt: skip
+            self.best_state = {k: v.detach().cpu().clone() for k, v in shipped.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+
+    def patience_spent(self, p: FineTuneParams) -> bool:
+        return bool(self.history) and self.bad_epochs >= p.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history, "best_state": self.best_state, "best_acc": self.best_acc,
+                "best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, ck: dict[str, Any]) -> Progress:
+        return cls(ck["history"], ck["best_acc"], ck["best_loss"], ck["best_epoch"], ck["bad_epochs"], ck["best_state"])
+
+
+@dataclass
+class Loop:
+    """One training run's moving parts, composed by :func:`train`: the model and what the
+    batches go through (the model, or its DDP wrapper), the optimizer and its schedule,
+    the weight average, precision, the cached features of feature extraction."""
+
+    model: Any
+    cfg: modeling.ModelConfig
+    p: FineTuneParams
+    rk: distributed.Rank
+    precision: Precision
+    groups: list
+    active: list[int]
+    optimizer: Any
+    scheduler: Any
+    ema: WeightAverage | None
+    distill: Distillation | None = None
+    threads: ThreadSizer | None = None
+    on_step: Callable[[int, float], None] | None = None
+    cached: tuple[Any, Any] | None = None
+    net: Any = None
+    wrapped_for: list[int] | None = None
+
+    @property
+    def shipped(self):
+        """What validation judges is what ships: the weight average when there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+    # --- checkpoints ---
+
+    def checkpoint_state(self, run_key: str, epoch: int, progress: Progress, rngs, extra) -> dict[str, Any]:
+        import torch
+
+        return {
+            "run_key": run_key, "epoch": epoch, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "torch_rng_ranks": rngs, **progress.state(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}), **(extra or {}),
+        }  # fmt: skip
+
+    def resume(self, ck: dict[str, Any]) -> Progress:
+        """Model, optimizer, schedule, average and this rank's RNG as the checkpoint left them."""
+        import torch
+
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["ema"])
+        # Each rank's own RNG state where the checkpoint has it (a checkpoint of another
+        # world size, or older than graft's torchrun, has rank 0's alone).
+        rngs = ck.get("torch_rng_ranks") or []
+        torch.set_rng_state(rngs[self.rk.rank] if self.rk.distributed and self.rk.rank < len(rngs) else ck["torch_rng"])
+        return Progress.from_state(ck)
+
+    # --- one epoch ---
+
+    def wrap(self, unfrozen: list[int]) -> None:
+        """DDP fixes the parameters it synchronises when it is built: a new wrapper when
+        gradual unfreezing changes them (every rank at the same epoch)."""
+        if not self.rk.distributed or self.wrapped_for == unfrozen:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.net = None
+        device = self.precision.device
+        self.net = DistributedDataParallel(self.model, device_ids=[self.rk.local] if device.type == "cuda" else None)
+        self.wrapped_for = unfrozen
+
+    def batch_loss(self, split: Split, idx: np.ndarray, part, epoch: int, rng):
+        """The loss of one batch (this rank's slice of it), its logits and labels, the mixed
+        partners' labels and mix (None unmixed), and the input size (progressive resizing)."""
+        import torch
+        import torch.nn.functional as F
+
+        p, cfg, device, distill = self.p, self.cfg, self.precision.device, self.distill
+        y = torch.from_numpy(split.y[idx][part]).to(device)
+        mixed, size = None, None  # mixup / CutMix: (each sample's partner in the batch, the weight of its own label)
+        with self.precision.autocast():
+            if self.cached is not None:
+                feats = torch.from_numpy(self.cached[0][idx]).to(device)
+                drop = getattr(self.model, "drop_rate", 0.0)
+                logits = self.model.get_classifier()(F.dropout(feats, p=drop, training=True))
+            else:
+                # The whole batch is augmented on every rank, then sliced: the same
+                # random flips and crops as one process, whatever the world size.
+                # Mixed before slicing, too: a sample's partner may be on another rank.
+                batch, mixed = cfg.kind.mix(cfg.kind.augment(split.x[idx], rng, p), rng, p)
+                batch = batch[part]
+                inp = modeling.to_input(batch, cfg, device, p.channels_last)
+                if p.min_image_size is not None:
+                    size = progressive_size(p, epoch, inp.shape[-1])
+                    inp = cfg.kind.rescale(inp, size)
+                logits = (self.net if self.net is not None else self.model)(inp)
+            # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
+            # leave its prediction nearly unchanged, and it costs no teacher forward.
+            teacher = np.asarray(distill.logits[idx]) if distill is not None else None
+            partner = None if mixed is None else torch.from_numpy(split.y[idx][mixed[0]][part]).to(device)
+
+            def criterion(labels, order=slice(None)):  # against the labels (and teachers) of batch[order]
+                if teacher is None:
+                    return F.cross_entropy(logits.float(), labels, label_smoothing=p.label_smoothing)
+                soft = torch.from_numpy(teacher[order][part]).to(device)
+                return distillation_loss(logits, soft, labels, distill.temperature, distill.alpha, p.label_smoothing)
+
+            # A mixed sample's target is the same mix of both samples' targets; the
+            # losses are linear in the target, so it is the same mix of both losses.
+            loss = criterion(y) if mixed is None else mixed[1] * criterion(y) + (1 - mixed[1]) * criterion(partner, mixed[0])
+        return loss, logits, y, partner, mixed, size
+
+    def report_step(self, step: int, loss: float, n: int, weight: float) -> None:
+        """``on_step`` with the loss over the whole (global) batch, on rank 0."""
+        if self.on_step is None:
+            return
+        if self.rk.distributed:  # the global batch's mean: the slices' sums over their sizes
+            import torch
+            import torch.distributed as dist
+
+            sums = torch.tensor([loss * n * (weight > 0), n * (weight > 0)], dtype=torch.float64)
+            dist.all_reduce(sums)
+            loss = float(sums[0] / sums[1])
+        if self.rk.leader:
+            self.on_step(step, loss)
+
+    def epoch(self, split: Split, epoch: int, steps_per_epoch: int) -> tuple[float, float, int | None]:
+        """Train one epoch; the summed training loss and correct count over every rank's
+        slices, and the epoch's input size (None without progressive resizing)."""
+        import torch
+
+        p, rk = self.p, self.rk
+        unfrozen = self.active if epoch >= p.head_epochs else [len(self.groups) - 1]
+        set_trainable(self.groups, unfrozen)
+        self.wrap(unfrozen)
+        self.model.train()
+        freeze_batchnorm_stats(self.model)
+        order, rng = epoch_order(len(split.y), p.seed, epoch)
+        size = None  # progressive resizing: this epoch's input size, known from the first batch
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch", leave=False,
+                       disable=not rk.leader)  # fmt: skip
+        for b in bar:
+            idx = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
+            # Under torchrun: this rank's slice of the global batch (all of it otherwise).
+            part, weight = distributed.shard(len(idx), rk) if rk.distributed else (slice(None), 1.0)
+            loss, logits, y, partner, mixed, size = self.batch_loss(split, idx, part, epoch, rng)
+            if not torch.isfinite(loss):
+                # One NaN poisons every weight it reaches: stop before the step, save nothing.
+                raise GraftError(
+                    f"fine_tune: the training loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}: training "
+                    f"diverged. The usual cause is a learning rate too high (fine_tune.lr = {p.lr:g}); lower it, e.g. "
+                    f"`graft run --set fine_tune.lr={p.lr / 10:g}`. No model was saved."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.precision.step(loss, weight, self.optimizer)
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            if self.threads is not None:
+                self.threads.step()
+            if weight:  # a zero-weight stand-in sample counts for nothing
+                total_loss += loss.item() * len(y)
+                hits = logits.argmax(1)
+                if mixed is None:
+                    correct += int((hits == y).sum())
+                else:  # against the mixed target: each label at its weight in it
+                    correct += mixed[1] * float((hits == y).sum()) + (1 - mixed[1]) * float((hits == partner).sum())
+                seen += len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            self.report_step(epoch * steps_per_epoch + b + 1, loss.item(), len(y), weight)
+            fault_point(f"fine_tune_rank{rk.rank}_epoch{epoch + 1}_batch{b + 1}")  # the kill tests' mid-epoch point
+        if rk.distributed:  # the epoch's training loss and accuracy over every rank's slices
+            import torch.distributed as dist
+
+            sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+            dist.all_reduce(sums)
+            total_loss, correct = float(sums[0]), float(sums[1])
+        return total_loss, correct, size
+
+
+def build_loop(model, cfg: modeling.ModelConfig, p: FineTuneParams, steps_per_epoch: int, **hooks) -> Loop:
+    """The model placed on its device, its layer groups frozen by mode, AdamW with one
+    learning rate per group under warm-up and cosine decay, and the weight average."""
+    import torch
+
+    rk = distributed.current()
+    model, device = place(model, p, rk)
+    modeling.check_tta(cfg.kind, p.tta, "params.yaml: fine_tune.tta")
+    cfg = with_tta(cfg, p.tta)  # validation predicts as the shipped model will
+    distributed.init(rk, device)
+    model.to(device)
+    if p.channels_last:
+        model.to(memory_format=torch.channels_last)
+    groups = layer_groups(model)
+    active = trainable_groups(len(groups), p.mode, p.frozen_groups)
+    set_trainable(groups, active)
+    optimizer = torch.optim.AdamW(optimizer_groups(groups, active, p))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch))
+    )
+    precision = Precision.on(device)
+    ema = WeightAverage(model, p.ema_decay) if p.ema_decay else None
+    return Loop(model, cfg, p, rk, precision, groups, active, optimizer, scheduler, ema, **hooks)
+
+
+def feature_cache(loop: Loop, train_split: Split, val_split: Split, checkpoint: Path | None):
+    """Feature extraction's cached backbone features of both splits, in a folder beside
+    the checkpoint (on disk; the system temp folder may be RAM) that the caller removes."""
+    where = checkpoint.parent if checkpoint is not None else None
+    if where is not None:
+        where.mkdir(parents=True, exist_ok=True)
+        for stale in where.glob(".graft-features-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = tempfile.TemporaryDirectory(prefix=".graft-features-", dir=where)
+    device, p = loop.precision.device, loop.p
+    cached = (
+        _features(loop.model, train_split.x, loop.cfg, device, p, "caching train features", Path(folder.name) / "train.npy"),
+        _features(loop.model, val_split.x, loop.cfg, device, p, "caching val features", Path(folder.name) / "val.npy"),
+    )
+    return cached, folder
+
+
+def epoch_record(loop: Loop, epoch: int, n: int, totals: tuple[float, float, int | None], val, seconds) -> dict:
+    """One epoch's row of the history: losses, accuracies, speed, parameters, threads, LRs."""
+    import torch
+
+    total_loss, correct, size = totals
+    val_loss, val_nll, val_acc = val
+    t0, train_seconds = seconds
+    counts = modeling.count_parameters(loop.model)
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": total_loss / n,
+        "train_accuracy": correct / n,
+        "val_loss": val_loss,
+        "val_nll": val_nll,
+        "val_accuracy": val_acc,
+        "epoch_seconds": time.perf_counter() - t0,
+        "samples_per_second": n / train_seconds,
+        "trainable_parameters": counts["trainable"],
+        "frozen_parameters": counts["frozen"],
+        "threads": torch.get_num_threads(),  # at the epoch's end: throughput is read against it
+    }
+    if size:
+        record["image_size"] = size
+    for g in loop.optimizer.param_groups:  # one learning rate per layer group
+        record.setdefault(f"lr_{g['name'].rsplit('_', 1)[0]}", g["lr"])
+    return record
+
+
 def train(
     model,
     cfg: modeling.ModelConfig,
@@ -316,256 +652,79 @@ def train(
 
     Under torchrun (``graft.base.distributed``) every rank calls this with the same arguments:
     each trains on its slice of every batch, rank 0 alone validates and writes.
+
+    The loop is composed of parts: :func:`build_loop` (device, precision, groups,
+    optimizer, schedule, average), :class:`Progress` (history, best epoch, early
+    stopping), :meth:`Loop.resume` and :meth:`Loop.checkpoint_state`, :meth:`Loop.epoch`.
     """
     import torch
-    import torch.nn.functional as F
 
     rk = distributed.current()
     torch.manual_seed(p.seed + rk.rank)  # rank 0 draws what a single process draws
-    device = modeling.resolve_device(p.device)
-    if rk.distributed and device.type == "cuda":
-        device = torch.device("cuda", rk.local)  # one GPU per rank on its node
-    if rk.distributed and p.mode == "feature_extraction":
-        raise GraftError("fine_tune: feature_extraction trains the head on cached features in one process; "
-                         "set fine_tune.nproc to 1 for it")  # fmt: skip
-    if rk.distributed and p.sync_batchnorm:
-        if device.type != "cuda":
-            raise GraftError("params.yaml: fine_tune.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU "
-                             "kernel); on CPU leave it false: each rank normalises with its own slice's statistics")  # fmt: skip
-        from timm.layers import convert_sync_batchnorm
-
-        model = convert_sync_batchnorm(model)  # same parameter and buffer names: it saves as the plain model
-    modeling.check_tta(cfg.kind, p.tta, "params.yaml: fine_tune.tta")
-    cfg = with_tta(cfg, p.tta)  # validation predicts as the shipped model will
-    distributed.init(rk, device)
-    model.to(device)
-    if p.channels_last:
-        model.to(memory_format=torch.channels_last)
-    groups = layer_groups(model)
-    active = trainable_groups(len(groups), p.mode, p.frozen_groups)
-    head_only = [len(groups) - 1]
-    set_trainable(groups, active)
-    optimizer = torch.optim.AdamW(optimizer_groups(groups, active, p))
     steps_per_epoch = math.ceil(len(train_split.y) / p.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch))
-    )
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    loop = build_loop(model, cfg, p, steps_per_epoch, distill=distill, threads=threads, on_step=on_step)
+    model = loop.model
 
-    ema = WeightAverage(model, p.ema_decay) if p.ema_decay else None
-
-    history: list[dict[str, Any]] = []
-    start, best_acc, best_loss, best_epoch, bad_epochs = 0, -1.0, math.inf, -1, 0
-    best_state: dict[str, Any] = {}
-    resumed_from = None
+    state, start, resumed_from = Progress(), 0, None
     if rk.distributed:
         ck = distributed.broadcast_checkpoint(checkpoint, rk) or {}
     else:
         ck = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint and checkpoint.is_file() else {}
-    if ck:
-        if ck.get("run_key") == run_key:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(ck["ema"])
-            # Each rank's own RNG state where the checkpoint has it (a checkpoint of another
-            # world size, or older than graft's torchrun, has rank 0's alone).
-            rngs = ck.get("torch_rng_ranks") or []
-            torch.set_rng_state(rngs[rk.rank] if rk.distributed and rk.rank < len(rngs) else ck["torch_rng"])
-            history, best_state = ck["history"], ck["best_state"]
-            best_acc, best_loss, best_epoch, bad_epochs = ck["best_acc"], ck["best_loss"], ck["best_epoch"], ck["bad_epochs"]
-            start = resumed_from = ck["epoch"] + 1
-            if rk.leader:
-                print(f"fine_tune: resuming after epoch {ck['epoch'] + 1} from {checkpoint}")
-    if history and bad_epochs >= p.patience:
+    if ck and ck.get("run_key") == run_key:
+        state = loop.resume(ck)
+        start = resumed_from = ck["epoch"] + 1
+        if rk.leader:
+            print(f"fine_tune: resuming after epoch {ck['epoch'] + 1} from {checkpoint}")
+    if state.patience_spent(p):
         start = p.epochs  # the interrupted run had already stopped early
 
-    cached = None
-    cache_dir = None
+    cache_folder = None
     if p.mode == "feature_extraction" and start < p.epochs:
         t0 = time.perf_counter()
-        # Beside the checkpoint (on disk; the system temp folder may be RAM), gone with train().
-        where = checkpoint.parent if checkpoint is not None else None
-        if where is not None:
-            where.mkdir(parents=True, exist_ok=True)
-            for stale in where.glob(".graft-features-*"):  # left by a killed run
-                shutil.rmtree(stale, ignore_errors=True)
-        cache_dir = tempfile.TemporaryDirectory(prefix=".graft-features-", dir=where)
-        cached = (
-            _features(model, train_split.x, cfg, device, p, "caching train features", Path(cache_dir.name) / "train.npy"),
-            _features(model, val_split.x, cfg, device, p, "caching val features", Path(cache_dir.name) / "val.npy"),
-        )
+        loop.cached, cache_folder = feature_cache(loop, train_split, val_split, checkpoint)
         cache_seconds = time.perf_counter() - t0
     stopped_early = False
-    net, wrapped_for = model, None  # what the batches go through: the model, or its DDP wrapper
     for epoch in range(start, p.epochs):
         t0 = time.perf_counter()
-        unfrozen = active if epoch >= p.head_epochs else head_only
-        set_trainable(groups, unfrozen)
-        if rk.distributed and wrapped_for != unfrozen:
-            # DDP fixes the parameters it synchronises when it is built: a new wrapper when
-            # gradual unfreezing changes them (every rank at the same epoch).
-            from torch.nn.parallel import DistributedDataParallel
-
-            net = None
-            net = DistributedDataParallel(model, device_ids=[rk.local] if device.type == "cuda" else None)
-            wrapped_for = unfrozen
-        model.train()
-        freeze_batchnorm_stats(model)
-        order, rng = epoch_order(len(train_split.y), p.seed, epoch)
-        size = None  # progressive resizing: this epoch's input size, known from the first batch
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch", leave=False,
-                       disable=not rk.leader)  # fmt: skip
-        for b in bar:
-            idx = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
-            # Under torchrun: this rank's slice of the global batch (all of it otherwise).
-            part, weight = distributed.shard(len(idx), rk) if rk.distributed else (slice(None), 1.0)
-            y = torch.from_numpy(train_split.y[idx][part]).to(device)
-            mixed = None  # mixup / CutMix: (each sample's partner in the batch, the weight of its own label)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                if cached is not None:
-                    feats = torch.from_numpy(cached[0][idx]).to(device)
-                    drop = getattr(model, "drop_rate", 0.0)
-                    logits = model.get_classifier()(F.dropout(feats, p=drop, training=True))
-                else:
-                    # The whole batch is augmented on every rank, then sliced: the same
-                    # random flips and crops as one process, whatever the world size.
-                    # Mixed before slicing, too: a sample's partner may be on another rank.
-                    batch, mixed = cfg.kind.mix(cfg.kind.augment(train_split.x[idx], rng, p), rng, p)
-                    batch = batch[part]
-                    inp = modeling.to_input(batch, cfg, device, p.channels_last)
-                    if p.min_image_size is not None:
-                        size = progressive_size(p, epoch, inp.shape[-1])
-                        inp = cfg.kind.rescale(inp, size)
-                    logits = net(inp)
-                # The teacher's view is the un-augmented sample: flips and 4-pixel shifts
-                # leave its prediction nearly unchanged, and it costs no teacher forward.
-                teacher = np.asarray(distill.logits[idx]) if distill is not None else None
-                partner = None if mixed is None else torch.from_numpy(train_split.y[idx][mixed[0]][part]).to(device)
-
-                def criterion(labels, order=slice(None)):  # against the labels (and teachers) of batch[order]
-                    if teacher is None:
-                        return F.cross_entropy(logits.float(), labels, label_smoothing=p.label_smoothing)
-                    soft = torch.from_numpy(teacher[order][part]).to(device)
-                    return distillation_loss(logits, soft, labels, distill.temperature, distill.alpha, p.label_smoothing)
-
-                # A mixed sample's target is the same mix of both samples' targets; the
-                # losses are linear in the target, so it is the same mix of both losses.
-                loss = criterion(y) if mixed is None else mixed[1] * criterion(y) + (1 - mixed[1]) * criterion(partner, mixed[0])
-            if not torch.isfinite(loss):
-                # One NaN poisons every weight it reaches: stop before the step, save nothing.
-                raise GraftError(
-                    f"fine_tune: the training loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}: training "
-                    f"diverged. The usual cause is a learning rate too high (fine_tune.lr = {p.lr:g}); lower it, e.g. "
-                    f"`graft run --set fine_tune.lr={p.lr / 10:g}`. No model was saved."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss * weight if weight != 1.0 else loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            if threads is not None:
-                threads.step()
-            if weight:  # a zero-weight stand-in sample counts for nothing
-                total_loss += loss.item() * len(y)
-                hits = logits.argmax(1)
-                if mixed is None:
-                    correct += int((hits == y).sum())
-                else:  # against the mixed target: each label at its weight in it
-                    correct += mixed[1] * float((hits == y).sum()) + (1 - mixed[1]) * float((hits == partner).sum())
-                seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if on_step is not None:
-                step_loss = loss.item()
-                if rk.distributed:  # the global batch's mean: the slices' sums over their sizes
-                    import torch.distributed as dist
-
-                    sums = torch.tensor([step_loss * len(y) * (weight > 0), len(y) * (weight > 0)], dtype=torch.float64)
-                    dist.all_reduce(sums)
-                    step_loss = float(sums[0] / sums[1])
-                if rk.leader:
-                    on_step(epoch * steps_per_epoch + b + 1, step_loss)
-            fault_point(f"fine_tune_rank{rk.rank}_epoch{epoch + 1}_batch{b + 1}")  # the kill tests' mid-epoch point
+        totals = loop.epoch(train_split, epoch, steps_per_epoch)
         train_seconds = time.perf_counter() - t0
-        if rk.distributed:  # the epoch's training loss and accuracy over every rank's slices
-            import torch.distributed as dist
-
-            sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
-            dist.all_reduce(sums)
-            total_loss, correct = float(sums[0]), float(sums[1])
         # Rank 0 validates (its BatchNorm statistics are the ones DDP spreads) and every
         # rank takes its verdict, so they all stop at the same epoch.
-        shipped = ema.model if ema is not None else model  # what validation judges is what ships
         # Cached features are of the plain samples: with test-time views, the backbone runs.
-        feats = cached[1] if cached and p.tta == "none" else None
-        val = _evaluate(shipped, val_split, cfg, device, p, feats) if rk.leader else None
-        val_loss, val_nll, val_acc = distributed.broadcast(val, rk)
-        counts = modeling.count_parameters(model)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": total_loss / len(train_split.y),
-            "train_accuracy": correct / len(train_split.y),
-            "val_loss": val_loss,
-            "val_nll": val_nll,
-            "val_accuracy": val_acc,
-            "epoch_seconds": time.perf_counter() - t0,
-            "samples_per_second": len(train_split.y) / train_seconds,
-            "trainable_parameters": counts["trainable"],
-            "frozen_parameters": counts["frozen"],
-            "threads": torch.get_num_threads(),  # at the epoch's end: throughput is read against it
-        }
-        if size:
-            record["image_size"] = size
-        for g in optimizer.param_groups:  # one learning rate per layer group
-            record.setdefault(f"lr_{g['name'].rsplit('_', 1)[0]}", g["lr"])
-        if cached is not None and epoch == start:
+        feats = loop.cached[1] if loop.cached and p.tta == "none" else None
+        val = _evaluate(loop.shipped, val_split, loop.cfg, loop.precision.device, p, feats) if rk.leader else None
+        val = distributed.broadcast(val, rk)
+        record = epoch_record(loop, epoch, len(train_split.y), totals, val, (t0, train_seconds))
+        if loop.cached is not None and epoch == start:
             record["feature_cache_seconds"] = cache_seconds
-        history.append(record)
-        if val_acc > best_acc or (val_acc == best_acc and val_nll < best_loss):
-            best_acc, best_loss, best_epoch, bad_epochs = val_acc, val_nll, epoch + 1, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in shipped.state_dict().items()}
-        else:
-            bad_epochs += 1
+        state.add(record, loop.shipped)
         if rk.leader:
             print(
             f"epoch {epoch + 1}/{p.epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {record['samples_per_second']:.0f} samples/s, "
-            f"{record['epoch_seconds']:.1f}s, {counts['trainable']:,} trainable",
+            f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} | {record['samples_per_second']:.0f} "
+            f"samples/s, {record['epoch_seconds']:.1f}s, {record['trainable_parameters']:,} trainable",
             flush=True,
             )  # fmt: skip
         rngs = distributed.gather(torch.get_rng_state(), rk)  # every rank's, for an exact resume
         if checkpoint is not None and rk.leader:
-            state = {
-                "run_key": run_key, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "torch_rng_ranks": rngs, "history": history, "best_state": best_state,
-                "best_acc": best_acc, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                **({"ema": ema.state_dict()} if ema is not None else {}), **(checkpoint_extra or {}),
-            }  # fmt: skip
             with fsio.atomic_path(checkpoint) as tmp:
-                torch.save(state, tmp)
+                torch.save(loop.checkpoint_state(run_key, epoch, state, rngs, checkpoint_extra), tmp)
         if on_epoch is not None and rk.leader:
             on_epoch(record)
-        if bad_epochs >= p.patience:
+        if state.bad_epochs >= p.patience:
             stopped_early = True
             if rk.leader:
                 print(f"fine_tune: no better validation accuracy for {p.patience} epochs; stopping early")
             break
-    if cache_dir is not None:
-        cached = None
-        cache_dir.cleanup()
-    if not best_state:
+    if cache_folder is not None:
+        loop.cached = None
+        cache_folder.cleanup()
+    if not state.best_state:
         raise GraftError("fine_tune: no epoch completed")
-    model.load_state_dict(best_state)
-    set_trainable(groups, active)
-    return TrainResult(history, best_epoch, best_acc, best_state, stopped_early, resumed_from,
-                       modeling.count_parameters(model))
+    model.load_state_dict(state.best_state)
+    set_trainable(loop.groups, loop.active)
+    return TrainResult(state.history, state.best_epoch, state.best_acc, state.best_state, stopped_early, resumed_from,
+                       modeling.count_parameters(model))  # fmt: skip
 
 
 # --- outputs and the thin main -------------------------------------------------------------
