@@ -40,7 +40,7 @@ from graft.base import distributed, fsio
 from graft.base.arrays import NpyReader, NpyWriter
 from graft.base.errors import GraftError, fault_point, progress
 from graft.base.threads import ThreadSizer
-from graft.config.params import FineTuneParams, load_section
+from graft.config.params import FineTuneParams
 from graft.models import modeling
 
 
@@ -725,93 +725,3 @@ def train(
     set_trainable(loop.groups, loop.active)
     return TrainResult(state.history, state.best_epoch, state.best_acc, state.best_state, stopped_early, resumed_from,
                        modeling.count_parameters(model))  # fmt: skip
-
-
-# --- outputs and the thin main -------------------------------------------------------------
-
-
-def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smoothing: float = 0.0,
-                         distilled: bool = False) -> None:  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, style, label in (("train", "-o", "train (augmented batches, dropout on)"), ("val", "-s", "val")):
-        ax1.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=label)
-        ax2.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=label)
-    smoothing = f", label smoothing {label_smoothing:g}" if label_smoothing else ""
-    # A student's training loss is the distillation objective; validation stays cross-entropy.
-    what = f"train: distillation objective; val: cross-entropy{smoothing}" if distilled else f"cross-entropy{smoothing}"
-    ax1.set(title=f"loss ({what})", xlabel="epoch")
-    ax2.set(title="accuracy", xlabel="epoch")
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("fine_tune: learning curves")
-    fig.tight_layout()
-    with fsio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
-    keys = ["epoch", "train_loss", "val_loss", "val_nll", "train_accuracy", "val_accuracy", "epoch_seconds",
-            "samples_per_second"]  # fmt: skip
-    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k]) for k in keys) for h in history]
-    fsio.write_text(path, "\n".join(lines) + "\n")
-
-
-def epoch_logger(mlflow) -> Callable[[dict[str, Any]], None]:
-    def log_epoch(record: dict[str, Any]) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-
-    return log_epoch
-
-
-def resumed_logging(run_id: str, history: list[dict[str, Any]], parent: str | None) -> None:
-    """A training resumed from its checkpoint: log the epochs the tracking server never
-    received (it was down, or the process died between checkpoint and logging), and move
-    the run under this pipeline run's parent, saying where it started."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    logged = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
-    missing = [h for h in history if h["epoch"] not in logged]
-    for record in missing:
-        epoch_logger(mlflow)(record)
-    if missing:
-        print(f"fine_tune: logged {len(missing)} epoch(s) of metrics that had not reached the tracking server")
-    first = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-    if parent and first != parent:
-        client.set_tag(run_id, "mlflow.parentRunId", parent)
-        client.set_tag(run_id, "graft.resumed", f"training started under parent run {first or 'none'}, "
-                                                f"resumed from its checkpoint under {parent}")  # fmt: skip
-
-
-TEACHER_KEYS = ("reference", "model_name", "version", "run_id", "training_run_id", "model_dir", "architecture",
-                "weights_sha256")  # what a student's model.json keeps of each teacher
-
-
-def load_distillation(teacher_dir: Path, prepared: Path, params_path: Path) -> tuple[Distillation | None, list[dict[str, Any]]]:
-    """The teach stage's soft labels, checked against this training split, with the
-    distill params; (None, []) when there is no teacher."""
-    from graft.config.params import DistillParams
-    from graft.training import teacher as teach
-
-    info, logits_path = teach.read(teacher_dir)
-    if logits_path is None:
-        return None, []
-    p = load_section(DistillParams, "distill", params_path)
-    if info.get("train_ids_sha256") != fsio.sha256_file(prepared / "train_ids.npy"):
-        raise GraftError(f"{teacher_dir}: the teacher's soft labels are for other training samples than {prepared}; "
-                         "rerun the teach stage (`dvc repro teach`)")  # fmt: skip
-    logits = NpyReader(logits_path)
-    if logits.shape[0] != info["samples"]:
-        raise GraftError(f"{logits_path}: {logits.shape[0]} rows, teacher.json says {info['samples']}; rerun teach")
-    teachers = [{k: t[k] for k in TEACHER_KEYS if k in t} for t in info["teachers"]]
-    return Distillation(logits, p.temperature, p.alpha), teachers

@@ -215,7 +215,7 @@ def test_validation_loss_is_the_training_objective():
 def test_learning_curves_have_integer_epochs_and_say_what_differs(tmp_path):
     import matplotlib.pyplot as plt
 
-    from graft.training.fine_tune import plot_learning_curves
+    from graft.training.run import plot_learning_curves
 
     history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5, "val_accuracy": 0.6} for e in (1, 2, 3)]
     captured = {}
