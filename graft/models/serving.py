@@ -53,6 +53,28 @@ class GraftClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(columns)
 
 
+# What a registered model ships of the graft library (MLflow's code_paths): the folders
+# its pyfunc can import, and nothing of training, the gate or the data gate.
+# tests/unit/test_dvc_deps.py checks it against serving_model.py's import closure.
+SERVING_CODE = ("__init__.py", "base", "config", "modalities", "models")
+
+
+def serving_code(dest: Path) -> Path:
+    """A copy of the library parts the pyfunc needs, as ``dest/graft``, for code_paths."""
+    import shutil
+
+    library = Path(__file__).resolve().parents[1]
+    out = Path(dest) / library.name
+    out.mkdir(parents=True)
+    for name in SERVING_CODE:
+        source = library / name
+        if source.is_dir():
+            shutil.copytree(source, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, out / name)
+    return out
+
+
 def load_folder(model_dir: str | Path) -> GraftClassifier:
     """A saved model folder (``models/fine_tuned``, a version's downloaded ``model_dir``)
     as the registered pyfunc serves it: the one way graft scores a folder, so evaluation,

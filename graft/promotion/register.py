@@ -14,7 +14,6 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-import graft
 from graft.base import fsio
 from graft.base.errors import GraftError, fault_point
 from graft.config.params import RegisterParams, read_params
@@ -49,15 +48,18 @@ def log_candidate(model_dir: Path, example):
     # The params a caller may pass at predict time, with the model's own as defaults.
     signature = mlflow.models.infer_signature(example_df, wrapper.predict(None, example_df),
                                               params={"tta": modeling.tta_of(wrapper.cfg)})  # fmt: skip
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(Path(serving.__file__).with_name("serving_model.py")),
-        artifacts=artifacts,
-        code_paths=[str(Path(graft.__file__).parent)],  # the graft library: self-contained
-        signature=signature,
-        input_example=example_df,
-        pip_requirements=pip_requirements(wrapper.cfg.kind),
-    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(serving.__file__).with_name("serving_model.py")),
+            artifacts=artifacts,
+            code_paths=[str(serving.serving_code(Path(tmp)))],  # the library parts serving needs: self-contained
+            signature=signature,
+            input_example=example_df,
+            pip_requirements=pip_requirements(wrapper.cfg.kind),
+        )
 
 
 def describe(name: str, version: str, decision: gate.Decision, metrics: dict[str, float], tags: dict[str, str]) -> str:

@@ -126,3 +126,13 @@ def test_editing_library_code_a_stage_runs_makes_dvc_rerun_it(tmp_path):
     changed = [c for entry in status.get("preprocess", []) if isinstance(entry, dict)
                for c in entry.get("changed deps", {})]  # fmt: skip
     assert "graft/data" in changed, status
+
+
+def test_a_registered_model_ships_every_module_its_pyfunc_can_import(tmp_path):
+    from graft.models import serving
+
+    shipped = serving.serving_code(tmp_path)
+    needed = closure("graft.models.serving_model")
+    missing = sorted(str(p) for p in needed if not (tmp_path / p).is_file())
+    assert not missing, f"serving.SERVING_CODE misses {missing}"
+    assert not (shipped / "training").exists() and not (shipped / "promotion").exists()
