@@ -15,6 +15,8 @@ from pathlib import Path
 
 import typer
 
+from graft.config import paths
+
 app = typer.Typer(
     help="graft: reproducible transfer learning. `graft run` trains, evaluates and registers a "
     "model through the DVC pipeline; `graft status` shows the registry; `graft predict` uses it.",
@@ -272,7 +274,7 @@ def promote(
     if force:
         why = reason or "promoted by hand (--force, no gate)"
     else:
-        raw, prepared = root / "data/raw", root / "data/prepared"
+        raw, prepared = root / paths.RAW, root / paths.PREPARED
         if not (prepared / "test_ids.npy").is_file():
             _fail("no test data in this workspace to compare on; run `graft run` first, or pass --force")
         params = load_section(RegisterParams, "register", root / "params.yaml")
@@ -464,7 +466,7 @@ def drift(
             if ref is None:
                 _fail(f"nothing to test against: {why}", 2)
             items = drift_stage.folder_items(modalities.get(ref.identity.get("modality")), path, ref.classes, text_column)
-            report, new = drift_stage.test_items(items, ref, p, root / "models" / "pretrained")
+            report, new = drift_stage.test_items(items, ref, p, root / paths.PRETRAINED)
             if out is not None:
                 drift_stage.write_report(out, report, ref.embeddings, new)
     except GraftError as e:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from graft.config import paths
+
 WORKSPACE = "workspace"
 
 
@@ -43,16 +45,17 @@ def version_side(client, name: str, version: str) -> Side:
 
 def workspace_side(root: Path) -> Side:
     from graft.base.errors import GraftError
+    from graft.models import modeling
 
     def need(path: Path) -> Path:
         if not path.is_file():
             raise GraftError(f"{path}: not found; the working copy has no complete run to compare (`graft run` first)")
         return path
 
-    cfg = json.loads(need(root / "models" / "pretrained" / "model.json").read_text())
-    return Side(WORKSPACE, yaml.safe_load(need(root / "params.yaml").read_text()) or {},
-                yaml.safe_load(need(root / "dvc.lock").read_text()) or {},
-                json.loads(need(root / "reports" / "evaluate" / "metrics.json").read_text()),
+    cfg = json.loads(need(root / paths.PRETRAINED / modeling.CONFIG).read_text())
+    return Side(WORKSPACE, yaml.safe_load(need(root / paths.PARAMS).read_text()) or {},
+                yaml.safe_load(need(root / paths.DVC_LOCK).read_text()) or {},
+                json.loads(need(root / paths.METRICS).read_text()),
                 {"source": str(cfg.get("source", "?")), "weights sha256": str(cfg.get("weights_sha256") or "none")})  # fmt: skip
 
 
@@ -65,7 +68,7 @@ def params_diff(a: Side, b: Side) -> list[dict[str, Any]]:
 
 def _raw_md5(lock: dict[str, Any]) -> str | None:
     for o in lock.get("stages", {}).get("ingest", {}).get("outs", []):
-        if o["path"] == "data/raw":
+        if o["path"] == str(paths.RAW):
             return str(o.get("md5"))
     return None
 
@@ -127,7 +130,7 @@ def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | Non
     """Both sides score this workspace's test samples; McNemar on the pairs."""
     from graft.promotion import gate
 
-    raw, prepared = root / "data" / "raw", root / "data" / "prepared"
+    raw, prepared = root / paths.RAW, root / paths.PREPARED
     if not (prepared / "test_ids.npy").is_file():
         return {"note": "not computed: no test data in this workspace (`graft run` or `graft pull`)"}
     try:
@@ -159,7 +162,7 @@ def _model(root: Path, name: str, side: Side):
     from graft.models import serving  # mlflow.pyfunc: 1.5 to 2 s of import, only when a model is loaded
 
     if side.version is None:
-        return _WorkspaceModel(root / "models" / "fine_tuned")
+        return _WorkspaceModel(root / paths.FINE_TUNED)
     return serving.load_registered(f"models:/{name}/{side.version}")
 
 

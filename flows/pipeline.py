@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.base.errors import BAD_INPUT_EXIT
+from graft.config import paths
 
 
 class StageFailed(RuntimeError):
@@ -135,8 +136,7 @@ def read_summary(root: Path, stages: dict[str, str]) -> dict[str, Any]:
     from graft.tracking import runs as tracking
 
     summary: dict[str, Any] = {"stages": stages}
-    for key, rel in (("metrics", "reports/evaluate/metrics.json"), ("decision", "reports/register/decision.json"),
-                     ("run", f"models/fine_tuned/{tracking.RUN_FILE}")):  # fmt: skip
+    for key, rel in (("metrics", paths.METRICS), ("decision", paths.DECISION), ("run", paths.FINE_TUNED / tracking.RUN_FILE)):
         path = root / rel
         summary[key] = fsio.read_json(path) if path.is_file() else None
     return summary

@@ -33,6 +33,7 @@ import yaml
 
 from graft.base import kernels, threads
 from graft.base.errors import STATUS_ENV, GraftError
+from graft.config import paths
 
 RERUN_STAGES = ("preprocess", "load_pretrained", "fine_tune", "evaluate")
 # Restored by hash, not rerun: the data snapshot, the gate's report, a teacher's soft
@@ -335,6 +336,7 @@ def compare(lineage: Lineage, worktree: Path, client) -> tuple[list[Row], str]:
     """One row per input and result; the reproduction's MLflow run id."""
     from graft.base import fsio
     from graft.models import modeling
+    from graft.tracking import runs as tracking
 
     rows: list[Row] = []
     new_lock = yaml.safe_load((worktree / "dvc.lock").read_text())
@@ -342,7 +344,7 @@ def compare(lineage: Lineage, worktree: Path, client) -> tuple[list[Row], str]:
         new = _outs(new_lock, stage)
         for path, md5 in _outs(lineage.lock, stage).items():
             rows.append(_exact(f"data {path}" if path.startswith("data/") else f"{stage} {path}", md5, new.get(path)))
-    run_id = fsio.read_json(worktree / "models" / "fine_tuned" / "mlflow_run.json")["run_id"]
+    run_id = fsio.read_json(worktree / paths.FINE_TUNED / tracking.RUN_FILE)["run_id"]
     new_run = client.get_run(run_id)
     changed = sorted(k for k in set(lineage.params) | set(new_run.data.params)
                      if lineage.params.get(k) != new_run.data.params.get(k))  # fmt: skip
@@ -350,8 +352,8 @@ def compare(lineage: Lineage, worktree: Path, client) -> tuple[list[Row], str]:
                     "same values" if not changed else "differ: " + ", ".join(changed[:5]), IDENTICAL if not changed else DIFFERS))  # fmt: skip
     rows.append(_exact("pretrained weights sha256", lineage.pretrained_sha256, new_run.data.tags.get("pretrained_weights_sha256")))
     rows.append(_exact("fine-tuned weights sha256", lineage.weights_sha256,
-                       fsio.sha256_file(worktree / "models" / "fine_tuned" / modeling.WEIGHTS)))  # fmt: skip
-    new_metrics = json.loads((worktree / "reports" / "evaluate" / "metrics.json").read_text())
+                       fsio.sha256_file(worktree / paths.FINE_TUNED / modeling.WEIGHTS)))  # fmt: skip
+    new_metrics = json.loads((worktree / paths.METRICS).read_text())
     for key in ("accuracy", "macro_f1", "ece"):
         rows.append(_figure(f"test {key}", _num(lineage.metrics.get(key)), _num(new_metrics.get(key)), TOLERANCE[key]))
     original_f1 = {c.replace("/", "_"): v for c, v in lineage.metrics.get("per_class_f1", {}).items()}

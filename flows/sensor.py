@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.fingerprint import fingerprint, last_accepted
+from graft.config import paths
 
 # trigger=drift: the changed source last found not to have drifted (so the next check of the
 # same files costs a fingerprint, not an embedding of the data)
@@ -37,7 +38,7 @@ def source_drift(root: Path) -> dict[str, Any]:
         reference, why = drift.resolve(p.reference, model_name, Path(dst))
         if reference is None:
             return {"verdict": "no_reference", "reason": why}
-        report, _ = drift.test_items(drift.source_items(root, params_path), reference, p, root / "models" / "pretrained")
+        report, _ = drift.test_items(drift.source_items(root, params_path), reference, p, root / paths.PRETRAINED)
     return report
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from graft.base import fsio
 from graft.base.errors import GraftError, fault_point
 from graft.config.params import RegisterParams, read_params
+from graft.models import modeling
 from graft.promotion import gate
 from graft.registry import rules as registry
 
@@ -43,7 +44,6 @@ def log_candidate(model_dir: Path, example):
     example_df = example.iloc[:2].reset_index(drop=True)  # batch of 2: no batch size baked in
     artifacts = {serving.MODEL_ARTIFACT: str(model_dir)}
     wrapper = serving.load_folder(model_dir)  # only to compute the output schema here
-    from graft.models import modeling
 
     # The params a caller may pass at predict time, with the model's own as defaults.
     signature = mlflow.models.infer_signature(example_df, wrapper.predict(None, example_df),
@@ -131,7 +131,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     for line in registry.repair(client, params.model_name):
         print(f"register: repaired: {line}")
     samples = gate.load_test_samples(raw_dir, prepared_dir)
-    distilled = fsio.read_json(model_dir / "model.json").get("distilled_from")
+    distilled = fsio.read_json(model_dir / modeling.CONFIG).get("distilled_from")
     if distilled:  # the teachers this student learnt from, on its registry entry
         from graft.training import teacher as teach
 

@@ -105,8 +105,8 @@ def tracked_run(inputs: Inputs, params: FineTuneParams, checkpoint: Path, paths:
                 mlflow.log_artifact(str(paths["teacher"] / "teacher.json"), "teacher")
         else:
             resumed_logging(run.info.run_id, previous.get("history", []), parent)
-            for extra in ("reports/validation.json", "reports/preprocess.json"):
-                if Path(extra).is_file():
+            for extra in (paths.VALIDATION_REPORT, paths.PREPROCESS_REPORT):
+                if extra.is_file():
                     mlflow.log_artifact(extra, "data")
             mlflow.log_artifact(str(paths["pretrained"] / modeling.CONFIG), "pretrained")
         yield run
