@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: the fine-tuned model on the held-out test split.
+"""Evaluation of the fine-tuned model on the held-out test split.
 
 Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix (PNG and CSV),
 expected calibration error with a reliability diagram, and the most confident mistakes
@@ -124,3 +124,78 @@ def measure_serving(model_dir: Path, raw_dir: Path, prepared_dir: Path) -> dict[
 def tta_note(cfg) -> str:
     how = modeling.tta_of(cfg)
     return "" if how == "none" else f" (test-time augmentation: {how})"
+
+
+# --- the stage's outputs ---------------------------------------------------------------------
+
+ARTIFACTS = ("metrics.json", "evaluation.json", "confusion_matrix.csv", "confusion_matrix.png", "reliability.png",
+             "predictions.csv", "serving.json")  # fmt: skip
+
+
+def score_test_split(model_dir: Path, prepared: Path, batch_size: int):
+    """The model's class probabilities on the test split: (cfg, x, y, ids, probs); a model
+    whose outputs are not finite is refused (its weights are broken)."""
+    from graft.base.errors import GraftError
+    from graft.data.splits import load_split
+
+    model, cfg = modeling.load(model_dir, modeling.resolve_device())
+    x, y = load_split(prepared, "test")
+    ids = np.load(prepared / "test_ids.npy")
+    probs = modeling.predict_proba(model, x, cfg, batch_size=batch_size, desc="evaluate")
+    broken = int((~np.isfinite(probs)).any(1).sum())
+    if broken:
+        raise GraftError(
+            f"evaluate: the model in {model_dir} gives non-finite outputs (NaN or inf) for {broken} of {len(probs)} "
+            f"test {cfg.kind.SAMPLES}: its weights are broken (training diverged). Retrain with a lower fine_tune.lr."
+        )
+    return cfg, x, y, ids, probs
+
+
+def write_reports(out: Path, m: dict[str, Any], cfg, x, y, ids, probs, prepared: Path,
+                  cost: dict[str, float]) -> tuple[dict[str, Any], list[Path]]:  # fmt: skip
+    """metrics.json (the DVC metric), evaluation.json, predictions and confusion matrix as
+    CSV, the confusion and reliability plots, the modality's mistakes, serving.json; the
+    headline metrics and the mistakes' files."""
+    import shutil
+
+    from graft.base import fsio
+
+    out.mkdir(parents=True, exist_ok=True)
+    headline = {k: m[k] for k in ("accuracy", "macro_f1", "ece", "n")}
+    headline["per_class_f1"] = {c: v["f1"] for c, v in m["per_class"].items()}
+    fsio.write_json(out / "metrics.json", headline)
+    fsio.write_json(out / "evaluation.json", {**m, "tta": modeling.tta_of(cfg)})
+    pred = probs.argmax(1)
+    names = np.array(cfg.classes)
+    rows = ["id,actual,predicted,confidence"] + [
+        f'{i},"{names[a]}","{names[p]}",{probs[n, p]:.6f}' for n, (i, a, p) in enumerate(zip(ids, y, pred, strict=True))
+    ]
+    fsio.write_text(out / "predictions.csv", "\n".join(rows) + "\n")
+    cm = np.array(m["confusion_matrix"])
+    fsio.write_text(out / "confusion_matrix.csv", ",".join(["true\\predicted", *cfg.classes]) + "\n"
+                    + "".join(",".join([c, *map(str, r)]) + "\n" for c, r in zip(cfg.classes, cm.tolist(), strict=True)))
+    plot_confusion(cm, cfg.classes, out / "confusion_matrix.png")
+    plot_reliability(m["calibration_bins"], m["ece"], out / "reliability.png")
+    mistakes = out / "mistakes"
+    shutil.rmtree(mistakes, ignore_errors=True)  # DVC restores it as a whole; no stale file of another modality
+    mistakes.mkdir()
+    shown = cfg.kind.present_mistakes(x, y, probs, cfg.classes, prepared, mistakes)
+    fsio.write_json(out / "serving.json", cost)
+    return headline, shown
+
+
+def log_evaluation(run_id: str, out: Path, prepared: Path, headline: dict[str, Any], cost: dict[str, float], cfg,
+                   shown: list[Path]) -> None:  # fmt: skip
+    """The figures and files into the pipeline's MLflow run (register logs there too)."""
+    import mlflow
+
+    from graft.tracking import runs as tracking
+
+    with mlflow.start_run(run_id=run_id):
+        tracking.log_datasets(prepared, {"test": "testing"})
+        mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items() if k != "per_class_f1"})
+        mlflow.set_tag("graft.tta", modeling.tta_of(cfg))  # the test-time augmentation these figures include
+        mlflow.log_metrics({f"test_f1_{c.replace('/', '_')}": v for c, v in headline["per_class_f1"].items()})
+        mlflow.log_metrics({f"serving_{k}": float(v) for k, v in cost.items()})
+        for path in [*(out / name for name in ARTIFACTS), *shown]:
+            mlflow.log_artifact(str(path), "evaluation")
