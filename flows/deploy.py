@@ -12,70 +12,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from graft.base.errors import GraftError
-from graft.config.params import parse
-from graft.config.project import read_config
+from graft.config import project
+from graft.config.project import ScheduleConfig, SensorConfig, VerifyConfig, WorkersConfig
 
 TRAINING_ENTRYPOINT = "flows/training.py:training_pipeline"  # relative to the repository root
 
 
-@dataclass(frozen=True)
-class ScheduleConfig:
-    cron: str = "0 3 * * *"
-    timezone: str = "UTC"
-    overrides: tuple[str, ...] = ()
-    concurrency: Literal["skip", "wait"] = "skip"
-
-
-@dataclass(frozen=True)
-class SensorConfig:
-    cron: str = "*/30 * * * *"
-    # change: retrain whenever the source changed; drift: only when the changed source also
-    # drifted from the champion's reference (stage drift's test), or there is none to test
-    trigger: str = "change"
-
-    def validate(self) -> None:
-        from graft.base.errors import GraftError
-
-        if self.trigger not in ("change", "drift"):
-            raise GraftError(f"graft.yaml: sensor.trigger must be change or drift, got {self.trigger!r}")
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    cron: str = "0 4 * * 0"  # `graft schedule --verify`: reproduce the champion every Sunday at 04:00
-
-
-@dataclass(frozen=True)
-class WorkersConfig:
-    """How a worker's run proves it is alive: a heartbeat every ``heartbeat_seconds``
-    (Prefect accepts no less than 30); none for ``crashed_after_seconds`` and the server
-    marks the run Crashed (its worker or machine died)."""
-
-    heartbeat_seconds: int = 30
-    crashed_after_seconds: int = 90
-
-    def __post_init__(self):
-        if self.heartbeat_seconds < 30:
-            raise GraftError("graft.yaml: workers.heartbeat_seconds must be at least 30 (Prefect's minimum)")
-        if self.crashed_after_seconds <= self.heartbeat_seconds:
-            raise GraftError("graft.yaml: workers.crashed_after_seconds must exceed workers.heartbeat_seconds")
-
-
 def workers_config(root: Path) -> WorkersConfig:
-    return parse(WorkersConfig, read_config(root).get("workers") or {}, "workers")
+    return project.load(root).workers
 
 
 def schedule_config(root: Path) -> tuple[ScheduleConfig, SensorConfig]:
-    cfg = read_config(root)
-    return (parse(ScheduleConfig, cfg.get("schedule") or {}, "schedule"),
-            parse(SensorConfig, cfg.get("sensor") or {}, "sensor"))  # fmt: skip
+    cfg = project.load(root)
+    return cfg.schedule, cfg.sensor
 
 
 def verify_config(root: Path) -> VerifyConfig:
-    return parse(VerifyConfig, read_config(root).get("verify") or {}, "verify")
+    return project.load(root).verify
 
 
 def deployment_names(root: Path) -> tuple[str, str]:

@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from graft.base import secrets
-from graft.config.project import read_config
+from graft.base.errors import GraftError, ParamsError
+from graft.config import project
 
 log = logging.getLogger("graft.notify")
 
 
 def webhook_url(root: Path, logger=None) -> str | None:
-    if (read_config(root).get("notifications", {}) or {}).get("webhook_url"):
-        (logger or log).error("graft.yaml's notifications.webhook_url is not used: a webhook URL is a secret and graft.yaml "
-                              "is in git; move it to GRAFT_WEBHOOK_URL in .graft/secrets.yaml (mode 0600) or the "
-                              "environment, then rotate the webhook: it is in git's history")  # fmt: skip
+    try:
+        project.load(root)  # refuses a webhook URL written into graft.yaml, saying where it goes
+    except (GraftError, ParamsError) as e:  # say so, never fail the run over a notification
+        (logger or log).error("%s", e)
     try:
         return secrets.get(root, "GRAFT_WEBHOOK_URL")
     except Exception as e:  # a secrets file others can read: say so, never fail the run

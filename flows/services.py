@@ -20,62 +20,37 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from graft.base import secrets
 from graft.base.errors import GraftError
-from graft.config.params import parse
-from graft.config.project import read_config
+from graft.config import project
+from graft.config.project import MlflowServer, PrefectServer
 
 STATE_DIR = Path(".graft") / "servers"
 NAMES = ("prefect", "mlflow")
 
 
-@dataclass(frozen=True)
-class PrefectServer:
-    port: int = 4200
-    host: str = "127.0.0.1"  # the address it listens on; 0.0.0.0: every interface (other machines)
-
-
-@dataclass(frozen=True)
-class MlflowServer:
-    port: int = 5000
-    host: str = "127.0.0.1"
-    backend_store_uri: str | None = None  # null: the project's SQLite file (a password: secrets only)
-    default_permission: str = "READ"  # with authentication: what a user may do where nobody granted more
-
-
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 AUTH_KEYS = {"prefect": ("PREFECT_SERVER_API_AUTH_STRING",),
              "mlflow": ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")}  # fmt: skip
-PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 
 
 def server_config(root: Path, host: str | None = None) -> tuple[PrefectServer, MlflowServer]:
     """Both servers' settings; ``host`` (``graft server start --host``) overrides both."""
-    section = read_config(root).get("servers", {}) or {}
-    prefect = parse(PrefectServer, section.get("prefect") or {}, "servers.prefect")
-    mlflow_ = parse(MlflowServer, section.get("mlflow") or {}, "servers.mlflow")
+    servers = project.load(root).servers
+    prefect, mlflow_ = servers.prefect, servers.mlflow
     if host:
         prefect, mlflow_ = replace(prefect, host=host), replace(mlflow_, host=host)
-    if mlflow_.backend_store_uri and secrets.mask_url(mlflow_.backend_store_uri) != mlflow_.backend_store_uri:
-        raise GraftError("servers.mlflow.backend_store_uri in graft.yaml holds a password, and graft.yaml is in git: "
-                         "remove it there and set MLFLOW_BACKEND_STORE_URI in the environment or in "
-                         f"{secrets.SECRETS_FILE} (mode 0600); then change that password, it may be in git's history")  # fmt: skip
-    if mlflow_.default_permission not in PERMISSIONS:
-        raise GraftError(f"servers.mlflow.default_permission: {mlflow_.default_permission!r} is not one of {', '.join(PERMISSIONS)}")
     return prefect, mlflow_
 
 
 def auth_required(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> bool:
     """Credentials are asked whenever a server listens beyond this machine, or when
     ``servers.auth`` is true (loopback shared by several users, or a reverse proxy)."""
-    forced = (read_config(root).get("servers", {}) or {}).get("auth", False)
-    if not isinstance(forced, bool):
-        raise GraftError(f"servers.auth in graft.yaml: expected true or false, got {forced!r}")
-    return forced or prefect.host not in LOOPBACK or mlflow_.host not in LOOPBACK
+    return project.load(root).servers.auth or prefect.host not in LOOPBACK or mlflow_.host not in LOOPBACK
 
 
 def check_auth(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dict[str, str]:

@@ -69,3 +69,12 @@ def stage_main(fn: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def thread_sizer(label: str):
+    """torch's thread pool for a stage (:func:`graft.base.threads.sizer`), with graft.yaml's
+    ``compute.threads``; every stage that runs torch calls this before any torch work."""
+    from graft.base import threads
+    from graft.config import project
+
+    return threads.sizer(label, project.load().compute.threads)

@@ -31,7 +31,7 @@ from graft.drift.gate import (
     write_reference,
     write_report,
 )
-from graft.stage import stage_main
+from graft.stage import stage_main, thread_sizer
 
 
 @stage_main
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, type=Path, help=f"report directory ({REPORT}, {PLOT})")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
-    from graft.base import threads
 
-    threads.sizer("drift")  # before any torch work: the CPUs other processes leave free
+    thread_sizer("drift")  # before any torch work: the CPUs other processes leave free
 
     from graft.config.params import LoadPretrainedParams, RegisterParams
     from graft.data.samples import RawSamples

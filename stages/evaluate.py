@@ -20,7 +20,7 @@ from graft.evaluation.metrics import (
     tta_note,
     write_reports,
 )
-from graft.stage import stage_main
+from graft.stage import stage_main, thread_sizer
 
 
 @stage_main
@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reports", required=True, type=Path, help="directory for metrics and plots")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
-    from graft.base import threads
 
-    threads.sizer("evaluate")  # before any torch work: the CPUs other processes leave free
+    thread_sizer("evaluate")  # before any torch work: the CPUs other processes leave free
 
     from graft.config.params import FineTuneParams
     from graft.tracking import runs as tracking

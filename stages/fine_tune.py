@@ -12,7 +12,7 @@ from pathlib import Path
 
 from graft.base import distributed
 from graft.config.params import DEFAULT_PARAMS, FineTuneParams, load_section
-from graft.stage import stage_main
+from graft.stage import stage_main, thread_sizer
 from graft.training import run as ft_run
 from graft.training.fine_tune import train
 
@@ -36,13 +36,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlflow  # 1.5 to 2 s of import: after the arguments are checked
 
-    from graft.base import threads
 
     params = load_section(FineTuneParams, "fine_tune", args.params)
     if ft_run.relaunch_under_torchrun(params, "stages.fine_tune", sys.argv[1:] if argv is None else argv):
         return
     rk = distributed.current()
-    sizer = threads.sizer("fine_tune" + (f" rank {rk.rank}" if rk.distributed else ""))
+    sizer = thread_sizer("fine_tune" + (f" rank {rk.rank}" if rk.distributed else ""))
     inputs = ft_run.load_inputs(params, args.prepared, args.pretrained, args.teacher, args.params)
     fit = dict(distill=inputs.distill, threads=sizer)
     if not rk.leader:  # rank 0 alone logs and writes; the others train with it

@@ -16,7 +16,7 @@ from graft.base import fsio
 from graft.config.params import DEFAULT_PARAMS, RegisterParams, load_section
 from graft.promotion.register import format_decision, params_hash, register
 from graft.registry import rules as registry
-from graft.stage import stage_main
+from graft.stage import stage_main, thread_sizer
 
 
 @stage_main
@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drift", type=Path, help="the drift stage's report directory (reports/drift)")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
-    from graft.base import threads
 
-    threads.sizer("register")  # before any torch work: the CPUs other processes leave free
+    thread_sizer("register")  # before any torch work: the CPUs other processes leave free
 
     # Loading the two models for the gate would draw MLflow's download bars into the log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

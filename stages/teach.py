@@ -13,7 +13,7 @@ from pathlib import Path
 from graft.base import fsio
 from graft.config.params import DEFAULT_PARAMS, DistillParams, load_section
 from graft.registry.teachers import load_teacher
-from graft.stage import stage_main
+from graft.stage import stage_main, thread_sizer
 from graft.training.teacher import BATCH, INFO, LOGITS, class_order, lineage_name, soft_labels
 
 
@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, type=Path, help="JSON report to write (time, teacher accuracy)")
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
-    from graft.base import threads
 
-    threads.sizer("teach")  # before any torch work: the CPUs other processes leave free
+    thread_sizer("teach")  # before any torch work: the CPUs other processes leave free
 
     params = load_section(DistillParams, "distill", args.params)
     if not params.references:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORCE_ENV = "GRAFT_THREADS"
-CONFIG_FILE = "graft.yaml"  # read from the project root, the stages' working directory
 INTERVAL_S = 3.0  # between two measurements while training: a few batches
 GROW_AFTER = 2  # measurements in a row with room for more threads before growing the pool
 TAG = "graft.threads"  # on the training run: ThreadSizer.describe(), the pool's sizes over the training
@@ -74,21 +73,16 @@ def _own_seconds() -> float:
     return t.user + t.system
 
 
-def forced_threads(root: Path | None = None) -> int | None:
-    """The number forced by ``GRAFT_THREADS`` or ``graft.yaml``'s ``compute.threads``;
+def forced_threads(configured: object = None) -> int | None:
+    """The number forced by ``GRAFT_THREADS``, else by ``configured`` (graft.yaml's
+    ``compute.threads``, which the caller reads: :func:`graft.stage.thread_sizer`);
     None for ``auto``."""
     from graft.base.errors import GraftError
 
     value: object = os.environ.get(FORCE_ENV)
     where = f"the environment variable {FORCE_ENV}"
     if value in (None, ""):
-        path = (root or Path.cwd()) / CONFIG_FILE
-        value, where = None, f"{path}: compute.threads"
-        if path.is_file():
-            import yaml
-
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            value = ((data.get("compute") or {}) if isinstance(data, dict) else {}).get("threads")
+        value, where = configured, "graft.yaml: compute.threads"
     if value is None or str(value).strip().lower() == "auto":
         return None
     try:
@@ -206,13 +200,14 @@ def recorded_pool(described: str | None) -> tuple[int, bool] | None:
     return int(m.group(1)), ";" in described
 
 
-def sizer(label: str, root: Path | None = None) -> ThreadSizer:
-    """A started :class:`ThreadSizer` for a stage, honouring a forced number. Every stage
+def sizer(label: str, configured: object = None) -> ThreadSizer:
+    """A started :class:`ThreadSizer` for a stage, honouring a forced number (``configured``:
+    graft.yaml's ``compute.threads``; ``GRAFT_THREADS`` wins over it). Every stage
     that runs torch calls this before any torch work, so the process's C allocator is set
     for torch here too (:mod:`graft.base.allocator`)."""
     from graft.base import allocator
 
     allocator.tune()
-    s = ThreadSizer(forced_threads(root), label=label)
+    s = ThreadSizer(forced_threads(configured), label=label)
     s.start()
     return s

@@ -38,7 +38,7 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     return data
 
 
-def _check(value: Any, tp: Any, key: str) -> Any:
+def _check(value: Any, tp: Any, key: str, file: str = "params.yaml") -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -46,7 +46,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         for alt in args:
             try:
-                return _check(value, alt, key)
+                return _check(value, alt, key, file)
             except ParamsError:
                 continue
         raise ParamsError(f"{key}: {value!r} matches none of {_type_name(tp)}")
@@ -62,7 +62,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{key}: expected a list, got {value!r}")
         inner = args[0] if args else Any
-        return tuple(_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_check(v, inner, f"{key}[{i}]", file) for i, v in enumerate(value))
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -83,7 +83,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ParamsError(f"{key}: expected a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
-        return parse(tp, value, key)
+        return parse(tp, value, key, file)
     raise TypeError(f"unsupported parameter type {tp!r} for {key}")
 
 
@@ -91,25 +91,26 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def parse(cls: type[T], data: Any, section: str) -> T:
-    """Build the frozen dataclass ``cls`` from a mapping; unknown keys are an error."""
+def parse(cls: type[T], data: Any, section: str, file: str = "params.yaml") -> T:
+    """Build the frozen dataclass ``cls`` from a mapping; unknown keys are an error that
+    names ``file`` and the key."""
     if not isinstance(data, dict):
-        raise ParamsError(f"{section}: expected a mapping, got {data!r}")
+        raise ParamsError(f"{file}: {section}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ParamsError(
-            f"params.yaml: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"{file}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
             f"known keys of '{section}': {', '.join(fields)}"
         )
     kwargs = {}
     for name, field in fields.items():
         key = f"{section}.{name}"
         if name in data:
-            kwargs[name] = _check(data[name], hints[name], key)
+            kwargs[name] = _check(data[name], hints[name], key, file)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ParamsError(f"params.yaml: missing key {key}")
+            raise ParamsError(f"{file}: missing key {key}")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:

@@ -45,10 +45,13 @@ def test_project_graph_comes_from_dvc():
 
 
 def test_stage_options_overlay_defaults(tmp_path):
-    (tmp_path / "graft.yaml").write_text("stages:\n  default: {retries: 1}\n  ingest: {retriez: 3}\n")
+    (tmp_path / "graft.yaml").write_text("stages:\n  default: {retries: 1}\n  ingest: {timeout_seconds: 60}\n")
     assert stage_options(tmp_path, "fine_tune").retries == 1
-    with pytest.raises(ParamsError, match="stages.ingest.retriez"):
-        stage_options(tmp_path, "ingest")
+    assert (stage_options(tmp_path, "ingest").retries, stage_options(tmp_path, "ingest").timeout_seconds) == (1, 60)
+    # graft.yaml is parsed whole, once: a misspelt key anywhere is refused, naming it
+    (tmp_path / "graft.yaml").write_text("stages:\n  default: {retries: 1}\n  ingest: {retriez: 3}\n")
+    with pytest.raises(ParamsError, match="graft.yaml: unknown key.s. stages.ingest.retriez"):
+        stage_options(tmp_path, "fine_tune")
 
 
 def test_project_lock_is_exclusive(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from flows import services
 from graft.base import secrets
-from graft.base.errors import GraftError
+from graft.base.errors import GraftError, ParamsError
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,7 @@ def test_servers_beyond_loopback_refuse_to_start_without_credentials(tmp_path):
     with pytest.raises(GraftError, match="servers.auth is true"):
         services.start(tmp_path)
     (tmp_path / "graft.yaml").write_text("servers:\n  auth: 'yes please'\n")
-    with pytest.raises(GraftError, match="servers.auth in graft.yaml: expected true or false"):
+    with pytest.raises(ParamsError, match="graft.yaml: servers.auth: expected true or false"):
         services.start(tmp_path)
 
 

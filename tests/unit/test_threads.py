@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from graft.base import threads
-from graft.base.errors import GraftError
+from graft.base.errors import GraftError, ParamsError
 
 BUSY = "while True: pass"
 
@@ -49,21 +49,29 @@ def test_target_rounds_the_free_cpus():
 
 
 def test_forced_from_env_and_graft_yaml(tmp_path, monkeypatch):
+    from graft.config import project
+
+    def forced():
+        return threads.forced_threads(project.load(tmp_path).compute.threads)
+
     monkeypatch.delenv(threads.FORCE_ENV, raising=False)
-    assert threads.forced_threads(tmp_path) is None  # no graft.yaml: auto
+    assert forced() is None  # no graft.yaml: auto
     (tmp_path / "graft.yaml").write_text("compute:\n  threads: 3\n")
-    assert threads.forced_threads(tmp_path) == 3
+    assert forced() == 3
     (tmp_path / "graft.yaml").write_text("compute:\n  threads: auto\n")
-    assert threads.forced_threads(tmp_path) is None
+    assert forced() is None
     monkeypatch.setenv(threads.FORCE_ENV, "1")  # the environment wins
-    assert threads.forced_threads(tmp_path) == 1
+    assert forced() == 1
     monkeypatch.setenv(threads.FORCE_ENV, "many")
     with pytest.raises(GraftError, match=r"GRAFT_THREADS is 'many'.*1 or more"):
-        threads.forced_threads(tmp_path)
+        forced()
     monkeypatch.delenv(threads.FORCE_ENV)
     (tmp_path / "graft.yaml").write_text("compute:\n  threads: 0\n")
     with pytest.raises(GraftError, match=r"graft.yaml: compute.threads is 0"):
-        threads.forced_threads(tmp_path)
+        forced()
+    (tmp_path / "graft.yaml").write_text("compute:\n  thread: 2\n")  # a misspelt key is refused, not ignored
+    with pytest.raises(ParamsError, match=r"graft.yaml: unknown key\(s\) compute.thread"):
+        forced()
 
 
 def test_forced_number_is_used_and_never_resized(keep_threads):
