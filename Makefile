@@ -104,8 +104,9 @@ run-text: setup  ## the text run: fresh vs rotten reviews, MiniLM fine-tuned (gr
 # part serially.
 TEST_WORKERS ?= 2
 
-lint: $(STAMP)  ## ruff, and the import-linter contract that keeps the library's layers (pyproject.toml)
+lint: $(STAMP)  ## ruff, mypy on the library, and the import-linter contracts that keep its layers (pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 test: setup postgres browser sshd lint  ## set up, then run the whole test suite (slow integration tests included)

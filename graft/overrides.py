@@ -19,7 +19,7 @@ from graft.config.params import SECTION_TYPES, parse, parse_value, read_params, 
 def check_all(params: dict[str, Any]) -> None:
     """Parse every known section, then check that the backbone suits the data's modality
     (a text source with an image backbone, say); raise ParamsError naming the first bad key."""
-    parsed = {}
+    parsed: dict[str, Any] = {}
     for section in SECTION_TYPES:
         cls = section_type(section)
         if section not in params:

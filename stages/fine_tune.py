@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         train(inputs.model, inputs.cfg, inputs.train, inputs.val, params, args.checkpoint, inputs.run_key, **fit)
         distributed.shutdown()
         return
-    paths = {"params": args.params, "prepared": args.prepared, "pretrained": args.pretrained, "teacher": args.teacher}
-    with ft_run.tracked_run(inputs, params, args.checkpoint, paths) as run:
+    where = {"params": args.params, "prepared": args.prepared, "pretrained": args.pretrained, "teacher": args.teacher}
+    with ft_run.tracked_run(inputs, params, args.checkpoint, where) as run:
         # Checkpoints carry the run id, so a resumed training logs into the same run.
         result = train(inputs.model, inputs.cfg, inputs.train, inputs.val, params, args.checkpoint, inputs.run_key,
                        on_epoch=ft_run.on_epoch_logged(mlflow), checkpoint_extra={"mlflow_run_id": run.info.run_id},

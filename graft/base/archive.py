@@ -21,7 +21,7 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-    tar.members.clear()  # TarFile keeps every member it wrote; the snapshot can be millions
+    tar.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every member it wrote; millions here
 
 
 def iter_snapshot(tar_path: Path, wanted: Container[str] | None = None) -> Iterator[tuple[str, bytes]]:
@@ -31,6 +31,6 @@ def iter_snapshot(tar_path: Path, wanted: Container[str] | None = None) -> Itera
     of any size takes the memory of one sample."""
     with tarfile.open(tar_path, "r") as tar:
         while (member := tar.next()) is not None:
-            tar.members.clear()
+            tar.members.clear()  # type: ignore[attr-defined]  # a real attribute that typeshed leaves out
             if member.isfile() and (wanted is None or member.name in wanted):
                 yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]

@@ -58,7 +58,7 @@ class NpyWriter:
             raise ValueError(f"{self.path}: rows {rows.shape} at {start} do not fit an array of shape {self.shape}")
         if not rows.size:
             return
-        data = memoryview(rows).cast("B")
+        data = memoryview(rows).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer (stubs)
         done = 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], self.offset + start * self.row_bytes + done)
@@ -102,7 +102,7 @@ class NpyReader:
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
         if self.path.stat().st_size < self.offset + self.shape[0] * self.row_bytes:
             raise GraftError(f"{self.path}: shorter than its header says (truncated?); rerun the stage that wrote it")
-        self._fd, self._pid = -1, None
+        self._fd, self._pid = -1, -1  # no descriptor yet, for no process
 
     # Opened lazily, and again after a fork or unpickling (DataLoader workers), so every
     # process has its own descriptor.
@@ -128,7 +128,7 @@ class NpyReader:
     def _rows(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((max(0, stop - start), *self.row_shape), dtype=self.dtype)
         if out.size:
-            _pread_into(self._descriptor(), memoryview(out).cast("B"), self.offset + start * self.row_bytes, self.path)
+            _pread_into(self._descriptor(), memoryview(out).cast("B"), self.offset + start * self.row_bytes, self.path)  # type: ignore[arg-type]
         return out
 
     def __getitem__(self, key) -> np.ndarray:
@@ -157,7 +157,7 @@ class NpyReader:
         # Runs of consecutive rows: one read each, straight into the output.
         breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(wanted)], strict=True):
-            _pread_into(self._descriptor(), memoryview(out[lo:hi]).cast("B"),
+            _pread_into(self._descriptor(), memoryview(out[lo:hi]).cast("B"),  # type: ignore[arg-type]
                         self.offset + int(wanted[lo]) * self.row_bytes, self.path)  # fmt: skip
         if np.any(order != np.arange(len(order))):
             unsorted = np.empty_like(out)

@@ -197,7 +197,7 @@ def recorded_pool(described: str | None) -> tuple[int, bool] | None:
     m = re.match(r"\s*(\d+)", described or "")
     if m is None:
         return None
-    return int(m.group(1)), ";" in described
+    return int(m.group(1)), ";" in (described or "")
 
 
 def sizer(label: str, configured: object = None) -> ThreadSizer:

@@ -83,7 +83,7 @@ def _check(value: Any, tp: Any, key: str, file: str = "params.yaml") -> Any:
             return value
         raise ParamsError(f"{key}: expected a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
-        return parse(tp, value, key, file)
+        return parse(typing.cast(type, tp), value, key, file)
     raise TypeError(f"unsupported parameter type {tp!r} for {key}")
 
 

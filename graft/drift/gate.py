@@ -134,7 +134,7 @@ def domain_auc(x: np.ndarray, y: np.ndarray, seed: int) -> float:
 def holm(p_values: dict[str, float]) -> dict[str, float]:
     """Holm's step-down adjusted p-values: rejecting those under alpha is wrong at most
     alpha of the time over the whole family, whichever hypotheses are true."""
-    order = sorted(p_values, key=p_values.get)
+    order = sorted(p_values, key=lambda k: p_values[k])
     m, running, out = len(order), 0.0, {}
     for i, key in enumerate(order):
         running = max(running, min(1.0, (m - i) * p_values[key]))
@@ -169,7 +169,7 @@ def compare(ref: np.ndarray, ref_labels: np.ndarray, new: np.ndarray, new_labels
         if entry is None:
             continue
         if c in testable:
-            entry.update(mmd_test(ref[ref_labels == i], new[new_labels == i], permutations, p.seed + 1 + i))  # type: ignore[index]
+            entry.update(mmd_test(ref[ref_labels == i], new[new_labels == i], permutations, p.seed + 1 + i))
         else:
             r, n = entry["reference"], entry["new"]
             entry["skipped"] = (f"fewer than {p.min_samples} samples" if r and n
@@ -507,8 +507,11 @@ def test_items(items: list[tuple[str | None, Any]], reference: Reference, p: Dri
         values.append(value)
         names.append(items[int(i)][0])
     labelled = bool(names) and all(n is not None for n in names)
-    new_classes = sorted(set(names)) if labelled else None
-    labels = np.array([new_classes.index(n) for n in names]) if labelled else None  # type: ignore[union-attr]
+    new_classes: list[str] | None = None
+    labels = None
+    if labelled:
+        new_classes = sorted({n for n in names if n is not None})
+        labels = np.array([new_classes.index(n) for n in names if n is not None])
     embedder = None
     if pretrained is not None and (Path(pretrained) / modeling.CONFIG).is_file():
         candidate = from_model_dir(pretrained, int(reference.identity.get("seed", 42)))

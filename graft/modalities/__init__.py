@@ -49,13 +49,15 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from graft.base import fsio
 from graft.base.errors import GraftError
+
+if TYPE_CHECKING:
+    from graft.modalities.interface import Modality
 
 # ingest.source -> modality. One table, so the params check, ingest and the docs agree.
 SOURCES = {
@@ -104,19 +106,19 @@ def of_source(source: str) -> str:
     return SOURCES[source]
 
 
-def get(name: str | None) -> ModuleType:
+def get(name: str | None) -> Modality:
     """The module of modality ``name`` (None: a snapshot or model from before the seam)."""
     name = name or DEFAULT
     if name not in MODALITIES:
         raise GraftError(f"unknown modality '{name}' (known: {', '.join(MODALITIES)}); was this made by a newer graft?")
-    return importlib.import_module(f"{__name__}.{name}")
+    return cast("Modality", importlib.import_module(f"{__name__}.{name}"))  # interface.py checks each module
 
 
-def for_source(source: str) -> ModuleType:
+def for_source(source: str) -> Modality:
     return get(of_source(source))
 
 
-def of_folder(data_dir: Path) -> ModuleType:
+def of_folder(data_dir: Path) -> Modality:
     """The modality module of a snapshot or prepared folder (its ``meta.json``)."""
     meta = data_dir / "meta.json"
     return get(fsio.read_json(meta).get("modality") if meta.is_file() else None)

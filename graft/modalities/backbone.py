@@ -255,5 +255,5 @@ def build(params: LoadPretrainedParams, num_classes: int, seed: int) -> Backbone
         _load_backbone_weights(model, state, str(path))
     sha = fsio.sha256_file(path)
     torch.manual_seed(seed)  # the new head's initial weights depend on the seed alone
-    model.reset_classifier(num_classes)
+    model.reset_classifier(num_classes)  # type: ignore[operator]  # timm's; nn.Module's __getattr__ says Tensor
     return Backbone(model, params.source, sha)

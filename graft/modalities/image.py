@@ -102,7 +102,7 @@ def read_fashion_mnist(root: Path) -> Source:
             raise GraftError(f"{root / img_name}: {len(pixels)} images but {len(labels)} labels")
         for i, (img, lbl) in enumerate(zip(pixels, labels, strict=True)):
             candidates.append(Candidate(split, FASHION_MNIST_CLASSES[int(lbl)], f"{img_name}#{i}", ".png",
-                                        lambda img=img: _png_bytes(img)))  # fmt: skip
+                                        functools.partial(_png_bytes, img)))  # fmt: skip
     return Source(candidates, FASHION_MNIST_CLASSES, [])
 
 
@@ -260,8 +260,8 @@ def augment(batch: np.ndarray, rng: np.random.Generator, p) -> np.ndarray:
     if p.randaug_ops:  # drawn only when asked, like erasing below
         _rand_augment(out, rng, p.randaug_ops, p.randaug_magnitude)
     if p.erase_prob:  # drawn only when asked, so the other settings' random streams stay as they were
-        for i in np.flatnonzero(rng.random(n) < p.erase_prob):
-            _erase(out[i], rng)
+        for j in np.flatnonzero(rng.random(n) < p.erase_prob):
+            _erase(out[j], rng)
     return out
 
 

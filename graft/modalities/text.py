@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -109,7 +110,7 @@ def _rows(path: Path):
                     continue
                 yield n, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
             return
-        reader = csv.reader(f, delimiter=TABLE_FORMATS[fmt])
+        reader = csv.reader(f, delimiter=TABLE_FORMATS[fmt] or ",")  # JSON lines returned above
         try:
             header = next(reader)
         except StopIteration:
@@ -190,7 +191,7 @@ def read_table(path: Path, text_column: str, label_column: str) -> Source:
         label = label or None  # an empty cell is no label
         if label is not None:
             classes.add(label)
-        candidates.append(Candidate("train", label, f"{path.name}:{line}", ".txt", lambda n=line: cursor.read(n)))
+        candidates.append(Candidate("train", label, f"{path.name}:{line}", ".txt", functools.partial(cursor.read, line)))
     if not candidates:
         raise GraftError(f"{path}: no rows. Expected a header row and one row per text.")
     return Source(candidates, tuple(sorted(classes)), [])
@@ -278,7 +279,7 @@ def expectations(df, params, context) -> list[tuple[str, Any]]:
         df["in_train_and_test_normalised"] = key.isin(train & test)
     else:
         df["in_train_and_test_normalised"] = False
-    checks = [
+    checks: list[tuple[Any, ...]] = [
         # Undecodable bytes would be replaced silently, or crash the tokenizer.
         ("every text is UTF-8 text", gxe.ExpectColumnValuesToBeNull(column="error")),
         # An empty text carries no evidence for its label: a labelling or export mistake.

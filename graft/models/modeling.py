@@ -79,7 +79,7 @@ def tta_of(cfg: ModelConfig) -> str:
     return cfg.input.get("tta", "none")
 
 
-def predict_proba(model, samples: np.ndarray, cfg: ModelConfig, device=None, batch_size: int = 256,
+def predict_proba(model, samples: Any, cfg: ModelConfig, device=None, batch_size: int = 256,
                   channels_last: bool = True, desc: str | None = None, tta: str | None = None) -> np.ndarray:
     """Class probabilities (N, C) for encoded samples, in eval mode, without gradients.
 

@@ -18,14 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 MODEL_ARTIFACT = "model_dir"
 
 
-class GraftClassifier(mlflow.pyfunc.PythonModel):
+class GraftClassifier(PythonModel):
     def load_context(self, context) -> None:
         from graft.base import allocator
         from graft.models import modeling

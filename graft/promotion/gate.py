@@ -119,7 +119,7 @@ def score(pyfunc_model, samples: RawSamples, batch: int = 256) -> np.ndarray:
     return correct
 
 
-def serving_costs(candidate, champion, samples: RawSamples) -> tuple[dict[str, float], dict[str, float] | None]:
+def serving_costs(candidate, champion, samples: RawSamples) -> tuple[dict[str, float] | None, dict[str, float] | None]:
     """Both pyfuncs' serving cost, measured one after the other in this process on the
     same test samples: a fair side-by-side, whatever machine the gate runs on."""
     from graft.models import serving  # mlflow.pyfunc: 1.5 to 2 s of import, only when costs are measured

@@ -72,7 +72,9 @@ def configure(root: Path | None = None) -> str:
         try:
             experiment_id = client.create_experiment(name, artifact_location=location)
         except Exception:  # created meanwhile by a concurrent process
-            experiment_id = client.get_experiment_by_name(name).experiment_id
+            created = client.get_experiment_by_name(name)
+            assert created is not None, name
+            experiment_id = created.experiment_id
     # The fluent API (mlflow.start_run) would otherwise log into experiment 0, "Default".
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
@@ -192,7 +194,8 @@ def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Pat
             # MLflow registers its local-path source class twice and then warns that a path
             # "can be interpreted in multiple ways" (both are the same class).
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
-            dataset = mlflow.data.from_pandas(frame, source=source, name=split, digest=digest, targets="class_name")
+            dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]  # exported lazily
+                frame, source=source, name=split, digest=digest, targets="class_name")
         mlflow.log_input(dataset, context=context, tags={"dvc_hash": version.get("data_version", "unknown")})
 
 
@@ -215,7 +218,8 @@ def unreachable_message(exc: BaseException) -> str | None:
 
 def _causes(exc: BaseException):
     """``exc`` and the exceptions it was raised from or during, innermost last (each once)."""
-    seen, e = set(), exc
+    seen: set[int] = set()
+    e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
@@ -325,7 +329,7 @@ def run_for(stage: str, run_id: str, params_path: Path) -> str:
     if current:
         return run_id
     training_run_id = run.data.tags.get("graft.training_run_id", run_id)
-    nest = {"nested": True, "parent_run_id": parent} if parent else {}
+    nest: dict[str, Any] = {"nested": True, "parent_run_id": parent} if parent else {}
     with mlflow.start_run(run_name=f"{stage}-{run.info.run_name}", experiment_id=run.info.experiment_id, **nest) as new:
         log_params_file(params_path)
         mlflow.set_tags({**run_tags(), "graft.stage": stage, "graft.training_run_id": training_run_id,

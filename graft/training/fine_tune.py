@@ -247,6 +247,7 @@ def _features(model, x, cfg, device, p: FineTuneParams, desc: str, path: Path):
             if writer is None:
                 writer = NpyWriter(path, np.float32, (len(x), *f.shape[1:]))
             writer.write(s, f)
+    assert writer is not None, f"{desc}: no samples"  # validate refuses an empty split before this
     writer.close()
     return NpyReader(path)
 
@@ -513,7 +514,7 @@ class Loop:
         freeze_batchnorm_stats(self.model)
         order, rng = epoch_order(len(split.y), p.seed, epoch)
         size = None  # progressive resizing: this epoch's input size, known from the first batch
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen = 0.0, 0.0, 0  # correct: mixed targets count fractions
         bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch", leave=False,
                        disable=not rk.leader)  # fmt: skip
         for b in bar:

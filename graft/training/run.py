@@ -19,6 +19,7 @@ import numpy as np
 from graft.base import distributed, fsio, kernels, plots
 from graft.base.arrays import NpyReader
 from graft.base.errors import STATUS_ENV, GraftError, fault_point
+from graft.config import paths
 from graft.config.params import FineTuneParams, load_section
 from graft.models import modeling
 from graft.training.fine_tune import Distillation, Split, TrainResult, fingerprint, with_tta
@@ -74,11 +75,11 @@ def load_inputs(params: FineTuneParams, prepared: Path, pretrained: Path, teache
 
 
 @contextmanager
-def tracked_run(inputs: Inputs, params: FineTuneParams, checkpoint: Path, paths: dict[str, Path]) -> Iterator[Any]:
+def tracked_run(inputs: Inputs, params: FineTuneParams, checkpoint: Path, where: dict[str, Path]) -> Iterator[Any]:
     """The run's MLflow run: the one its checkpoint names when training resumes (with the
     epochs the server never received logged now), else a new one under the pipeline's
-    parent run with params, tags, datasets and lineage. ``paths``: params, prepared,
-    pretrained, teacher."""
+    parent run with params, tags, datasets and lineage. ``where``: the params file and the
+    prepared, pretrained and teacher folders."""
     import mlflow
     import torch
 
@@ -91,24 +92,24 @@ def tracked_run(inputs: Inputs, params: FineTuneParams, checkpoint: Path, paths:
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
     run_name = f"{inputs.cfg.architecture}-{params.mode}" + ("-distilled" if inputs.distill else "")
     # A resumed run keeps the parent it was created under.
-    nest = {} if resume_run or not parent else {"nested": True, "parent_run_id": parent}
+    nest: dict[str, Any] = {} if resume_run or not parent else {"nested": True, "parent_run_id": parent}
     with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name,
                           experiment_id=None if resume_run else experiment_id, **nest) as run:  # fmt: skip
         if not resume_run:
-            tracking.log_params_file(paths["params"])
+            tracking.log_params_file(where["params"])
             mlflow.set_tags({**tracking.run_tags(), "pretrained_weights_sha256": inputs.cfg.weights_sha256 or "none",
                              "pretrained_source": inputs.cfg.source, "graft.stage": "pipeline"})
-            tracking.log_datasets(paths["prepared"], {"train": "training", "val": "validation"})
-            tracking.log_lineage(paths["params"])
+            tracking.log_datasets(where["prepared"], {"train": "training", "val": "validation"})
+            tracking.log_lineage(where["params"])
             if inputs.distill:
                 mlflow.set_tags(teach.lineage_tags(inputs.teachers))
-                mlflow.log_artifact(str(paths["teacher"] / "teacher.json"), "teacher")
+                mlflow.log_artifact(str(where["teacher"] / "teacher.json"), "teacher")
         else:
             resumed_logging(run.info.run_id, previous.get("history", []), parent)
             for extra in (paths.VALIDATION_REPORT, paths.PREPROCESS_REPORT):
                 if extra.is_file():
-                    mlflow.log_artifact(extra, "data")
-            mlflow.log_artifact(str(paths["pretrained"] / modeling.CONFIG), "pretrained")
+                    mlflow.log_artifact(str(extra), "data")
+            mlflow.log_artifact(str(where["pretrained"] / modeling.CONFIG), "pretrained")
         yield run
 
 
