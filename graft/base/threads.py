@@ -52,20 +52,21 @@ def allowed_cpus() -> tuple[list[int], float]:
 
 
 def _busy_seconds(cpus: list[int]) -> float | None:
-    """CPU seconds spent busy so far on ``cpus``, all processes together (/proc/stat)."""
+    """CPU seconds spent busy so far on ``cpus``, all processes together (psutil's per-CPU
+    times: user, nice, system, irq, softirq and steal; idle and iowait are not busy)."""
+    import psutil
+
     try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:
+        times = psutil.cpu_times(percpu=True)
+    except (OSError, NotImplementedError):  # /proc/stat unreadable, or a platform without it
         return None
-    wanted = {f"cpu{c}" for c in cpus}
-    ticks = 0
-    for line in lines:
-        name, *fields = line.split()
-        if name in wanted:
-            # user nice system idle iowait irq softirq steal: idle and iowait are not busy
-            v = [int(f) for f in fields[:8]]
-            ticks += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
-    return ticks / os.sysconf("SC_CLK_TCK")
+    busy = 0.0
+    for c in cpus:
+        if c < len(times):
+            t = times[c]
+            busy += t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + \
+                getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)  # fmt: skip
+    return busy
 
 
 def _own_seconds() -> float:
