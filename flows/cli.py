@@ -255,47 +255,16 @@ def promote(
     project: Path = PROJECT,
 ) -> None:
     """Make VERSION the champion. Unless --force, it must beat the current champion on the project's current test samples, with the same gate as the pipeline."""
-
-    from graft.config.params import RegisterParams, load_section
-    from graft.promotion import gate
-    from graft.registry import rules as registry
+    from graft.base.errors import GraftError
+    from graft.promotion import by_hand
 
     client, name = _registry(project)
     _require_champion_permission(client, name)
     _repair(client, name, project.resolve())
     try:
-        client.get_model_version(name, version)
-    except Exception:
-        _fail(f"'{name}' has no version {version}; `graft status` lists them")
-    champion = registry.alias_version(client, name, registry.CHAMPION)
-    if champion is not None and str(champion.version) == str(version):
-        _fail(f"v{version} is already the champion")
-    root = project.resolve()
-    if force:
-        why = reason or "promoted by hand (--force, no gate)"
-    else:
-        raw, prepared = root / paths.RAW, root / paths.PREPARED
-        if not (prepared / "test_ids.npy").is_file():
-            _fail("no test data in this workspace to compare on; run `graft run` first, or pass --force")
-        params = load_section(RegisterParams, "register", root / "params.yaml")
-        samples = gate.load_test_samples(raw, prepared)
-        typer.echo(f"Scoring v{version}" + (f" and champion v{champion.version}" if champion else "") + f" on {len(samples)} test samples...")
-        from graft.models import serving  # mlflow.pyfunc: 1.5 to 2 s of import, only when a model is loaded
-
-        cand_model = serving.load_registered(f"models:/{name}/{version}")
-        champ_model = serving.load_registered(f"models:/{name}/{champion.version}") if champion else None
-        comparison = gate.compare(cand_model, champ_model, samples, params.gate,
-                                  str(champion.version) if champion else None, measure_serving=False)  # fmt: skip
-        decision = comparison.decision(params.gate, candidate_version=version)
-        typer.echo(f"  {decision.reason}")
-        if not decision.promote:
-            _fail(f"v{version} did not pass the gate; not promoted (use --force to override)")
-        why = f"{reason + ': ' if reason else ''}promoted by hand: {decision.reason}"
-    registry.move_alias(client, name, registry.CHAMPION, version, why)
-    challenger = registry.alias_version(client, name, registry.CHALLENGER)
-    if challenger is not None and str(challenger.version) == str(version):
-        registry.remove_alias(client, name, registry.CHALLENGER, f"v{version} promoted to champion")
-    typer.echo(f"{name} v{version} is now champion" + (f" (was v{champion.version})" if champion else ""))
+        typer.echo(by_hand.promote(client, name, version, project.resolve(), reason, force, say=typer.echo))
+    except GraftError as e:
+        _fail(str(e))
 
 
 @app.command()
@@ -304,23 +273,16 @@ def rollback(
     project: Path = PROJECT,
 ) -> None:
     """Move the champion back to the version that held it before."""
-    from graft.registry import rules as registry
+    from graft.base.errors import GraftError
+    from graft.promotion import by_hand
 
     client, name = _registry(project)
     _require_champion_permission(client, name)
     _repair(client, name, project.resolve())
-    current = registry.alias_version(client, name, registry.CHAMPION)
-    if current is None:
-        _fail(f"'{name}' has no champion to roll back")
-    stack = registry.champion_stack(registry.history(client, name))
-    if not stack or stack[-1] != str(current.version):
-        _fail(f"the champion v{current.version} was not set through graft (its alias history ends at "
-              f"{'v' + stack[-1] if stack else 'nothing'}); move it with `graft promote VERSION --force`")  # fmt: skip
-    if len(stack) < 2:
-        _fail(f"v{current.version} is the first champion of '{name}' still in force: there is nothing earlier to roll back to")
-    previous = stack[-2]
-    registry.move_alias(client, name, registry.CHAMPION, previous, f"{reason} (from v{current.version})", kind="rollback")
-    typer.echo(f"{name}: champion rolled back from v{current.version} to v{previous}")
+    try:
+        typer.echo(by_hand.rollback(client, name, reason))
+    except GraftError as e:
+        _fail(str(e))
 
 
 def _require_champion_permission(client, name: str) -> None:
@@ -519,10 +481,7 @@ def predict(
     project: Path = PROJECT,
 ) -> None:
     """Classify images or texts with a registered model; write the input's name, class and probability per sample."""
-    import pandas as pd
-
-    from graft.base import fsio
-    from graft.base.errors import GraftError, progress
+    from graft.base.errors import GraftError
 
     client, name = _registry(project)
     if not path.exists():
@@ -542,31 +501,10 @@ def predict(
         inputs = kind.read_inputs(path, text_column)
     except GraftError as e:
         _fail(f"{e} ({uri} is a{'n' if kind.NAME[0] in 'aeiou' else ''} {kind.NAME} model)")
-    # Written a batch at a time (a CSV of any length, never a table in memory), into a
-    # temporary file renamed at the end: a killed predict leaves no half-written CSV.
-    import csv
-    from collections import Counter
+    from graft.models.predict import predict_to_csv
 
-    counts: Counter[str] = Counter()
-    total = bad = 0
-    with fsio.atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["path", "class", "probability", "error"])
-        for s in progress(range(0, len(inputs), batch_size), desc="predict", unit="batch"):
-            chunk = [(sample_name, *load()) for sample_name, load in inputs[s : s + batch_size]]
-            good = [value for _, value, error in chunk if not error]
-            preds = (pyfunc.predict(pd.DataFrame({kind.INPUT_COLUMN: good})) if good
-                     else pd.DataFrame(columns=["class", "probability"]))  # fmt: skip
-            it = iter(preds[["class", "probability"]].itertuples(index=False))
-            for sample_name, _, error in chunk:
-                total += 1
-                if error:
-                    bad += 1
-                    writer.writerow([sample_name, "", "", error])
-                else:
-                    c, p = next(it)
-                    counts[c] += 1
-                    writer.writerow([sample_name, c, f"{float(p):.6f}", ""])
+    result = predict_to_csv(pyfunc, kind, inputs, out, batch_size)
+    total, bad, counts = result.total, result.bad, result.counts
     typer.echo(f"{total} {kind.SAMPLES[:-1]}(s): {total - bad} classified with {uri}"
                + (f", {bad} could not be decoded (rows with an error)" if bad else "") + f" -> {out}")  # fmt: skip
     for cls, n in counts.most_common(10):
