@@ -405,9 +405,7 @@ def drift(
     """Test incoming samples for drift against the champion's training data: the drift gate's test (MMD in the
     pretrained backbone's embedding space, overall and per class, and a domain classifier's AUC), and its verdict."""
     import dataclasses
-    import tempfile
 
-    from graft import modalities
     from graft.base.errors import GraftError
     from graft.config.params import DriftParams, load_section
     from graft.drift import gate as drift_stage
@@ -419,18 +417,11 @@ def drift(
     if not path.exists():
         _fail(f"{path}: no such file or folder", 2)
     try:
-        p = load_section(DriftParams, "drift", root / "params.yaml")
+        p = load_section(DriftParams, "drift", root / paths.PARAMS)
         p = dataclasses.replace(p, **({"alpha": alpha} if alpha is not None else {}))
         p.validate()
-        ref_name = reference or p.reference or "champion"
-        with tempfile.TemporaryDirectory() as dst:
-            ref, why = drift_stage.resolve(ref_name, name, Path(dst))
-            if ref is None:
-                _fail(f"nothing to test against: {why}", 2)
-            items = drift_stage.folder_items(modalities.get(ref.identity.get("modality")), path, ref.classes, text_column)
-            report, new = drift_stage.test_items(items, ref, p, root / paths.PRETRAINED)
-            if out is not None:
-                drift_stage.write_report(out, report, ref.embeddings, new)
+        report = drift_stage.path_drift(path, reference or p.reference or "champion", name, p,
+                                       root / paths.PRETRAINED, text_column, out)  # fmt: skip
     except GraftError as e:
         _fail(str(e), 2)
     typer.echo(drift_stage.summary(report))
@@ -641,41 +632,20 @@ class Permission(str, Enum):
 
 
 def _admin_client(root: Path):
-    """MLflow's user-management client for the project's server, as its admin."""
     from flows import services
-    from graft.base import secrets
+    from graft.base.errors import GraftError
 
-    url = services.client_env(root).get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not url.startswith(("http://", "https://")):
-        _fail("no MLflow server to manage users on: start one with `graft server start` (or set MLFLOW_TRACKING_URI)")
-    password = secrets.get(root, "MLFLOW_AUTH_ADMIN_PASSWORD")
-    if not password:
-        _fail("managing users needs the admin's password: MLFLOW_AUTH_ADMIN_PASSWORD in the environment or in "
-              ".graft/secrets.yaml (on the servers' machine: `graft server init-auth`)")  # fmt: skip
-    os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or secrets.ADMIN_USER
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = password
-    os.environ["MLFLOW_TRACKING_URI"] = url
-    from mlflow.server.auth.client import AuthServiceClient
-
-    return AuthServiceClient(url)
+    try:
+        return services.admin_client(root)
+    except GraftError as e:
+        _fail(str(e))
 
 
 def _grant(root: Path, auth, username: str, permission: str) -> list[str]:
-    """``permission`` for ``username`` on the project's experiment and registered model
-    (created here, as the admin, when they do not exist yet)."""
-    granted = []
-    client, name = _registry(root)
-    from graft.tracking import runs as tracking
+    from flows import services
 
-    experiment_id = tracking.configure(root)
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        client.create_registered_model(name, description="Registered by graft's register stage.")
-    for kind, resource in (("experiment", experiment_id), ("registered_model", name)):
-        auth.grant_user_permission(username, kind, resource, permission)
-        granted.append(f"{kind} {tracking.experiment_name() if kind == 'experiment' else name}")
-    return granted
+    client, name = _registry(root)
+    return services.grant_project(root, auth, client, name, username, permission)
 
 
 def _read_password(password_stdin: bool) -> str:

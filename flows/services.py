@@ -330,3 +330,42 @@ def client_env(root: Path) -> dict[str, str]:
     creds = secrets.resolved(root)
     env.update({k: creds[k] for k in CLIENT_KEYS if k in creds})
     return env
+
+
+# --- users of the MLflow server (its basic-auth app), managed as its admin ---------------
+
+
+def admin_client(root: Path):
+    """MLflow's user-management client for the project's server, as its admin (the
+    password from the environment or the secrets file, never from an argument)."""
+    url = client_env(root).get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not url.startswith(("http://", "https://")):
+        raise GraftError("no MLflow server to manage users on: start one with `graft server start` (or set "
+                         "MLFLOW_TRACKING_URI)")  # fmt: skip
+    password = secrets.get(root, "MLFLOW_AUTH_ADMIN_PASSWORD")
+    if not password:
+        raise GraftError("managing users needs the admin's password: MLFLOW_AUTH_ADMIN_PASSWORD in the environment or "
+                         "in .graft/secrets.yaml (on the servers' machine: `graft server init-auth`)")  # fmt: skip
+    os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or secrets.ADMIN_USER
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    from mlflow.server.auth.client import AuthServiceClient  # MLflow's own admin client, only for this command
+
+    return AuthServiceClient(url)
+
+
+def grant_project(root: Path, auth, client, name: str, username: str, permission: str) -> list[str]:
+    """``permission`` for ``username`` on the project's experiment and registered model
+    ``name`` (created here, as the admin, when they do not exist yet); what was granted."""
+    from graft.tracking import runs as tracking
+
+    experiment_id = tracking.configure(root)
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, description="Registered by graft's register stage.")
+    granted = []
+    for kind, resource in (("experiment", experiment_id), ("registered_model", name)):
+        auth.grant_user_permission(username, kind, resource, permission)
+        granted.append(f"{kind} {tracking.experiment_name() if kind == 'experiment' else name}")
+    return granted

@@ -587,3 +587,19 @@ def log_to_parent_run(report_dir: Path, report: dict[str, Any]) -> None:
     if report.get("overall"):
         client.log_metric(parent, "drift_p_adjusted", report["p_adjusted_min"])
         client.log_metric(parent, "drift_domain_auc", report["overall"]["domain_auc"])
+
+
+def path_drift(path: Path, reference: str, model_name: str, p: DriftParams, pretrained: Path,
+              text_column: str = "text", out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """``graft drift``: samples on disk (as ``graft predict`` reads them; class sub-folders
+    are tested class by class) against ``reference`` (an alias, name/version or a
+    reference folder); the report, also written to ``out`` when given."""
+    with tempfile.TemporaryDirectory() as dst:
+        ref, why = resolve(reference, model_name, Path(dst))
+        if ref is None:
+            raise GraftError(f"nothing to test against: {why}")
+        items = folder_items(modalities.get(ref.identity.get("modality")), path, ref.classes, text_column)
+        report, new = test_items(items, ref, p, pretrained)
+        if out is not None:
+            write_report(out, report, ref.embeddings, new)
+    return report
