@@ -94,6 +94,28 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
+# What `graft run --set`, `--preset` and a person edit in a checkout: tests take these as the
+# commit holds them, so a suite's verdict depends on the commit, not on the last run here.
+WORKSPACE_FILES = ("params.yaml", "graft.yaml")
+
+
+def committed(rel: str) -> str:
+    """A file as HEAD holds it (the working copy where the checkout is no git repository)."""
+    try:
+        return subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return (ROOT / rel).read_text()
+
+
+@pytest.fixture(scope="session")
+def committed_params(tmp_path_factory) -> Path:
+    """params.yaml as committed, in a file of its own."""
+    path = tmp_path_factory.mktemp("committed") / "params.yaml"
+    path.write_text(committed("params.yaml"))
+    return path
+
+
 def project_files() -> list[str]:
     """The project's files as git sees them (tracked plus untracked, not ignored)."""
     out = subprocess.run(
@@ -110,7 +132,10 @@ def copy_project(dest: Path) -> Path:
             continue  # the stages' outputs: a copy starts without them, so tests see what its own run wrote
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, target)
+        if rel in WORKSPACE_FILES:
+            target.write_text(committed(rel))
+        else:
+            shutil.copy2(ROOT / rel, target)
     # Outputs recorded in the copied lock belong to the real project's cache, not this one.
     (dest / "dvc.lock").unlink(missing_ok=True)
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FASHION_MNIST, ROOT, requires_fashion_mnist
+from tests.conftest import FASHION_MNIST, committed, requires_fashion_mnist
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 
@@ -38,7 +38,9 @@ def tiny_run(work: Path, seed: int = 0, mode: str | None = None) -> float:
     from graft.training.fine_tune import Split, train
 
     torch.set_num_threads(2)
-    params = ROOT / "params.yaml"
+    params = work / "params.yaml"  # as committed: the recipe under test is the commit's
+    params.parent.mkdir(parents=True, exist_ok=True)
+    params.write_text(committed("params.yaml"))
     raw, prepared = work / "raw", work / "prepared"
     raw.mkdir(parents=True), prepared.mkdir()
     ing = replace(load_section(IngestParams, "ingest", params), path=str(FASHION_MNIST), seed=seed,

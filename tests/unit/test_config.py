@@ -35,14 +35,14 @@ def test_missing_and_wrong_type_are_named():
         parse(Demo, {"size": 3, "rate": 1.0, "mode": "c"}, "demo")
 
 
-def test_project_params_parse():
+def test_project_params_parse(committed_params):
     """The committed params.yaml parses with the stages' own types."""
-    params = load_section(IngestParams, "ingest")
+    params = load_section(IngestParams, "ingest", committed_params)
     assert params.source in ("fashion-mnist", "imagefolder")
 
 
-def test_override_checks_key_exists():
-    params = read_params()
+def test_override_checks_key_exists(committed_params):
+    params = read_params(committed_params)
     set_override(params, "preprocess.image_size=32")
     assert params["preprocess"]["image_size"] == 32
     with pytest.raises(ParamsError, match="unknown key 'preprocess.imagesize'"):
@@ -70,14 +70,13 @@ def test_overrides_are_checked_against_every_stage_type():
         apply_overrides(params, ["fine_tune.mode=frozen"])
 
 
-def test_write_overrides_keeps_comments(tmp_path):
+def test_write_overrides_keeps_comments(tmp_path, committed_params):
     import shutil
 
     from graft.overrides import write_overrides
-    from tests.conftest import ROOT
 
     path = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", path)
+    shutil.copy(committed_params, path)
     original = path.read_text()
     write_overrides(path, ["fine_tune.epochs=3", "ingest.max_test_per_class=50"])
     text = path.read_text()
@@ -101,15 +100,14 @@ def test_exponent_without_dot_is_a_number():
         parse(Demo, {"size": 1, "rate": "fast", "mode": "a"}, "demo")
 
 
-def test_every_field_of_a_stage_can_be_set_even_when_the_file_omits_it(tmp_path):
+def test_every_field_of_a_stage_can_be_set_even_when_the_file_omits_it(tmp_path, committed_params):
     """A field with a default (`fine_tune.eval_batch_size`) left out of a user's
     params.yaml: the stage accepts it, so --set must too (one source of truth: the
     stage's type)."""
     from graft.overrides import apply_overrides, write_overrides
-    from tests.conftest import ROOT
 
     path = tmp_path / "params.yaml"
-    lines = (ROOT / "params.yaml").read_text().splitlines(keepends=True)
+    lines = committed_params.read_text().splitlines(keepends=True)
     path.write_text("".join(line for line in lines if not line.strip().startswith("eval_batch_size:")))
     params = read_params(path)
     assert "eval_batch_size" not in params["fine_tune"]
@@ -122,7 +120,7 @@ def test_every_field_of_a_stage_can_be_set_even_when_the_file_omits_it(tmp_path)
     assert written["eval_batch_size"] == 128
 
 
-def test_presets_switch_modality_and_back_to_the_committed_params(tmp_path):
+def test_presets_switch_modality_and_back_to_the_committed_params(tmp_path, committed_params):
     """`--preset text` then `--preset image` gives params.yaml back as committed: both
     presets name the same keys, and the image preset is the committed file's values."""
     import yaml
@@ -134,7 +132,7 @@ def test_presets_switch_modality_and_back_to_the_committed_params(tmp_path):
     presets = {n: yaml.safe_load((ROOT / "presets" / f"{n}.yaml").read_text()) for n in ("image", "text")}
     keys = {n: {(s, k) for s, ks in p.items() for k in ks} for n, p in presets.items()}
     assert keys["image"] == keys["text"]
-    committed = read_params(ROOT / "params.yaml")
+    committed = read_params(committed_params)
     for section, k in keys["image"]:
         assert committed[section][k] == presets["image"][section][k], f"{section}.{k}"
     as_text = apply_overrides(committed, preset_overrides("text", ROOT))

@@ -112,12 +112,11 @@ def test_bad_lever_values_are_named():
             bad.validate()
 
 
-def test_a_tta_the_modality_lacks_is_refused_before_anything_runs():
+def test_a_tta_the_modality_lacks_is_refused_before_anything_runs(committed_params):
     from graft.config.params import ParamsError, read_params
     from graft.overrides import apply_overrides
-    from tests.conftest import ROOT
 
-    committed = read_params(ROOT / "params.yaml")
+    committed = read_params(committed_params)
     with pytest.raises(ParamsError, match=r"fine_tune.tta='vflip'.*image models; use one of: none, hflip"):
         apply_overrides(committed, ["fine_tune.tta=vflip"])
     text = ["ingest.source=texttable", "load_pretrained.source=packaged:minilm-l6", "load_pretrained.architecture=auto"]
@@ -174,10 +173,9 @@ def test_training_with_mixing_is_seeded_and_changes_the_weights(data):  # noqa: 
     assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0] if runs[0][k].is_floating_point())
 
 
-def test_mixing_is_refused_where_it_cannot_apply():
+def test_mixing_is_refused_where_it_cannot_apply(committed_params):
     from graft.config.params import ParamsError, read_params
     from graft.overrides import apply_overrides
-    from tests.conftest import ROOT
 
     with pytest.raises(GraftError, match="fine_tune.cutmix_alpha needs mode partial or full.*set it to 0"):
         replace(BASE, mode="feature_extraction", cutmix_alpha=1.0).validate()
@@ -185,7 +183,7 @@ def test_mixing_is_refused_where_it_cannot_apply():
         replace(BASE, mode="feature_extraction", mixup_alpha=0.2, cutmix_alpha=1.0).validate()
     with pytest.raises(GraftError, match="fine_tune.mixup_alpha"):
         replace(BASE, mixup_alpha=-1.0).validate()
-    committed = read_params(ROOT / "params.yaml")
+    committed = read_params(committed_params)
     text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.mixup_alpha is for images.*texts; set it to 0"):
         apply_overrides(committed, [*text, "fine_tune.mixup_alpha=0.2"])
@@ -218,17 +216,16 @@ def test_random_erasing_fills_one_box_of_the_asked_share_and_leaves_the_rest():
     assert not (image.augment(batch, np.random.default_rng(3), replace(plain, erase_prob=1.0)) == 128).all((1, 2, 3)).any()
 
 
-def test_random_erasing_is_refused_where_it_cannot_apply():
+def test_random_erasing_is_refused_where_it_cannot_apply(committed_params):
     from graft.config.params import ParamsError, read_params
     from graft.overrides import apply_overrides
-    from tests.conftest import ROOT
 
     for bad in (-0.1, 1.5):
         with pytest.raises(GraftError, match=r"fine_tune.erase_prob has an invalid value: .* \(allowed: 0 to 1\)"):
             replace(BASE, erase_prob=bad).validate()
     with pytest.raises(GraftError, match="fine_tune.erase_prob needs mode partial or full"):
         replace(BASE, mode="feature_extraction", erase_prob=0.5).validate()
-    committed = read_params(ROOT / "params.yaml")
+    committed = read_params(committed_params)
     text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.erase_prob is for images.*texts; set it to 0"):
         apply_overrides(committed, [*text, "fine_tune.erase_prob=0.5"])
@@ -264,17 +261,16 @@ def test_randaugment_is_drawn_from_the_epochs_generator_and_leaves_the_process_s
     assert not np.array_equal(other, out)
 
 
-def test_randaugment_is_refused_where_it_cannot_apply():
+def test_randaugment_is_refused_where_it_cannot_apply(committed_params):
     from graft.config.params import ParamsError, read_params
     from graft.overrides import apply_overrides
-    from tests.conftest import ROOT
 
     for key, bad in (("randaug_ops", -1), ("randaug_ops", 11), ("randaug_magnitude", 11)):
         with pytest.raises(GraftError, match=rf"fine_tune.{key} has an invalid value: {bad} \(allowed: 0"):
             replace(BASE, **{key: bad}).validate()
     with pytest.raises(GraftError, match="fine_tune.randaug_ops needs mode partial or full"):
         replace(BASE, mode="feature_extraction", randaug_ops=2).validate()
-    committed = read_params(ROOT / "params.yaml")
+    committed = read_params(committed_params)
     text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.randaug_ops is for images.*texts; set it to 0"):
         apply_overrides(committed, [*text, "fine_tune.randaug_ops=2"])
