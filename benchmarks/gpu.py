@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.transfer import machine_info, measure_throughput, prepare, splits
+from benchmarks.transfer import ROUNDS, machine_info, measure_throughput, prepare, splits
 from graft.base import fsio
 from graft.config.params import FineTuneParams, IngestParams, LoadPretrainedParams, PreprocessParams, load_section
 from graft.training.fine_tune import Split
@@ -42,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="pixels, square (default: 224)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step, both loops (default: 64)")
     parser.add_argument("--images", type=int, default=7168, help="training images at most: the longest round (default: 7168)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"alternating rounds per length, even (default: {ROUNDS}; 2 for a smoke run)")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file (atomically)")
     args = parser.parse_args(argv)
+    if args.rounds < 2 or args.rounds % 2:
+        parser.error("--rounds must be even and at least 2: each loop goes first equally often")
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare(Path(tmp) / "data", ingest_p, pre_p, backbone.architecture)
         tr, va, _ = splits(prepared)
         tr = Split(tr.x[: args.images], tr.y[: args.images])
-        t = measure_throughput(backbone, prepared, tr, va, ft)
+        t = measure_throughput(backbone, prepared, tr, va, ft, args.rounds)
     out = {"machine": machine, "settings": {"device": args.device, "image_size": args.image_size,
                                             "batch_size": args.batch_size, "architecture": backbone.architecture},
            "throughput": t}  # fmt: skip

@@ -188,7 +188,7 @@ def machine_info() -> dict:
     }
 
 
-def measure_throughput(backbone, meta, tr: Split, va: Split, ft: FineTuneParams) -> dict:
+def measure_throughput(backbone, meta, tr: Split, va: Split, ft: FineTuneParams, rounds: int = ROUNDS) -> dict:
     """graft's loop against the plain loop: same model, data, size, batch and device
     (``ft.device``), full mode.
 
@@ -203,7 +203,7 @@ def measure_throughput(backbone, meta, tr: Split, va: Split, ft: FineTuneParams)
         sub = Split(tr.x[:n], tr.y[:n])
         plain_runs: list[float] = []
         graft_runs: list[float] = []
-        for r in range(ROUNDS):
+        for r in range(rounds):
             for which in ("plain", "graft") if r % 2 == 0 else ("graft", "plain"):
                 model, cfg = load_pretrained(backbone, meta, scratch_assets(), 0)
                 if which == "plain":
@@ -215,7 +215,7 @@ def measure_throughput(backbone, meta, tr: Split, va: Split, ft: FineTuneParams)
               f"{[round(q) for q in plain_runs]}, spread {figures['spread']:.1%}", flush=True)  # fmt: skip
         if figures["spread"] < TARGET_SPREAD or n == len(tr.y):
             break
-    return {**figures, "rounds": ROUNDS, "round_images": n}
+    return {**figures, "rounds": rounds, "round_images": n}
 
 
 def throughput_figures(graft_runs: list[float], plain_runs: list[float]) -> dict:

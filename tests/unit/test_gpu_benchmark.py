@@ -28,7 +28,8 @@ def test_without_a_gpu_it_says_so_and_how_to_run_the_same_code():
 @requires_fashion_mnist
 def test_the_same_code_runs_on_the_cpu_and_records_both_loops(tmp_path):
     out = tmp_path / "results-gpu.json"
-    res = bench("--device", "cpu", "--image-size", "32", "--images", "64", "--batch-size", "16", "--json", str(out))
+    res = bench("--device", "cpu", "--image-size", "32", "--images", "64", "--batch-size", "16", "--rounds", "2",
+                "--json", str(out))  # one short pair of rounds: the code path, not the figures
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r = json.loads(out.read_text())
     t = r["throughput"]
