@@ -27,7 +27,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: lint help setup data text-data mnist-data postgres browser sshd run run-text test bench bench-gpu clean servers servers-stop
+.PHONY: lint test-quick help setup data text-data mnist-data postgres browser sshd run run-text test bench bench-gpu clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -99,9 +99,8 @@ run-text: setup  ## the text run: fresh vs rotten reviews, MiniLM fine-tuned (gr
 
 # Two modules at once (pytest-xdist, a module's tests and its servers on one worker): the
 # suite's processes mostly keep one core busy each. Modules go out in collection order,
-# the longest first (tests/conftest.py), not xdist's most-tests-first. Then, alone, the
-# tests that measure the machine's load. `.venv/bin/python -m pytest tests/...` runs any
-# part serially.
+# the longest first (tests/conftest.py), not xdist's most-tests-first.
+# `.venv/bin/pytest tests/...` runs any part serially.
 TEST_WORKERS ?= 2
 
 lint: $(STAMP)  ## ruff, mypy on the library, and the import-linter contracts that keep its layers (pyproject.toml)
@@ -110,8 +109,10 @@ lint: $(STAMP)  ## ruff, mypy on the library, and the import-linter contracts th
 	$(BIN)/lint-imports
 
 test: setup postgres browser sshd lint  ## set up, then run the whole test suite (slow integration tests included)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"
-	$(BIN)/python -m pytest -m serial
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+test-quick: $(STAMP) lint  ## the inner loop: lint and the unit tests (a few minutes)
+	$(BIN)/python -m pytest tests/unit -n $(TEST_WORKERS) --dist loadfile -q
 
 bench: setup mnist-data  ## run the benchmarks alone (about 2.5 hours here), rewrite benchmarks/results-*.json and the README tables
 	$(BIN)/python benchmarks/transfer.py --full --json benchmarks/results-cpu.json
