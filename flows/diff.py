@@ -18,7 +18,12 @@ from typing import Any
 
 import yaml
 
+from flows.reproduce import _cache_dir, cache_object, read_lineage
+from graft.base.errors import GraftError
 from graft.config import paths
+from graft.models import modeling
+from graft.promotion import gate
+from graft.tracking.runs import flatten
 
 WORKSPACE = "workspace"
 
@@ -34,8 +39,6 @@ class Side:
 
 
 def version_side(client, name: str, version: str) -> Side:
-    from flows.reproduce import read_lineage
-
     lineage = read_lineage(client, name, version)
     run = client.get_run(lineage.training_run_id)
     return Side(f"v{version}", yaml.safe_load(lineage.params_yaml) or {}, lineage.lock, lineage.metrics,
@@ -44,9 +47,6 @@ def version_side(client, name: str, version: str) -> Side:
 
 
 def workspace_side(root: Path) -> Side:
-    from graft.base.errors import GraftError
-    from graft.models import modeling
-
     def need(path: Path) -> Path:
         if not path.is_file():
             raise GraftError(f"{path}: not found; the working copy has no complete run to compare (`graft run` first)")
@@ -60,8 +60,6 @@ def workspace_side(root: Path) -> Side:
 
 
 def params_diff(a: Side, b: Side) -> list[dict[str, Any]]:
-    from graft.tracking.runs import flatten
-
     fa, fb = flatten(a.params), flatten(b.params)
     return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
@@ -76,8 +74,6 @@ def _raw_md5(lock: dict[str, Any]) -> str | None:
 def manifest(root: Path, lock: dict[str, Any]):
     """The ingest manifest of a side, read from the DVC cache by its hash (None if absent)."""
     import pandas as pd
-
-    from flows.reproduce import _cache_dir, cache_object
 
     md5 = _raw_md5(lock)
     if not md5:
@@ -128,8 +124,6 @@ def metrics_diff(a: Side, b: Side) -> dict[str, Any]:
 
 def paired_test(root: Path, name: str, a: Side, b: Side) -> dict[str, Any] | None:
     """Both sides score this workspace's test samples; McNemar on the pairs."""
-    from graft.promotion import gate
-
     raw, prepared = root / paths.RAW, root / paths.PREPARED
     if not (prepared / "test_ids.npy").is_file():
         return {"note": "not computed: no test data in this workspace (`graft run` or `graft pull`)"}

@@ -15,6 +15,8 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
+from graft.base.errors import GraftError
+
 CONSTRAINTS = "constraints.txt"
 
 
@@ -59,8 +61,6 @@ def install_missing(root: Path, echo=print) -> list[str]:
         cmd += ["-c", str(root / CONSTRAINTS)]
     proc = subprocess.run([*cmd, *missing], capture_output=True, text=True)
     if proc.returncode != 0:
-        from graft.base.errors import GraftError
-
         raise GraftError(f"pip could not install {', '.join(missing)} into {sys.prefix}:\n{proc.stderr[-2000:]}\n"
                          "Install them on this worker's environment by hand, then rerun the flow")  # fmt: skip
     return missing

@@ -13,6 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from graft.base import fsio
+from graft.base.errors import GraftError
+from graft.config.params import IngestParams, load_section
+from graft.data import sources
+from graft.data.snapshot import source_files, source_path, url_files
+
 ACCEPTED = Path(".graft") / "accepted_source.json"
 
 
@@ -21,11 +27,6 @@ def fingerprint(root: Path) -> dict[str, Any]:
     the names, sizes and modification times of exactly the files ingest reads, and the
     class list. A source that is missing or broken gets a fingerprint of its error, so
     the run it triggers fails with ingest's own message."""
-    from graft.base.errors import GraftError
-    from graft.config.params import IngestParams, load_section
-    from graft.data import sources
-    from graft.data.snapshot import source_files, source_path, url_files
-
     params = load_section(IngestParams, "ingest", root / "params.yaml")
     h = hashlib.sha256()
     if sources.is_url(params.path):  # the same listing, through DVC's filesystem for the URL
@@ -58,6 +59,4 @@ def last_accepted(root: Path) -> dict[str, Any] | None:
 
 
 def record_accepted(root: Path, fp: dict[str, Any]) -> None:
-    from graft.base import fsio
-
     fsio.write_json(root / ACCEPTED, fp)

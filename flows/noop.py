@@ -50,6 +50,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flows import remote
+from flows.fingerprint import fingerprint, record_accepted
 from flows.pipeline import Pipeline, ProjectLock, plan, read_summary, summary_markdown
 from graft.base.errors import fault_point
 
@@ -362,9 +364,6 @@ def flow_run_url(run_id: str) -> str:
 def try_run(root: Path) -> dict[str, Any] | None:
     """The run's summary (as the flow returns it) when nothing is stale and Prefect took
     the record; None when the full flow must run (see the module's docstring)."""
-    from flows import remote
-    from flows.fingerprint import fingerprint, record_accepted
-
     api = PrefectAPI.from_env()
     # No server named: Prefect would start its temporary server; so does this, once DVC
     # has said there is nothing to run (the flow would start its own otherwise).

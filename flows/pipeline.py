@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from graft.base import fsio
 from graft.base.errors import BAD_INPUT_EXIT
 from graft.config import paths
+from graft.tracking import runs as tracking
 
 
 class StageFailed(RuntimeError):
@@ -132,9 +134,6 @@ class ProjectLock:
 
 
 def read_summary(root: Path, stages: dict[str, str]) -> dict[str, Any]:
-    from graft.base import fsio
-    from graft.tracking import runs as tracking
-
     summary: dict[str, Any] = {"stages": stages}
     for key, rel in (("metrics", paths.METRICS), ("decision", paths.DECISION), ("run", paths.FINE_TUNED / tracking.RUN_FILE)):
         path = root / rel

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.pipeline import pipeline, stale_stages
+from graft.base import fsio
+from graft.base.errors import GraftError
+
 STATE_FILE = Path(".graft") / "remote.json"
 # dvc.lock files of runs whose push failed: their objects stay in the local cache and go
 # with the next push that works, even when a later run has replaced them in the workspace
@@ -69,15 +73,11 @@ def describe(root: Path) -> str:
 
 
 def last_push(root: Path) -> dict[str, Any] | None:
-    from graft.base import fsio
-
     path = root / STATE_FILE
     return fsio.read_json(path) if path.is_file() else None
 
 
 def _record(root: Path, remote: Remote, ok: bool, message: str) -> dict[str, Any]:
-    from graft.base import fsio
-
     state = {"remote": remote.name, "url": remote.url, "ok": ok, "message": message,
              "time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}  # fmt: skip
     (root / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
@@ -136,8 +136,6 @@ def _lock_objects(lock_text: str) -> list:
 
 def queue_pending(root: Path, run_id: str | None = None) -> int:
     """Keep this run's dvc.lock until a push succeeds; return how many runs wait."""
-    from graft.base import fsio
-
     lock = root / "dvc.lock"
     if lock.is_file():
         data = lock.read_bytes()
@@ -230,8 +228,6 @@ def pull(root: Path, stages: list[str], logger) -> list[str]:
         return []
     from dvc.repo import Repo
 
-    from flows.pipeline import stale_stages
-
     try:
         with Repo(str(root)) as repo:
             repo.pull(targets=[f"{root / 'dvc.yaml'}:{s}" for s in wanted], run_cache=True, allow_missing=True)
@@ -253,8 +249,6 @@ def pull_all(root: Path) -> dict[str, Any]:
     ran). Raises GraftError, naming the remote, when there is none or it fails."""
     from dvc.repo import Repo
 
-    from graft.base.errors import GraftError
-
     remote = default_remote(root)
     if remote is None:
         raise GraftError(f"{root}: no default DVC remote to pull from; add one with `dvc remote add -d NAME URL`")
@@ -274,8 +268,6 @@ def restore_from_run_cache(root: Path) -> list[str]:
     since a stage's key needs its inputs in place. Returns the stages restored."""
     from dvc.repo import Repo
     from dvc.stage.cache import RunCacheNotFoundError
-
-    from flows.pipeline import pipeline
 
     restored = []
     with Repo(str(root)) as repo, repo.lock:

@@ -31,9 +31,12 @@ from typing import Any
 
 import yaml
 
-from graft.base import kernels, threads
+from graft.base import fsio, kernels, threads
 from graft.base.errors import STATUS_ENV, GraftError
 from graft.config import paths
+from graft.models import modeling
+from graft.registry import rules as registry
+from graft.tracking import runs as tracking
 
 RERUN_STAGES = ("preprocess", "load_pretrained", "fine_tune", "evaluate")
 # Restored by hash, not rerun: the data snapshot, the gate's report, a teacher's soft
@@ -83,8 +86,6 @@ class Row:
 
 def resolve_ref(client, default_name: str, ref: str) -> tuple[str, str]:
     """``champion``, ``challenger``, ``3``, ``name@alias`` or ``name/3`` -> (name, version)."""
-    from graft.registry import rules as registry
-
     name, rest = default_name, ref
     if "@" in ref:
         name, rest = ref.split("@", 1)
@@ -106,8 +107,6 @@ def resolve_ref(client, default_name: str, ref: str) -> tuple[str, str]:
 def read_lineage(client, name: str, version: str) -> Lineage:
     """Everything recorded about what produced ``name`` v``version``."""
     from mlflow.artifacts import download_artifacts
-
-    from graft.tracking import runs as tracking
 
     mv = client.get_model_version(name, version)
     training_run_id = mv.tags.get("training_run_id") or mv.run_id
@@ -252,8 +251,6 @@ def _env(worktree: Path, reproduction_of: str | None = None) -> dict[str, str]:
     and experiment, no flow run to nest under, the commit's code first on the path."""
     import mlflow
 
-    from graft.tracking import runs as tracking
-
     env = {**os.environ, "PYTHONPATH": str(worktree), "DVC_NO_ANALYTICS": "1",
            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_EXPERIMENT_NAME": tracking.experiment_name()}  # fmt: skip
     for key in (tracking.PARENT_RUN_ENV, tracking.FLOW_RUN_ENV, STATUS_ENV):
@@ -334,10 +331,6 @@ def _figure(what: str, original: float | None, reproduced: float | None, toleran
 
 def compare(lineage: Lineage, worktree: Path, client) -> tuple[list[Row], str]:
     """One row per input and result; the reproduction's MLflow run id."""
-    from graft.base import fsio
-    from graft.models import modeling
-    from graft.tracking import runs as tracking
-
     rows: list[Row] = []
     new_lock = yaml.safe_load((worktree / "dvc.lock").read_text())
     for stage in (*RESTORED_STAGES, "preprocess", "load_pretrained"):

@@ -14,7 +14,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.fingerprint import fingerprint, last_accepted
+from graft.base import fsio
+from graft.base.errors import GraftError
 from graft.config import paths
+from graft.config.params import DriftParams, RegisterParams, load_section
+from graft.drift import gate as drift
+from graft.drift.gate import summary
 
 # trigger=drift: the changed source last found not to have drifted (so the next check of the
 # same files costs a fingerprint, not an embedding of the data)
@@ -25,9 +30,6 @@ def source_drift(root: Path) -> dict[str, Any]:
     """The drift stage's test of the ingest source (before ingest) against the reference
     that ``drift.reference`` names (the champion's): the report."""
     import tempfile
-
-    from graft.config.params import DriftParams, RegisterParams, load_section
-    from graft.drift import gate as drift
 
     params_path = root / "params.yaml"
     p = load_section(DriftParams, "drift", params_path)
@@ -48,9 +50,6 @@ def data_sensor(project_dir: str = ".", concurrency: str = "skip", trigger: str 
     (``trigger="drift"``: and drifted from the champion's reference, or there is no
     reference to test against); otherwise log why not and return."""
     from flows.training import training_pipeline
-    from graft.base import fsio
-    from graft.base.errors import GraftError
-
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     current = fingerprint(root)
@@ -68,7 +67,6 @@ def data_sensor(project_dir: str = ".", concurrency: str = "skip", trigger: str 
             report = source_drift(root)
         except GraftError as e:  # the test cannot run here: a change is reason enough
             report = {"verdict": "skipped", "reason": str(e)}
-        from graft.drift.gate import summary
 
         logger.info("data sensor: %s", summary({"warnings": [report.get("reason", "")], **report}))
         if report["verdict"] == "no_drift":

@@ -24,10 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from graft.base import secrets
+from graft.base import fsio, secrets
 from graft.base.errors import GraftError
 from graft.config import project
 from graft.config.project import MlflowServer, PrefectServer
+from graft.tracking import runs as tracking
 
 STATE_DIR = Path(".graft") / "servers"
 NAMES = ("prefect", "mlflow")
@@ -73,8 +74,6 @@ def check_auth(root: Path, prefect: PrefectServer, mlflow_: MlflowServer) -> dic
 def store_uri(root: Path, mlflow_: MlflowServer) -> str:
     """The MLflow server's store: MLFLOW_BACKEND_STORE_URI (environment or secrets file:
     it may hold a password), else graft.yaml's, else the project's SQLite file."""
-    from graft.tracking import runs as tracking
-
     return secrets.get(root, "MLFLOW_BACKEND_STORE_URI") or mlflow_.backend_store_uri or tracking.default_tracking_uri(root)
 
 
@@ -161,8 +160,6 @@ def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer, creds: d
 def _auth_config(root: Path, mlflow_: MlflowServer) -> Path:
     """MLflow's auth settings file (no secret in it: the admin password comes through the
     environment). Its users and grants live in a SQLite file beside it, on this machine."""
-    from graft.base import fsio
-
     folder = root / ".graft" / "mlflow"
     path = folder / "basic_auth.ini"
     fsio.write_text(path, "\n".join([
@@ -213,8 +210,6 @@ def status(root: Path) -> dict[str, dict[str, Any]]:
 def start(root: Path, timeout: float = 90.0, host: str | None = None) -> dict[str, dict[str, Any]]:
     """Start whichever server is not running yet; wait until both answer their health checks.
     ``host`` overrides graft.yaml's for both; beyond loopback they need credentials."""
-    from graft.base import fsio
-
     root = root.resolve()
     prefect, mlflow_ = server_config(root, host)
     creds = check_auth(root, prefect, mlflow_)
@@ -357,8 +352,6 @@ def admin_client(root: Path):
 def grant_project(root: Path, auth, client, name: str, username: str, permission: str) -> list[str]:
     """``permission`` for ``username`` on the project's experiment and registered model
     ``name`` (created here, as the admin, when they do not exist yet); what was granted."""
-    from graft.tracking import runs as tracking
-
     experiment_id = tracking.configure(root)
     try:
         client.get_registered_model(name)

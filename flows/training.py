@@ -21,9 +21,18 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed, Failed, State
 
+from flows import remote
+from flows.fingerprint import fingerprint, record_accepted
+from flows.notify import notify
 from flows.pipeline import ProjectLock, StageFailed, plan, read_summary, stale_stages, summary_markdown
+from flows.services import kill_group
+from graft.base import fsio
 from graft.base.errors import STATUS_ENV, GraftError
+from graft.config.params import IngestParams, load_section
 from graft.config.project import stage_options
+from graft.data.snapshot import check_source as check
+from graft.overrides import write_overrides
+from graft.tracking import runs as tracking
 
 # Lines of DVC's console output that speak to someone running `dvc repro` by hand; the
 # flow runs each stage on its own, so once per stage they are noise (the summary at the
@@ -101,12 +110,10 @@ def run_stage(root: str, stage: str, env: dict[str, str], from_remote: bool = Fa
                 logger.info(line)
         code = proc.wait()
     except BaseException:  # timeout, cancellation, Ctrl-C: never leave the stage running
-        from flows.services import kill_group
 
         kill_group(proc.pid, grace=10)
         proc.wait()
         raise
-    from graft.base import fsio
 
     status = fsio.read_json(status_file) if status_file.is_file() else None
     if code != 0 or (status and status["exit_code"] != 0):
@@ -121,8 +128,6 @@ def run_stage(root: str, stage: str, env: dict[str, str], from_remote: bool = Fa
 
 
 def _stage_env(root: Path, parent_run_id: str | None, flow_run_id: str | None) -> dict[str, str]:
-    from graft.tracking import runs as tracking
-
     env = dict(os.environ)
     # dvc.yaml calls `python -m stages...`: this interpreter's environment must come first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -146,10 +151,6 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
     that fails ends the flow Failed, with the ``StageFailed`` (or, for a source that is
     missing before anything runs, the ``GraftError``) as the state's data."""
     from prefect.runtime import flow_run
-
-    from flows import remote
-    from flows.fingerprint import fingerprint, record_accepted
-    from flows.notify import notify
 
     logger = get_run_logger()
     _quiet_task_failures()
@@ -199,9 +200,6 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
 def check_source(root: Path) -> None:
     """The ingest source must exist before DVC is asked to run anything: DVC checks the
     stage's dependencies first and would fail with a bare ``No such file or directory``."""
-    from graft.config.params import IngestParams, load_section
-    from graft.data.snapshot import check_source as check
-
     check(load_section(IngestParams, "ingest", root / "params.yaml"), root)
 
 
@@ -210,7 +208,6 @@ def _write_overrides(root: Path, overrides: list[str], logger) -> None:
     dvc.lock and the MLflow run record exactly what was used."""
     if not overrides:
         return
-    from graft.overrides import write_overrides
 
     write_overrides(root / "params.yaml", overrides)
     logger.info("params.yaml updated: %s", ", ".join(overrides))
@@ -218,9 +215,6 @@ def _write_overrides(root: Path, overrides: list[str], logger) -> None:
 
 def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]:
     from prefect.runtime import flow_run
-
-    from flows import remote
-    from graft.tracking import runs as tracking
 
     graph, stale = plan(root)
     # Outputs missing here but recorded in dvc.lock (a fresh clone, a clean worker): the

@@ -9,17 +9,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import reproduce as rep
+from flows.notify import notify
+from graft.config.params import RegisterParams, load_section
+from graft.tracking import runs as tracking
+
 
 @flow(name="graft-verify", log_prints=True)
 def verify_champion(project_dir: str = ".", model_ref: str = "champion") -> dict[str, Any]:
     """Reproduce ``model_ref``; a verdict other than identical (or within tolerance), or
     an input that cannot be rebuilt, is notified as ``reproduction_failed``."""
     import mlflow
-
-    from flows import reproduce as rep
-    from flows.notify import notify
-    from graft.config.params import RegisterParams, load_section
-    from graft.tracking import runs as tracking
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()

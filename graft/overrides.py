@@ -13,7 +13,9 @@ from typing import Any
 
 from graft import modalities
 from graft.base.errors import GraftError, ParamsError
-from graft.config.params import SECTION_TYPES, parse, parse_value, read_params, section_type, set_override
+from graft.base.fsio import write_text
+from graft.config.params import SECTION_TYPES, parse, parse_value, pixel_names, read_params, section_type, set_override
+from graft.models import modeling
 
 
 def check_all(params: dict[str, Any]) -> None:
@@ -33,7 +35,6 @@ def check_all(params: dict[str, Any]) -> None:
     except GraftError as e:
         raise ParamsError(f"{e} (ingest.source {parsed['ingest'].source} is {modalities.for_source(parsed['ingest'].source).SAMPLES}; "
                           "`graft run --preset text` or `--preset image` sets every key a modality needs)") from None
-    from graft.models import modeling
 
     try:
         modeling.check_tta(modalities.for_source(parsed["ingest"].source), parsed["fine_tune"].tta, "params.yaml: fine_tune.tta")
@@ -42,8 +43,6 @@ def check_all(params: dict[str, Any]) -> None:
     ft, modality = parsed["fine_tune"], modalities.for_source(parsed["ingest"].source)
     pixel_keys = ft.pixel_levers()
     if pixel_keys and not modality.MIXABLE:
-        from graft.config.params import pixel_names
-
         raise ParamsError(f"params.yaml: {pixel_names(pixel_keys)} {'are' if len(pixel_keys) > 1 else 'is'} for images, and "
                           f"ingest.source {parsed['ingest'].source} is {modality.SAMPLES}; "
                           f"set {'them' if len(pixel_keys) > 1 else 'it'} to 0")  # fmt: skip
@@ -80,7 +79,6 @@ def write_overrides(path: str | Path, overrides: list[str]) -> dict[str, Any]:
         doc[name][key] = parse_value(raw)
     buf = io.StringIO()
     rt.dump(doc, buf)
-    from graft.base.fsio import write_text
 
     write_text(path, buf.getvalue())
     return checked

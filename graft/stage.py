@@ -13,8 +13,9 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from graft.base import fsio
+from graft.base import fsio, threads
 from graft.base.errors import BAD_INPUT_EXIT, STATUS_ENV, GraftError, ParamsError
+from graft.config import project
 from graft.tracking.runs import refused_message, unreachable_message
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -74,7 +75,4 @@ def stage_main(fn: F) -> F:
 def thread_sizer(label: str):
     """torch's thread pool for a stage (:func:`graft.base.threads.sizer`), with graft.yaml's
     ``compute.threads``; every stage that runs torch calls this before any torch work."""
-    from graft.base import threads
-    from graft.config import project
-
     return threads.sizer(label, project.load().compute.threads)

@@ -16,7 +16,8 @@ import numpy as np
 
 from graft.base import fsio
 from graft.base.errors import GraftError
-from graft.config.params import DEFAULT_PARAMS, DriftParams, load_section
+from graft.config.params import DEFAULT_PARAMS, DriftParams, LoadPretrainedParams, RegisterParams, load_section
+from graft.data.samples import RawSamples
 from graft.drift.gate import (
     PLOT,
     REPORT,
@@ -51,9 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     thread_sizer("drift")  # before any torch work: the CPUs other processes leave free
-
-    from graft.config.params import LoadPretrainedParams, RegisterParams
-    from graft.data.samples import RawSamples
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     p = load_section(DriftParams, "drift", args.params)

@@ -11,7 +11,7 @@ import gc
 from pathlib import Path
 
 from graft.base import fsio
-from graft.config.params import DEFAULT_PARAMS, load_section
+from graft.config.params import DEFAULT_PARAMS, FineTuneParams, load_section
 from graft.evaluation.metrics import (
     compute_metrics,
     log_evaluation,
@@ -21,6 +21,7 @@ from graft.evaluation.metrics import (
     write_reports,
 )
 from graft.stage import stage_main, thread_sizer
+from graft.tracking import runs as tracking
 
 
 @stage_main
@@ -37,9 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     thread_sizer("evaluate")  # before any torch work: the CPUs other processes leave free
-
-    from graft.config.params import FineTuneParams
-    from graft.tracking import runs as tracking
 
     # Validation's batch size: the peak memory of a prediction is one batch's activations.
     batch_size = load_section(FineTuneParams, "fine_tune", args.params).eval_batch_size

@@ -17,6 +17,7 @@ from graft.config.params import DEFAULT_PARAMS, RegisterParams, load_section
 from graft.promotion.register import format_decision, params_hash, register
 from graft.registry import rules as registry
 from graft.stage import stage_main, thread_sizer
+from graft.tracking import runs as tracking
 
 
 @stage_main
@@ -40,7 +41,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # Loading the two models for the gate would draw MLflow's download bars into the log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from graft.tracking import runs as tracking
 
     params = load_section(RegisterParams, "register", args.params)
     tracking.configure()

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from graft.base import fsio
-from graft.config.params import DEFAULT_PARAMS, DistillParams, load_section
+from graft.config.params import DEFAULT_PARAMS, DistillParams, RegisterParams, load_section
+from graft.data.samples import RawSamples
 from graft.registry.teachers import load_teacher
 from graft.stage import stage_main, thread_sizer
 from graft.training.teacher import BATCH, INFO, LOGITS, class_order, lineage_name, soft_labels
@@ -45,8 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from graft.config.params import RegisterParams
-    from graft.data.samples import RawSamples
 
     model_name = load_section(RegisterParams, "register", args.params).model_name
     # Every teacher is loaded and checked before any is run: a bad entry costs no inference.

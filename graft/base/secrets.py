@@ -19,6 +19,7 @@ import secrets as _random
 import stat
 from pathlib import Path
 
+from graft.base import fsio
 from graft.base.errors import GraftError
 
 SECRETS_FILE = Path(".graft") / "secrets.yaml"
@@ -87,8 +88,6 @@ def resolved(root: Path) -> dict[str, str]:
 def write_file(root: Path, values: dict[str, str]) -> Path:
     """Add ``values`` to the secrets file (keeping what it has), created 0600 from the
     start: never a moment where it is readable by others."""
-    from graft.base import fsio
-
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise KeyError(", ".join(unknown))

@@ -28,6 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from graft.base import allocator
+from graft.base.errors import GraftError
+
 FORCE_ENV = "GRAFT_THREADS"
 INTERVAL_S = 3.0  # between two measurements while training: a few batches
 GROW_AFTER = 2  # measurements in a row with room for more threads before growing the pool
@@ -78,8 +81,6 @@ def forced_threads(configured: object = None) -> int | None:
     """The number forced by ``GRAFT_THREADS``, else by ``configured`` (graft.yaml's
     ``compute.threads``, which the caller reads: :func:`graft.stage.thread_sizer`);
     None for ``auto``."""
-    from graft.base.errors import GraftError
-
     value: object = os.environ.get(FORCE_ENV)
     where = f"the environment variable {FORCE_ENV}"
     if value in (None, ""):
@@ -206,8 +207,6 @@ def sizer(label: str, configured: object = None) -> ThreadSizer:
     graft.yaml's ``compute.threads``; ``GRAFT_THREADS`` wins over it). Every stage
     that runs torch calls this before any torch work, so the process's C allocator is set
     for torch here too (:mod:`graft.base.allocator`)."""
-    from graft.base import allocator
-
     allocator.tune()
     s = ThreadSizer(forced_threads(configured), label=label)
     s.start()

@@ -16,6 +16,7 @@ from typing import Literal
 
 import yaml
 
+from graft.base import secrets
 from graft.base.errors import GraftError
 from graft.config.params import ParamsError, parse
 
@@ -44,8 +45,6 @@ class MlflowServer:
     default_permission: str = "READ"  # with authentication: what a user may do where nobody granted more
 
     def validate(self) -> None:
-        from graft.base import secrets
-
         uri = self.backend_store_uri
         if uri and secrets.mask_url(uri) != uri:
             raise GraftError("servers.mlflow.backend_store_uri in graft.yaml holds a password, and graft.yaml is in git: "

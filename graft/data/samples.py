@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from graft import modalities
+from graft.base.archive import SNAPSHOT, iter_snapshot
 from graft.base.errors import GraftError
+from graft.data.snapshot import read_manifest
 
 
 class RawSamples:
@@ -18,10 +21,6 @@ class RawSamples:
     fine_tune's for train)."""
 
     def __init__(self, raw_dir: Path, prepared_dir: Path, split: str = "test"):
-        from graft import modalities
-        from graft.base.archive import SNAPSHOT
-        from graft.data.snapshot import read_manifest
-
         self.modality = modalities.of_folder(raw_dir)
         self.snapshot = raw_dir / SNAPSHOT
         manifest, _ = read_manifest(raw_dir, columns=["id", "class_name", "member"])
@@ -47,8 +46,6 @@ class RawSamples:
     def batches(self, size: int = 256):
         """(positions, DataFrame of ``size`` samples), in the snapshot's order."""
         import pandas as pd
-
-        from graft.base.archive import iter_snapshot
 
         positions: list[int] = []
         values: list[Any] = []

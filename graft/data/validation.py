@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from graft import modalities
 from graft.base.errors import GraftError
 from graft.config.params import ValidateParams
 from graft.data.snapshot import MANIFEST_COLUMNS
@@ -160,8 +161,6 @@ def validate(
     module) adds its own (decoding, sizes, leaks); ``context`` is what those may need
     beyond the manifest (text: the snapshot and the tokenizer, to count tokens)."""
     import great_expectations.expectations as gxe
-
-    from graft import modalities
 
     modality = modality or modalities.get(None)
     if not classes:

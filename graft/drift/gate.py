@@ -49,8 +49,12 @@ import numpy as np
 from graft import modalities
 from graft.base import fsio
 from graft.base.errors import GraftError, progress
-from graft.config.params import FOLDS, DriftParams, load_section
+from graft.config.params import FOLDS, DriftParams, IngestParams, LoadPretrainedParams, load_section, parse_reference
+from graft.data import sources
+from graft.data.snapshot import source_path
 from graft.models import modeling
+from graft.registry import rules as registry
+from graft.tracking import runs as tracking
 
 EMBEDDINGS, LABELS, INFO, ASSETS = "embeddings.npy", "labels.npy", "reference.json", "assets"
 ARTIFACT = "drift_reference"  # a registered version's run keeps its reference under this artifact path
@@ -247,9 +251,6 @@ def same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def rebuild(identity: dict[str, Any], assets: Path | None, why: str) -> Embedder:
     """The reference's own backbone, rebuilt from its recorded source and checked against
     its hash; a GraftError that says what to do when this machine cannot."""
-    from graft import modalities
-    from graft.config.params import LoadPretrainedParams
-
     def refuse(reason: str) -> GraftError:
         return GraftError(f"drift: the reference was embedded with {identity['architecture']} from "
                           f"{identity['source']} and {why}; {reason}. Compare with a reference made with this "
@@ -353,16 +354,11 @@ def resolve(ref: str, model_name: str, dst: Path) -> tuple[Reference | None, str
     """The reference ``ref`` names, or (None, why) when there is none to compare with yet
     (no champion, a version registered before graft kept references). A named version or
     folder that does not exist is a GraftError."""
-    from graft.config.params import parse_reference
-
     where = parse_reference(ref, model_name, "drift.reference", "reference directory", "reference folder (data/reference of a run)")
     if isinstance(where, Path):
         return read_reference(where, str(where)), ""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from graft.registry import rules as registry
-    from graft.tracking import runs as tracking
 
     name, kind, value = where
     tracking.configure()
@@ -549,10 +545,6 @@ def folder_items(kind, path: Path, classes: list[str], text_column: str | None =
 def source_items(root: Path, params_path: Path) -> list[tuple[str | None, Any]]:
     """The samples of ``ingest.path`` as ingest would read them, with their classes (the
     data sensor's drift check: before ingest, without copying anything)."""
-    from graft.config.params import IngestParams
-    from graft.data import sources
-    from graft.data.snapshot import source_path
-
     ip = load_section(IngestParams, "ingest", params_path)
     if sources.is_url(ip.path):
         raise GraftError(f"ingest.path {ip.path} is a URL: the drift check of the data sensor reads a local source")
@@ -572,8 +564,6 @@ def log_to_parent_run(report_dir: Path, report: dict[str, Any]) -> None:
     """Under ``graft run``, the pipeline's MLflow run gets the report too: a gate that
     stops training leaves no model run, and its verdict must still be in MLflow. (Every
     trained model's run gets it from ``register``, with the reference.)"""
-    from graft.tracking import runs as tracking
-
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
     if not parent:
         return

@@ -14,8 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from graft.base import plots
+from graft.base import fsio, plots
+from graft.base.errors import GraftError
+from graft.data.samples import RawSamples
+from graft.data.splits import load_split
 from graft.models import modeling
+from graft.tracking import runs as tracking
 
 ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al., 2017)
 
@@ -110,7 +114,6 @@ def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> No
 def measure_serving(model_dir: Path, raw_dir: Path, prepared_dir: Path) -> dict[str, float]:
     """The model's serving cost as the registered pyfunc pays it (from raw test samples),
     and its size: what register's latency limit and a teacher-student comparison read."""
-    from graft.data.samples import RawSamples
     from graft.models import serving
 
     model = serving.load_folder(model_dir)
@@ -135,9 +138,6 @@ ARTIFACTS = ("metrics.json", "evaluation.json", "confusion_matrix.csv", "confusi
 def score_test_split(model_dir: Path, prepared: Path, batch_size: int):
     """The model's class probabilities on the test split: (cfg, x, y, ids, probs); a model
     whose outputs are not finite is refused (its weights are broken)."""
-    from graft.base.errors import GraftError
-    from graft.data.splits import load_split
-
     model, cfg = modeling.load(model_dir, modeling.resolve_device())
     x, y = load_split(prepared, "test")
     ids = np.load(prepared / "test_ids.npy")
@@ -157,8 +157,6 @@ def write_reports(out: Path, m: dict[str, Any], cfg, x, y, ids, probs, prepared:
     CSV, the confusion and reliability plots, the modality's mistakes, serving.json; the
     headline metrics and the mistakes' files."""
     import shutil
-
-    from graft.base import fsio
 
     out.mkdir(parents=True, exist_ok=True)
     headline = {k: m[k] for k in ("accuracy", "macro_f1", "ece", "n")}
@@ -188,8 +186,6 @@ def log_evaluation(run_id: str, out: Path, prepared: Path, headline: dict[str, A
                    shown: list[Path]) -> None:  # fmt: skip
     """The figures and files into the pipeline's MLflow run (register logs there too)."""
     import mlflow
-
-    from graft.tracking import runs as tracking
 
     with mlflow.start_run(run_id=run_id):
         tracking.log_datasets(prepared, {"test": "testing"})

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from graft.base import fsio
 from graft.base.errors import GraftError
 from graft.config.params import LoadPretrainedParams
 
@@ -186,8 +187,6 @@ def build(params: LoadPretrainedParams, num_classes: int, seed: int) -> Backbone
     new, seeded ``num_classes`` head. The one "load pretrained" function of graft."""
     import timm
     import torch
-
-    from graft.base import fsio
 
     kind, value = parse_source(params.source)
     architecture = resolve_architecture(params)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from graft.base import images
+from graft.base import images, plots
 from graft.base.errors import GraftError
 from graft.modalities import (
     Built,
@@ -21,7 +21,10 @@ from graft.modalities import (
     folder_candidates,
     list_class_folders,
     url_class_files,
+    worst_mistakes,
 )
+from graft.modalities.backbone import PACKAGED, parse_source, preprocessing_config, resolve_architecture
+from graft.modalities.backbone import build as build_timm
 
 NAME = "image"
 SOURCES = ("fashion-mnist", "imagefolder")
@@ -141,8 +144,6 @@ def expectations(df, params, context) -> list[tuple[str, Any]]:
 
 def check_backbone(backbone) -> None:
     """Cheap: ``load_pretrained.source`` names a kind of image backbone (before a run starts)."""
-    from graft.modalities.backbone import PACKAGED, parse_source
-
     kind, value = parse_source(backbone.source)
     if kind == "packaged" and value not in PACKAGED:
         raise GraftError(f"params.yaml: load_pretrained.source packaged:{value}: known packaged image weights: "
@@ -152,8 +153,6 @@ def check_backbone(backbone) -> None:
 def input_spec(pre, backbone, assets: Path) -> dict[str, Any]:
     """How raw bytes become pixels: preprocess's size and resizing, the backbone's
     interpolation (mean and std are added by ``build``, from the same config)."""
-    from graft.modalities.backbone import preprocessing_config, resolve_architecture
-
     interpolation = preprocessing_config(resolve_architecture(backbone)).interpolation
     return {"image_size": pre.image_size, "interpolation": interpolation, "resize": pre.resize}
 
@@ -195,9 +194,6 @@ def from_raw(data: bytes) -> bytes:
 
 
 def build(params, num_classes: int, spec: dict[str, Any], assets: Path) -> Built:
-    from graft.modalities.backbone import build as build_timm
-    from graft.modalities.backbone import preprocessing_config, resolve_architecture
-
     architecture = resolve_architecture(params)
     backbone = build_timm(params, num_classes=num_classes, seed=params.seed)
     pre = preprocessing_config(architecture)
@@ -351,9 +347,6 @@ def mix(batch: np.ndarray, rng: np.random.Generator, p) -> tuple[np.ndarray, tup
 def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], prepared: Path,
                      out_dir: Path, k: int = 16) -> list[Path]:  # fmt: skip
     """The ``k`` wrong predictions made with the highest confidence, as a grid."""
-    from graft.base import plots
-    from graft.modalities import worst_mistakes
-
     plt = plots.pyplot()
     pred = probs.argmax(1)
     worst = worst_mistakes(y, probs, k)

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from graft.base import fsio
+from graft.base.archive import SNAPSHOT, iter_snapshot
 from graft.base.errors import GraftError
+from graft.config.params import LoadPretrainedParams, PreprocessParams, load_section
 from graft.modalities import (
     Built,
     Candidate,
@@ -31,7 +33,9 @@ from graft.modalities import (
     folder_candidates,
     list_class_folders,
     url_class_files,
+    worst_mistakes,
 )
+from graft.modalities.backbone import hub_unreachable
 
 NAME = "text"
 SOURCES = ("texttable", "textfolder")
@@ -244,8 +248,6 @@ def token_counts(raw_dir: Path, members: list[str], tokenizer, chunk: int = 1024
     """Tokens per text (special tokens included), in ``members`` order; None where the
     text does not decode (another check names it). The snapshot is read and tokenized
     ``chunk`` texts at a time: only the counts stay in memory."""
-    from graft.base.archive import SNAPSHOT, iter_snapshot
-
     counts: dict[str, int | None] = {}
     pending: list[tuple[str, str]] = []
 
@@ -290,8 +292,6 @@ def expectations(df, params, context) -> list[tuple[str, Any]]:
          gxe.ExpectColumnValuesToBeInSet(column="in_train_and_test_normalised", value_set=[False])),
     ]  # fmt: skip
     if context and context.get("params") is not None and "member" in df:
-        from graft.config.params import LoadPretrainedParams, PreprocessParams, load_section
-
         limit = load_section(PreprocessParams, "preprocess", context["params"]).max_length
         backbone = load_section(LoadPretrainedParams, "load_pretrained", context["params"])
         df["tokens"] = token_counts(context["raw"], df["member"].tolist(), load_tokenizer(backbone))
@@ -345,8 +345,6 @@ def _hf_offline_hint(model_id: str) -> str:
 
 def _hub_check(model_id: str) -> None:
     import os
-
-    from graft.modalities.backbone import hub_unreachable
 
     if not os.environ.get("HF_HUB_OFFLINE"):
         reason = hub_unreachable()
@@ -660,8 +658,6 @@ def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: l
     model saw it: decoded from its token ids (after the tokenizer's normalisation and the
     max_length cut), which is what explains the mistake."""
     from tokenizers import Tokenizer
-
-    from graft.modalities import worst_mistakes
 
     meta = fsio.read_json(prepared / "meta.json")
     tok = Tokenizer.from_file(str(prepared / "assets" / meta["input"]["tokenizer"]))

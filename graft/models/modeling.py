@@ -14,7 +14,7 @@ import numpy as np
 
 from graft import modalities
 from graft.base import fsio
-from graft.base.errors import GraftError
+from graft.base.errors import GraftError, progress
 
 WEIGHTS, CONFIG, ASSETS = "weights.pt", "model.json", "assets"
 # Input settings of image models saved before the modality seam, at the top level of model.json.
@@ -86,8 +86,6 @@ def predict_proba(model, samples: Any, cfg: ModelConfig, device=None, batch_size
     With test-time augmentation (``tta``, by default the model's own, saved in its
     config) the probabilities are the mean over the modality's views of each sample."""
     import torch
-
-    from graft.base.errors import progress
 
     device = device or next(model.parameters()).device
     how = tta_of(cfg) if tta is None else tta

@@ -22,14 +22,14 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from graft.base import allocator
+from graft.models import modeling
+
 MODEL_ARTIFACT = "model_dir"
 
 
 class GraftClassifier(PythonModel):
     def load_context(self, context) -> None:
-        from graft.base import allocator
-        from graft.models import modeling
-
         allocator.tune()  # a served batch's activations, kept for the next: a third faster here
         model_dir = Path(context.artifacts[MODEL_ARTIFACT])
         self.model_dir = model_dir
@@ -37,8 +37,6 @@ class GraftClassifier(PythonModel):
         self.encoder = self.cfg.kind.Encoder(self.cfg.input, model_dir / modeling.ASSETS)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from graft.models import modeling
-
         cfg, column = self.cfg, self.cfg.kind.INPUT_COLUMN
         if column not in model_input:
             raise ValueError(f"input needs a column '{column}' ({cfg.modality} model)")
@@ -157,7 +155,5 @@ def serving_cost(predict: Callable[[pd.DataFrame], Any], samples: pd.DataFrame) 
 
 def model_size(model_dir: Path, model) -> dict[str, float]:
     """The weights file's size (MB) and the parameter count: what shipping it costs."""
-    from graft.models import modeling
-
     return {"size_mb": (Path(model_dir) / modeling.WEIGHTS).stat().st_size / 1e6,
             "parameters": float(sum(p.numel() for p in model.parameters()))}

@@ -17,9 +17,11 @@ from pathlib import Path
 from graft.base import fsio
 from graft.base.errors import GraftError, fault_point
 from graft.config.params import RegisterParams, read_params
+from graft.drift import gate as drift
 from graft.models import modeling
 from graft.promotion import gate
 from graft.registry import rules as registry
+from graft.training import teacher as teach
 
 
 def pip_requirements(modality) -> list[str]:
@@ -95,8 +97,6 @@ def log_drift(reference: Path | None, report_dir: Path | None) -> dict[str, str]
     the version tags that say what the gate found."""
     import mlflow
 
-    from graft.drift import gate as drift
-
     if reference is not None and (reference / drift.INFO).is_file():
         mlflow.log_artifacts(str(reference), drift.ARTIFACT)
     if report_dir is None or not (report_dir / drift.REPORT).is_file():
@@ -133,7 +133,6 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     samples = gate.load_test_samples(raw_dir, prepared_dir)
     distilled = fsio.read_json(model_dir / modeling.CONFIG).get("distilled_from")
     if distilled:  # the teachers this student learnt from, on its registry entry
-        from graft.training import teacher as teach
 
         tags = {**tags, **teach.lineage_tags(distilled["teachers"])}
     with mlflow.start_run(run_id=run_id):

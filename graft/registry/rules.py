@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from graft.base.errors import GraftError, fault_point
+from graft.tracking.runs import host_creds
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_PREFIX = "graft.alias_history."
@@ -86,8 +87,6 @@ def permission_on_model(client, name: str) -> tuple[str, str] | None:
     authorization resolves it (MLflow's basic-auth app: grants, roles, its default), or
     None where nobody is authenticated (a local store, a server without authentication)."""
     from mlflow.utils.rest_utils import http_request
-
-    from graft.tracking.runs import host_creds
 
     creds = host_creds(client)
     if creds is None:

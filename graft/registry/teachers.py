@@ -8,6 +8,8 @@ from pathlib import Path
 from graft.base.errors import GraftError
 from graft.config.params import parse_reference
 from graft.models import modeling
+from graft.registry import rules as registry
+from graft.tracking import runs as tracking
 from graft.training.teacher import Teacher
 
 
@@ -30,9 +32,6 @@ def load_teacher(ref: str, model_name: str) -> Teacher:
 def _load_registered(ref: str, name: str, kind: str, value: str) -> Teacher:
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from graft.registry import rules as registry
-    from graft.tracking import runs as tracking
 
     tracking.configure()
     client = mlflow.MlflowClient()

@@ -20,6 +20,10 @@ from typing import Any
 
 import yaml
 
+from graft.base import fsio, secrets
+from graft.base.secrets import mask_url
+from graft.config.params import read_params
+
 DEFAULT_EXPERIMENT = "graft"
 PARENT_RUN_ENV = "GRAFT_PARENT_RUN_ID"
 FLOW_RUN_ENV = "GRAFT_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs
@@ -44,8 +48,6 @@ def configure(root: Path | None = None) -> str:
     """Point MLflow at the project's store (unless ``MLFLOW_TRACKING_URI`` is set) and make
     sure the experiment exists; return its id. Call from ``main()``, never at import."""
     import mlflow
-
-    from graft.base import secrets
 
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -139,9 +141,6 @@ def log_params_file(params_path: Path) -> None:
     value at 500 characters)."""
     import mlflow
 
-    from graft.base.secrets import mask_url
-    from graft.config.params import read_params
-
     # A source URL may carry a password (https://user:password@host/...): never into the store.
     mlflow.log_params({k: mask_url(str(v))[:500] for k, v in flatten(read_params(params_path)).items()})
 
@@ -160,8 +159,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_tags(root: Path | None = None, data: bool = True) -> dict[str, str]:
     """What every run carries: the code version, the data version (``data``), and the
     Prefect flow run that started it."""
-    from graft.base.secrets import mask_url
-
     root = (root or Path.cwd()).resolve()
     tags = {**git_info(root), **(data_version(root / "dvc.lock") if data else {}), PROJECT_TAG: str(root)}
     if os.environ.get(FLOW_RUN_ENV):
@@ -179,9 +176,6 @@ def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Pat
     import mlflow
     import numpy as np
     import pandas as pd
-
-    from graft.base import fsio
-    from graft.base.secrets import mask_url
 
     version = data_version(lock_path)
     digest = version.get("data_version", "").removesuffix(".dir") or None
@@ -202,8 +196,6 @@ def log_datasets(prepared: Path, contexts: dict[str, str], lock_path: Path = Pat
 def unreachable_message(exc: BaseException) -> str | None:
     """A message for a person when ``exc`` means the tracking server did not answer (None
     otherwise): where it was, and the two ways out."""
-    from graft.base.secrets import mask_url
-
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         return None
@@ -230,8 +222,6 @@ def refused_message(exc: BaseException) -> str | None:
     """A message for a person when ``exc`` means the tracking server refused the request
     (wrong or missing credentials, or a permission the user lacks); None otherwise.
     Retrying does not help: the answer is a login or a grant."""
-    from graft.base.secrets import mask_url
-
     uri = mask_url(os.environ.get("MLFLOW_TRACKING_URI", "") or "?")
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     for e in _causes(exc):

@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from graft.base import distributed, fsio, kernels, plots
+from graft.base import distributed, fsio, kernels, plots, threads
 from graft.base.arrays import NpyReader
 from graft.base.errors import STATUS_ENV, GraftError, fault_point
 from graft.config import paths
-from graft.config.params import FineTuneParams, load_section
+from graft.config.params import DistillParams, FineTuneParams, load_section
+from graft.data.splits import load_split
 from graft.models import modeling
+from graft.tracking import runs as tracking
+from graft.training import teacher as teach
 from graft.training.fine_tune import Distillation, Split, TrainResult, fingerprint, with_tta
 
 
@@ -62,7 +65,6 @@ class Inputs:
 
 def load_inputs(params: FineTuneParams, prepared: Path, pretrained: Path, teacher: Path | None,
                 params_path: Path) -> Inputs:  # fmt: skip
-    from graft.data.splits import load_split
 
     model, cfg = modeling.load(pretrained)
     train_split, val_split = (Split(*load_split(prepared, s)) for s in ("train", "val"))
@@ -82,9 +84,6 @@ def tracked_run(inputs: Inputs, params: FineTuneParams, checkpoint: Path, where:
     prepared, pretrained and teacher folders."""
     import mlflow
     import torch
-
-    from graft.tracking import runs as tracking
-    from graft.training import teacher as teach
 
     previous = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.is_file() else {}
     resume_run = previous.get("mlflow_run_id") if previous.get("run_key") == inputs.run_key else None
@@ -140,9 +139,6 @@ def save_outputs(inputs: Inputs, params: FineTuneParams, result: TrainResult, ru
     """The model folder (atomically, with its run id and what it was distilled from), the
     history CSV, the learning curves, and the run's summary metrics and tags; the summary."""
     import mlflow
-
-    from graft.base import threads
-    from graft.tracking import runs as tracking
 
     facts = summary(result)
     distill = inputs.distill
@@ -234,9 +230,6 @@ TEACHER_KEYS = ("reference", "model_name", "version", "run_id", "training_run_id
 def load_distillation(teacher_dir: Path, prepared: Path, params_path: Path) -> tuple[Distillation | None, list[dict[str, Any]]]:
     """The teach stage's soft labels, checked against this training split, with the
     distill params; (None, []) when there is no teacher."""
-    from graft.config.params import DistillParams
-    from graft.training import teacher as teach
-
     info, logits_path = teach.read(teacher_dir)
     if logits_path is None:
         return None, []
