@@ -51,6 +51,7 @@ from graft.base import fsio
 from graft.base.errors import GraftError, progress
 from graft.config.params import FOLDS, DriftParams, IngestParams, LoadPretrainedParams, load_section, parse_reference
 from graft.data import sources
+from graft.data.samples import RawSamples
 from graft.data.snapshot import source_path
 from graft.models import modeling
 from graft.registry import rules as registry
@@ -178,10 +179,10 @@ def compare(ref: np.ndarray, ref_labels: np.ndarray, new: np.ndarray, new_labels
             r, n = entry["reference"], entry["new"]
             entry["skipped"] = (f"fewer than {p.min_samples} samples" if r and n
                                 else ("not in the reference" if not r else "not in the new data"))  # fmt: skip
-        short = [c for c, e in per_class.items() if "skipped" in e]
-        if short:
-            out["warnings"].append(f"per-class test skipped for {len(short)} class(es) ({', '.join(short[:5])}"
-                                   f"{', ...' if len(short) > 5 else ''}): fewer than {p.min_samples} samples on a side")  # fmt: skip
+    short = [c for c, e in per_class.items() if "skipped" in e]
+    if short:  # one warning for all of them (it was repeated once per class, growing)
+        out["warnings"].append(f"per-class test skipped for {len(short)} class(es) ({', '.join(short[:5])}"
+                               f"{', ...' if len(short) > 5 else ''}): fewer than {p.min_samples} samples on a side")  # fmt: skip
     family = {"overall": overall["p_value"], **{c: e["p_value"] for c, e in per_class.items() if "p_value" in e}}
     adjusted = holm(family)
     overall["p_adjusted"] = adjusted["overall"]
@@ -593,3 +594,63 @@ def path_drift(path: Path, reference: str, model_name: str, p: DriftParams, pret
         if out is not None:
             write_report(out, report, ref.embeddings, new)
     return report
+
+
+# --- the drift stage's run ---------------------------------------------------------------------
+
+
+@dataclass
+class RunReference:
+    """This run's reference, embedded: the backbone, the chosen training samples, their
+    labels (indices into ``classes``) and embeddings."""
+
+    embedder: Embedder
+    subset: RawSamples
+    labels: np.ndarray
+    classes: list[str]
+    embeddings: np.ndarray
+
+
+def embed_training_sample(raw: Path, prepared: Path, pretrained: Path, p: DriftParams, seed: int) -> RunReference:
+    """A seeded sample of the training split embedded by the pretrained backbone."""
+    classes = list(fsio.read_json(prepared / "meta.json")["classes"])
+    samples = RawSamples(raw, prepared, "train")
+    subset = samples.subset(choose(len(samples), p.max_samples, p.seed))
+    labels = np.array([classes.index(c) for c in subset.truth], dtype=np.int32)
+    embedder = from_model_dir(pretrained, seed)
+    return RunReference(embedder, subset, labels, classes, embed(embedder, raw_batches(subset), len(subset)))
+
+
+def test_run(run: RunReference, p: DriftParams, model_name: str) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray]:
+    """This run's sample against ``drift.reference``: the report, the reference's
+    embeddings (None when there was nothing to compare) and the new ones in its space.
+    A reference that cannot be compared is a warning, or the error under on_drift: fail."""
+    base = {"on_drift": p.on_drift, "alpha": p.alpha, "backbone": run.embedder.describe()}
+    new = run.embeddings  # in the reference's space once tested (another backbone: embedded again)
+    with tempfile.TemporaryDirectory() as dst:
+        reference, why = ((None, "drift.reference is null: no drift test") if p.reference is None
+                          else resolve(p.reference, model_name, Path(dst)))  # fmt: skip
+        if reference is None:
+            return {**base, "verdict": "no_reference", "reason": why, "new_samples": len(new), "warnings": []}, None, new
+        try:
+            report, new = check(reference, run.embedder, lambda: raw_batches(run.subset), len(run.subset), run.labels,
+                                run.classes, p, run.embeddings)  # fmt: skip
+        except GraftError as e:
+            if p.on_drift == "fail":
+                raise
+            # not comparable: the plot shows this run's sample alone
+            return {**base, "verdict": "skipped", "reason": str(e), "new_samples": len(new), "warnings": [str(e)]}, None, new
+        return {**base, **report}, reference.embeddings, new
+
+
+def failure(report: dict[str, Any], p: DriftParams, report_dir: Path) -> GraftError | None:
+    """The error that stops the pipeline when the data drifted under on_drift: fail."""
+    if report["verdict"] != "drift" or p.on_drift != "fail":
+        return None
+    moved = report["moved"] or [c for c, _ in sorted(((c, e) for c, e in report["classes"].items() if "mmd2" in e),
+                                                     key=lambda ce: -ce[1]["mmd2"])][:3]  # fmt: skip
+    return GraftError(f"drift: the training data moved away from {report['reference']['origin']}'s "
+                      f"(Holm-adjusted p = {report['p_adjusted_min']:.4f} < alpha {p.alpha}, domain AUC "
+                      f"{report['overall']['domain_auc']:.3f}); classes that moved most: "
+                      f"{', '.join(moved) or 'none singly (the whole data moved)'}. Training stopped (drift.on_drift: "
+                      f"fail). Read {report_dir / PLOT}; if the change is intended, rerun with --set drift.on_drift=warn.")  # fmt: skip

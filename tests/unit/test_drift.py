@@ -217,3 +217,12 @@ def test_many_classes_get_enough_permutations_to_pass_holm():
     report = compare(ref, ref_y, new, new_y, [f"c{i}" for i in range(30)], p)
     assert report["permutations"] == 1240  # ceil(2 * 31 / 0.05)
     assert report["verdict"] == "drift" and report["p_adjusted_min"] < 0.05
+
+
+def test_skipped_classes_are_named_in_one_warning():
+    ref, ref_y = clouds(0, n=400)
+    new, new_y = clouds(1, n=400)
+    keep = (new_y >= 2) | (np.arange(len(new_y)) % 20 == 0)  # classes a and b: a handful left each
+    report = compare(ref, ref_y, new[keep], new_y[keep], ["a", "b", "c", "d"], P)
+    skipped = [w for w in report["warnings"] if "per-class test skipped" in w]
+    assert skipped == [f"per-class test skipped for 2 class(es) (a, b): fewer than {P.min_samples} samples on a side"]
