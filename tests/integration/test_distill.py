@@ -119,27 +119,39 @@ def test_the_students_hyperparameters_never_rerun_the_teacher(distilled):
     assert stale_stages(project) == []
 
 
-def teach(project, teacher, out_name="bad-teacher-out"):
-    """The teach stage alone, on a params file naming ``teacher``: (exit code, stderr)."""
+def teach(project, teacher, monkeypatch, capsys, out_name="bad-teacher-out"):
+    """The teach stage's main, in this process (its refusals import nothing new), on a
+    params file naming ``teacher``: (exit code, stderr)."""
     import yaml
+
+    from stages.teach import main
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["distill"]["teacher"] = teacher
     path = project / "params-bad-teacher.yaml"
     path.write_text(yaml.safe_dump(params))
     out = project / out_name
-    proc = subprocess.run([sys.executable, "-m", "stages.teach", "--raw", "data/raw", "--prepared", "data/prepared",
-                           "--out", str(out), "--report", str(project / "bad-teacher.json"), "--params", str(path)],
-                          cwd=project, env=project_env(project), capture_output=True, text=True, timeout=300)  # fmt: skip
-    if proc.returncode != 0:
+    with monkeypatch.context() as m:
+        m.chdir(project)
+        for key, value in project_env(project).items():
+            m.setenv(key, value)
+        capsys.readouterr()
+        try:
+            main(["--raw", "data/raw", "--prepared", "data/prepared", "--out", str(out),
+                  "--report", str(project / "bad-teacher.json"), "--params", str(path)])  # fmt: skip
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    err = capsys.readouterr().err
+    if code != 0:
         assert not out.exists()  # nothing written, not even half
-    return proc.returncode, proc.stderr
+    return code, err
 
 
-def test_an_ensemble_of_a_registered_model_and_a_model_folder(distilled):
+def test_an_ensemble_of_a_registered_model_and_a_model_folder(distilled, monkeypatch, capsys):
     """Two teachers of different kinds: one pass over the snapshot, one logits column each."""
     project = distilled
-    code, err = teach(project, ["graft-classifier/1", str(project / "models/pretrained")], "ensemble")
+    code, err = teach(project, ["graft-classifier/1", str(project / "models/pretrained")], monkeypatch, capsys, "ensemble")
     assert code == 0, err
     info = json.loads((project / "ensemble/teacher.json").read_text())
     assert [t.get("version") for t in info["teachers"]] == ["1", None]
@@ -151,13 +163,13 @@ def test_an_ensemble_of_a_registered_model_and_a_model_folder(distilled):
     assert not np.allclose(logits[:, 1], logits[:, 0])
 
 
-def test_a_bad_teacher_is_refused_before_any_training(distilled, tmp_path):
+def test_a_bad_teacher_is_refused_before_any_training(distilled, tmp_path, monkeypatch, capsys):
     project = distilled
-    code, err = teach(project, "graft-classifier/99")
+    code, err = teach(project, "graft-classifier/99", monkeypatch, capsys)
     assert code == 2 and "registered model 'graft-classifier' has no version 99" in err and "graft status" in err
-    code, err = teach(project, "no-such-alias")
+    code, err = teach(project, "no-such-alias", monkeypatch, capsys)
     assert code == 2 and "no version with alias 'no-such-alias'" in err
-    code, err = teach(project, str(tmp_path / "missing"))
+    code, err = teach(project, str(tmp_path / "missing"), monkeypatch, capsys)
     assert code == 2 and "no such model directory" in err
 
     # A teacher of other classes: the pretrained model with one class renamed.
@@ -166,12 +178,12 @@ def test_a_bad_teacher_is_refused_before_any_training(distilled, tmp_path):
     cfg = json.loads((other / "model.json").read_text())
     cfg["classes"][0] = "Jacket"
     (other / "model.json").write_text(json.dumps(cfg))
-    code, err = teach(project, str(other))
+    code, err = teach(project, str(other), monkeypatch, capsys)
     assert code == 2 and "trained on other classes" in err and "Jacket" in err and "T-shirt/top" in err
 
     # A teacher that cannot be loaded: its weights file is damaged.
     broken = tmp_path / "broken"
     shutil.copytree(project / "models/pretrained", broken)
     (broken / "weights.pt").write_bytes(b"not a checkpoint")
-    code, err = teach(project, str(broken))
+    code, err = teach(project, str(broken), monkeypatch, capsys)
     assert code == 2 and "cannot be loaded" in err and str(broken) in err

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,11 +57,19 @@ def graft(m, *args, cwd, check=True) -> subprocess.CompletedProcess:
     return sh(m, sys.executable, "-m", "flows.cli", *args, cwd=cwd, check=check)
 
 
-def api(url: str, method: str = "GET", body: dict | None = None):
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
+def api(url: str, method: str = "GET", body: dict | None = None, tries: int = 6):
+    """A call to the Prefect server, retried on 503 and 429 as Prefect's own client does:
+    its SQLite database is busy with its services' writes now and then on 2 cores."""
+    for attempt in range(tries):
+        req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 503) or attempt == tries - 1:
+                raise
+            time.sleep(2 ** attempt)
 
 
 def wait_for_end(prefect_api: str, flow_run_id: str, timeout: float, worker_log: Path) -> dict:
