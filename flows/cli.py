@@ -109,11 +109,13 @@ def run(
     _quiet_defaults()
     root = project.resolve()
     from graft.base.errors import BAD_INPUT_EXIT, GraftError
+    from graft.config import project as project_config
     from graft.config.params import IngestParams, ParamsError, preset_overrides, read_params, section
     from graft.data.snapshot import check_source
     from graft.overrides import apply_overrides
 
-    try:  # a typo in --set or params.yaml, or a missing source, fails here, before anything starts
+    try:  # a typo in --set, params.yaml or graft.yaml, or a missing source, fails here, before anything starts
+        project_config.load(root)
         overrides = [*(preset_overrides(preset, root) if preset else []), *set_]
         params = apply_overrides(read_params(root / "params.yaml"), overrides)
         check_source(section(IngestParams, params, "ingest"), root)

@@ -25,3 +25,7 @@ def test_bad_input_fails_before_anything_starts(project):
     assert res.returncode == 2 and "'later' is not one of" in res.stderr
     res = graft_run(project, "--set", "fine_tune.lr=fast")
     assert res.returncode == 2 and "fine_tune.lr: expected a number, got 'fast'" in res.stderr
+    # graft.yaml is checked up front too, even when nothing would run: a misspelt key is refused
+    (project / "graft.yaml").write_text((project / "graft.yaml").read_text().replace("servers:\n", "servers:\n  mlfow: {port: 5001}\n", 1))
+    res = graft_run(project)
+    assert res.returncode == 2 and "graft.yaml: unknown key(s) servers.mlfow" in res.stderr
