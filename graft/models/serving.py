@@ -12,6 +12,7 @@ trained to ship with (``fine_tune.tta``); ``none`` turns it off (half the cost f
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,8 +104,6 @@ def load_registered(uri: str):
     local = Path(mlflow.artifacts.download_artifacts(uri))
     if not (local / "code" / LEGACY_PACKAGE / "serving.py").is_file():
         return mlflow.pyfunc.load_model(str(local))
-    import sys
-
     ours = {k: m for k, m in sys.modules.items() if k == LEGACY_PACKAGE or k.startswith(LEGACY_PACKAGE + ".")}
     for name in ours:
         del sys.modules[name]
