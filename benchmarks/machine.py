@@ -169,22 +169,7 @@ def noop() -> dict:
         g, d = float(np.median(runs)), float(np.median(reference))
         out[mode] = {"graft_run_s": g, "dvc_repro_s": d, "extra_s": g - d}
         print(f"no-op run, {mode.replace('_', ' ')}: graft run {g:.2f} s, dvc repro {d:.2f} s: {g - d:.2f} s more")
-    # The target without servers: the temporary Prefect server's start-up as the only extra.
-    start = float(np.median([timed_server_start() for _ in range(REPEATS)]))
-    out["without_servers"]["temporary_server_start_s"] = start
-    print(f"  Prefect's temporary server alone: {start:.2f} s to start and stop (the no-op run's extra without servers "
-          f"is {out['without_servers']['extra_s'] - start:+.2f} s beyond it)")  # fmt: skip
     return out
-
-
-def timed_server_start() -> float:
-    from flows import noop
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as `graft run` sets it
-    t0 = time.perf_counter()
-    with noop.temporary_server():
-        pass
-    return time.perf_counter() - t0
 
 
 def serving() -> dict:

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from enum import Enum
 from pathlib import Path
 
@@ -32,13 +36,17 @@ app = typer.Typer(
 PROJECT = typer.Option(Path("."), "--project", "-C", help="project directory (where dvc.yaml and params.yaml are)")
 
 
-def _quiet_defaults() -> None:
-    from flows import noop
+# Prefect's temporary server (no graft servers running) gets this long to start: its
+# default, 20 s, is too short on a loaded 2-core machine, where its first start migrates
+# a fresh database.
+STARTUP_TIMEOUT_ENV, STARTUP_TIMEOUT_S = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90
 
+
+def _quiet_defaults() -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # before Prefect is imported, which reads its settings once
-    os.environ.setdefault(noop.STARTUP_TIMEOUT_ENV, str(noop.STARTUP_TIMEOUT_S))
+    os.environ.setdefault(STARTUP_TIMEOUT_ENV, str(STARTUP_TIMEOUT_S))
 
 
 def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:
@@ -68,9 +76,12 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _registry(project: Path):
     """(client, model name) for the project's registry."""
-    import mlflow
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
-    from graft.config.params import RegisterParams, load_section
+    from graft.config.params import (
+        RegisterParams,
+        load_section,
+    )
     from graft.tracking import runs as tracking
 
     root = project.resolve()
@@ -103,15 +114,28 @@ def run(
 ) -> None:
     """Run the whole pipeline through the Prefect flow: stages DVC finds unchanged are skipped; a new model is registered and promoted only if it beats the current champion.
 
-    With nothing changed, the run is recorded in Prefect (every stage Cached) without the flow engine: with graft's servers up, a second or two more than `dvc repro`; without them, Prefect's temporary server's start-up more.
+    With nothing changed, the run is still recorded in Prefect, every stage Cached.
 
     Exit codes: 0 done (or skipped), 1 a stage crashed, 2 bad input (a wrong parameter, a missing or broken data source)."""
     _quiet_defaults()
     root = project.resolve()
-    from graft.base.errors import BAD_INPUT_EXIT, GraftError
-    from graft.config import project as project_config
-    from graft.config.params import IngestParams, ParamsError, preset_overrides, read_params, section
-    from graft.data.snapshot import check_source
+    from graft.base.errors import (
+        BAD_INPUT_EXIT,
+        GraftError,
+    )
+    from graft.config import (
+        project as project_config,
+    )
+    from graft.config.params import (
+        IngestParams,
+        ParamsError,
+        preset_overrides,
+        read_params,
+        section,
+    )
+    from graft.data.snapshot import (
+        check_source,
+    )
     from graft.overrides import apply_overrides
 
     try:  # a typo in --set, params.yaml or graft.yaml, or a missing source, fails here, before anything starts
@@ -122,18 +146,10 @@ def run(
     except (ParamsError, GraftError) as e:
         _fail(str(e), BAD_INPUT_EXIT)
     _use_servers(root)
-    if not overrides:  # nothing stale: DVC's answer and Prefect's record, without the flow engine
-        from flows import noop
-
-        summary = noop.try_run(root)
-        if summary is not None:
-            typer.echo(f"graft run: nothing changed in DVC's view; recorded as Prefect flow run "
-                       f"'{summary['flow_run_name']}' ({noop.flow_run_url(summary['flow_run_id'])})")  # fmt: skip
-            print_summary(summary, root)
-            _skip_final_collection()
-            return
     from flows.pipeline import StageFailed
-    from flows.training import training_pipeline
+    from flows.training import (
+        training_pipeline,
+    )
 
     state = training_pipeline(project_dir=str(root), overrides=overrides, concurrency=concurrency.value,
                               return_state=True)  # fmt: skip
@@ -147,7 +163,9 @@ def run(
         except (ParamsError, GraftError) as e:
             _fail(str(e), BAD_INPUT_EXIT)
         except Exception as e:
-            from graft.tracking.runs import refused_message
+            from graft.tracking.runs import (
+                refused_message,
+            )
 
             _fail(refused_message(e) or f"the pipeline failed: {type(e).__name__}: {e}")
         _fail(f"the pipeline ended in state {state.name}")
@@ -194,7 +212,9 @@ def print_summary(summary: dict, root: Path) -> None:
 def status(project: Path = PROJECT) -> None:
     """Show the champion, challenger and latest model versions with their metrics, data versions, and when and why the aliases last moved."""
     from flows import remote
-    from graft.registry import rules as registry
+    from graft.registry import (
+        rules as registry,
+    )
 
     client, name = _registry(project)
     _repair(client, name, project.resolve())
@@ -295,7 +315,9 @@ def _require_champion_permission(client, name: str) -> None:
     """Refuse, before anything is scored or written, a champion move the tracking server
     says this user may not make."""
     from graft.base.errors import GraftError
-    from graft.registry import rules as registry
+    from graft.registry import (
+        rules as registry,
+    )
 
     try:
         allowed, why = registry.may_move_champion(client, name)
@@ -315,10 +337,11 @@ def reproduce(
     """Rerun the pipeline that produced a registered version (its commit and uncommitted diff, its params.yaml, its data snapshot by hash, its pretrained weights) up to evaluate, in a temporary git worktree, and compare inputs, weights and metrics.
 
     Exit codes: 0 identical (or within the documented tolerance), 1 differs, 2 cannot reproduce (says what is missing). The aliases are never touched; the outcome is recorded on the version (`graft status` shows it)."""
-    import time
 
     from flows import reproduce as rep
-    from graft.base.errors import BAD_INPUT_EXIT
+    from graft.base.errors import (
+        BAD_INPUT_EXIT,
+    )
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client, default_name = _registry(project)
@@ -381,7 +404,9 @@ def _repair(client, name: str, root: Path) -> None:
     """Finish or undo an interrupted registration or alias move (see registry.repair), but
     only while no training run holds the project: a registration under way is not a wreck."""
     from flows.pipeline import ProjectLock
-    from graft.registry import rules as registry
+    from graft.registry import (
+        rules as registry,
+    )
 
     lock = ProjectLock(root)
     if not lock.acquire(wait=False):
@@ -410,10 +435,13 @@ def drift(
 ) -> None:
     """Test incoming samples for drift against the champion's training data: the drift gate's test (MMD in the
     pretrained backbone's embedding space, overall and per class, and a domain classifier's AUC), and its verdict."""
-    import dataclasses
-
     from graft.base.errors import GraftError
-    from graft.config.params import DriftParams, load_section
+    from graft.config.params import (
+        DriftParams,
+        ParamsError,
+        load_section,
+        replace,
+    )
     from graft.drift import gate as drift_stage
 
     _quiet_defaults()
@@ -424,11 +452,11 @@ def drift(
         _fail(f"{path}: no such file or folder", 2)
     try:
         p = load_section(DriftParams, "drift", root / paths.PARAMS)
-        p = dataclasses.replace(p, **({"alpha": alpha} if alpha is not None else {}))
-        p.validate()
+        if alpha is not None:
+            p = replace(p, "drift", alpha=alpha)
         report = drift_stage.path_drift(path, reference or p.reference or "champion", name, p,
                                        root / paths.PRETRAINED, text_column, out)  # fmt: skip
-    except GraftError as e:
+    except (GraftError, ParamsError) as e:
         _fail(str(e), 2)
     typer.echo(drift_stage.summary(report))
     if not report.get("labelled"):
@@ -442,9 +470,11 @@ def drift(
 def _missing_model(client, name: str, model: str) -> str | None:
     """Why ``model`` (an alias or a version number) names nothing in the registry, in
     words that say what does exist; None when it names a version."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # MLflow: imported where used
 
-    from graft.registry import rules as registry
+    from graft.registry import (
+        rules as registry,
+    )
 
     try:
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
@@ -498,7 +528,9 @@ def predict(
         inputs = kind.read_inputs(path, text_column)
     except GraftError as e:
         _fail(f"{e} ({uri} is a{'n' if kind.NAME[0] in 'aeiou' else ''} {kind.NAME} model)")
-    from graft.models.predict import predict_to_csv
+    from graft.models.predict import (
+        predict_to_csv,
+    )
 
     result = predict_to_csv(pyfunc, kind, inputs, out, batch_size)
     total, bad, counts = result.total, result.bad, result.counts
@@ -514,8 +546,6 @@ def ui(
     project: Path = PROJECT,
 ) -> None:
     """Start MLflow's UI on 127.0.0.1 for the project's runs and registry (Ctrl-C stops it). If `graft server start` runs, its MLflow server already serves the UI: this says where."""
-    import socket
-    import subprocess
 
     from flows import services
     from graft.base.secrets import mask_url
@@ -733,7 +763,9 @@ def schedule(
     sched, sens = deploy.schedule_config(root)
     if pool:
         from flows import remote
-        from graft.tracking import runs as tracking
+        from graft.tracking import (
+            runs as tracking,
+        )
 
         if remote.default_remote(root) is None:
             _fail("a worker's checkout is temporary: its data and models must go to a DVC remote. Add one "
@@ -811,7 +843,9 @@ def pull(
 
     try:
         if install:
-            from flows.environment import install_missing
+            from flows.environment import (
+                install_missing,
+            )
 
             install_missing(root, echo=typer.echo)
         if version is not None:
@@ -833,14 +867,17 @@ def pull(
 def _checkout_version_lock(root: Path, version: str) -> None:
     """Write to ``root/dvc.lock`` the lock file that the flow run behind a registered version
     logged to MLflow: afterwards `dvc pull` fetches exactly that version's data and model."""
-    import tempfile
 
-    import mlflow
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
-    from flows.training import PIPELINE_ARTIFACTS
+    from flows.training import (
+        PIPELINE_ARTIFACTS,
+    )
     from graft.base import fsio
     from graft.base.errors import GraftError
-    from graft.registry.rules import alias_version
+    from graft.registry.rules import (
+        alias_version,
+    )
 
     client, name = _registry(root)
     mv = client.get_model_version(name, version) if version.isdigit() else alias_version(client, name, version)
@@ -869,7 +906,7 @@ def serve(
     """Serve the deployments in this process: scheduled and triggered runs execute here until Ctrl-C."""
     root = project.resolve()
     _require_prefect_server(root)
-    from prefect import serve as prefect_serve
+    from prefect import serve as prefect_serve  # Prefect: ~1.4 s of import, paid by the commands that use it
 
     from flows.deploy import deployments
 
@@ -904,25 +941,7 @@ def sensor(
         print_summary(result["summary"], root)
 
 
-_CONSOLE_SCRIPT = False  # set by main(): this process ends when the command returns
-
-
-def _skip_final_collection() -> None:
-    """Spare the interpreter's last garbage collection at exit, in the console script only
-    (never in a caller's process, a test's say): it walks the whole object graph DVC and
-    graft built, about 0.45 s of a no-op run on 2 cores (0.73 s from the server's stop to
-    the process's end before, 0.25 s after, the stop's 0.22 s included). Objects still die by
-    reference count; only the no-op path calls this, which leaves nothing of its own to
-    finalise (no Prefect engine, no MLflow run, every file closed by its ``with``)."""
-    if _CONSOLE_SCRIPT:
-        import gc
-
-        gc.freeze()
-
-
 def main() -> None:  # pragma: no cover - the console script
-    global _CONSOLE_SCRIPT
-    _CONSOLE_SCRIPT = True
     app()
 
 

@@ -10,7 +10,9 @@ the server) and pushes its outputs to the DVC remote.
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from graft.base.errors import GraftError
@@ -42,10 +44,10 @@ def deployments(root: Path, sensor: bool = True, verify: bool = False):
     """The RunnerDeployments (training on ``schedule.cron``, the sensor on ``sensor.cron``,
     the champion's reproduction on ``verify.cron``).
     ``concurrency_limit=1`` makes Prefect itself queue a second run of the same deployment."""
-    from prefect.schedules import Cron
+    from prefect.schedules import Cron  # Prefect: ~1.4 s of import, paid by the commands that use it
 
-    from flows.sensor import data_sensor
-    from flows.training import training_pipeline
+    from flows.sensor import data_sensor  # the flow module: Prefect comes with it, paid only here
+    from flows.training import training_pipeline  # the flow module: Prefect comes with it, paid only here
 
     root = root.resolve()
     sched, sens = schedule_config(root)
@@ -73,7 +75,7 @@ def deployments(root: Path, sensor: bool = True, verify: bool = False):
             )
         )
     if verify:
-        from flows.verify import verify_champion
+        from flows.verify import verify_champion  # the flow module: Prefect comes with it, paid only here
 
         out.append(
             verify_champion.to_deployment(
@@ -101,7 +103,6 @@ class Checkout:
 
 
 def _git(root: Path, *args: str) -> str:
-    import subprocess
 
     proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -138,7 +139,6 @@ def checkout_for(root: Path, repository: str | None = None, branch: str | None =
 
 def _git_has_commit(root: Path, repository: str, commit: str) -> bool:
     """Whether ``repository`` has ``commit`` (not only branch tips): fetched without checkout."""
-    import subprocess
 
     proc = subprocess.run(["git", "fetch", "--quiet", "--depth=1", repository, commit], cwd=root, capture_output=True)
     return proc.returncode == 0
@@ -167,7 +167,7 @@ def pull_steps(checkout: Checkout) -> list[dict]:
 
 def _with_steps(checkout: Checkout):
     """Prefect's GitRepository storage, with graft's preparation step after the clone."""
-    from prefect.runner.storage import GitRepository
+    from prefect.runner.storage import GitRepository  # Prefect: ~1.4 s of import, paid by the commands that use it
 
     class GraftCheckout(GitRepository):
         def to_pull_step(self):  # what RunnerDeployment.apply writes as the pull steps
@@ -180,9 +180,9 @@ def pool_deployment(root: Path, pool: str, checkout: Checkout, tracking_uri: str
     """The retraining deployment for workers of ``pool``: clone, prepare, run the flow in
     the clone with the schedule's overrides, log to ``tracking_uri`` (a server: a worker
     cannot reach this machine's files)."""
-    from prefect.schedules import Cron
+    from prefect.schedules import Cron  # Prefect: ~1.4 s of import, paid by the commands that use it
 
-    from flows.training import training_pipeline
+    from flows.training import training_pipeline  # the flow module: Prefect comes with it, paid only here
 
     if not tracking_uri.startswith(("http://", "https://")):
         raise GraftError("a worker on another machine cannot write to this copy's MLflow store "
@@ -211,9 +211,9 @@ def pool_deployment(root: Path, pool: str, checkout: Checkout, tracking_uri: str
 
 def ensure_pool(pool: str) -> bool:
     """Create the work pool (process workers) unless it exists; True when created."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect import get_client  # Prefect: ~1.4 s of import, paid by the commands that use it
+    from prefect.client.schemas.actions import WorkPoolCreate  # Prefect: imported where used
+    from prefect.exceptions import ObjectNotFound  # Prefect: ~1.4 s of import, paid by the commands that use it
 
     with get_client(sync_client=True) as client:
         try:
@@ -232,13 +232,12 @@ def ensure_crash_detection(root: Path) -> None:
     (its worker or machine died), instead of leaving it Running forever and its
     deployment's concurrency slot taken: Prefect's own recipe for runs whose process
     cannot report its own end. One per server; recreated when graft.yaml's grace changes."""
-    from datetime import timedelta
 
-    from prefect import get_client
-    from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect import get_client  # Prefect: ~1.4 s of import, paid by the commands that use it
+    from prefect.automations import Automation  # Prefect: ~1.4 s of import, paid by the commands that use it
+    from prefect.client.schemas.objects import StateType  # Prefect: ~1.4 s of import, paid by the commands that use it
+    from prefect.events.actions import ChangeFlowRunState  # Prefect: ~1.4 s of import, paid by the commands that use it
+    from prefect.events.schemas.automations import EventTrigger, Posture  # Prefect: imported where used
 
     grace = workers_config(root).crashed_after_seconds
     with get_client(sync_client=True) as client:

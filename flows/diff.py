@@ -73,7 +73,7 @@ def _raw_md5(lock: dict[str, Any]) -> str | None:
 
 def manifest(root: Path, lock: dict[str, Any]):
     """The ingest manifest of a side, read from the DVC cache by its hash (None if absent)."""
-    import pandas as pd
+    import pandas as pd  # pandas: ~0.5 s of import, paid where a table is read
 
     md5 = _raw_md5(lock)
     if not md5:
@@ -144,7 +144,7 @@ class _WorkspaceModel:
     version (its preprocessing included), with a pyfunc's ``predict``."""
 
     def __init__(self, model_dir: Path):
-        from graft.models import serving
+        from graft.models import serving  # the library module: imported where used
 
         self.wrapper = serving.load_folder(model_dir)
 

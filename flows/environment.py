@@ -15,6 +15,8 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 from graft.base.errors import GraftError
 
 CONSTRAINTS = "constraints.txt"
@@ -31,7 +33,6 @@ def requirements(root: Path) -> list[str]:
 def unmet(reqs: list[str]) -> list[str]:
     """Those of ``reqs`` this environment does not satisfy (missing, or a version outside
     the specifier); requirements whose marker excludes this platform are skipped."""
-    from packaging.requirements import Requirement
 
     out = []
     for text in reqs:

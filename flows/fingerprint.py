@@ -2,8 +2,7 @@
 
 The fingerprint reads file names, sizes and modification times (nothing is copied or
 hashed in full), so a check of a large image folder costs a directory walk. Without
-Prefect: the data sensor's flow (``flows/sensor.py``), the training flow and a no-op
-``graft run`` (``flows/noop.py``) all use it.
+Prefect: the data sensor's flow (``flows/sensor.py``) and the training flow use it.
 """
 
 from __future__ import annotations

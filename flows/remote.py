@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flows.pipeline import pipeline, stale_stages
 from graft.base import fsio
 from graft.base.errors import GraftError
@@ -42,8 +44,8 @@ class Remote:
 
 def default_remote(root: Path) -> Remote | None:
     """The project's default DVC remote (``core.remote``), or None (also outside a DVC repository)."""
-    from dvc.exceptions import NotDvcRepoError
-    from dvc.repo import Repo
+    from dvc.exceptions import NotDvcRepoError  # DVC's API: imported where used
+    from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
 
     try:
         repo = Repo(str(root))
@@ -104,7 +106,7 @@ def push(root: Path, logger, run_id: str | None = None) -> dict[str, Any] | None
     remote = default_remote(root)
     if remote is None:
         return None
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
 
     try:
         with Repo(str(root)) as repo:
@@ -122,8 +124,7 @@ def push(root: Path, logger, run_id: str | None = None) -> dict[str, Any] | None
 def _lock_objects(lock_text: str) -> list:
     """The cached objects a dvc.lock names (every stage's outputs; directories as their
     ``.dir`` manifests, which DVC's transfer expands to their files)."""
-    import yaml
-    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.hash_info import HashInfo  # DVC's API: ~0.3 s of import, paid where the cache is read
 
     lock = yaml.safe_load(lock_text) or {}
     objs = []
@@ -148,7 +149,7 @@ def _with_contents(repo, objs: list) -> list:
     files only when they are listed beside its ``.dir`` manifest, and a remote holding a
     manifest is taken to hold the whole directory. An object gone from the local cache
     (`dvc gc`) is left out; DVC then withholds its directory's manifest too."""
-    from dvc_data.hashfile.tree import Tree
+    from dvc_data.hashfile.tree import Tree  # DVC's API: ~0.3 s of import, paid where the cache is read
 
     cache = repo.cache.local
     out = []
@@ -191,7 +192,7 @@ def _only_missing(changes: list) -> bool:
 def missing_outputs(root: Path, stages: list[str]) -> list[str]:
     """Of these stages, those DVC sees as changed only because outputs are missing here
     (not because their code, deps or params changed): a pull can restore them."""
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
 
     with Repo(str(root)) as repo:
         status = repo.status(targets=[f"{root / 'dvc.yaml'}:{s}" for s in stages])
@@ -206,7 +207,7 @@ def pull_run_cache(root: Path, logger) -> bool:
     remote = default_remote(root)
     if remote is None:
         return False
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
 
     try:
         with Repo(str(root)) as repo:
@@ -226,7 +227,7 @@ def pull(root: Path, stages: list[str], logger) -> list[str]:
     wanted = missing_outputs(root, stages)
     if not wanted:
         return []
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
 
     try:
         with Repo(str(root)) as repo:
@@ -247,7 +248,7 @@ def pull_all(root: Path) -> dict[str, Any]:
     """``dvc pull --run-cache --allow-missing``: every output dvc.lock records that the
     remote holds, and the remote's run-cache (so `graft run` restores what other copies
     ran). Raises GraftError, naming the remote, when there is none or it fails."""
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
 
     remote = default_remote(root)
     if remote is None:
@@ -266,8 +267,8 @@ def restore_from_run_cache(root: Path) -> list[str]:
     run-cache knows (what `dvc repro` does before it would run a stage's command): a
     stage another copy ran with the same code, params and inputs. Goes in pipeline order,
     since a stage's key needs its inputs in place. Returns the stages restored."""
-    from dvc.repo import Repo
-    from dvc.stage.cache import RunCacheNotFoundError
+    from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
+    from dvc.stage.cache import RunCacheNotFoundError  # DVC's API: imported where used
 
     restored = []
     with Repo(str(root)) as repo, repo.lock:

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from graft.base import fsio, kernels, threads
@@ -106,7 +107,7 @@ def resolve_ref(client, default_name: str, ref: str) -> tuple[str, str]:
 
 def read_lineage(client, name: str, version: str) -> Lineage:
     """Everything recorded about what produced ``name`` v``version``."""
-    from mlflow.artifacts import download_artifacts
+    from mlflow.artifacts import download_artifacts  # MLflow: imported where used
 
     mv = client.get_model_version(name, version)
     training_run_id = mv.tags.get("training_run_id") or mv.run_id
@@ -136,7 +137,7 @@ def read_lineage(client, name: str, version: str) -> Lineage:
 def _evaluation_metrics(client, run_ids: list[str], tmp: Path) -> dict[str, Any]:
     """The evaluate stage's metrics.json as logged with the version's run, or with the run
     that trained it (a version registered from a cached model has a run of its own)."""
-    from mlflow.artifacts import download_artifacts
+    from mlflow.artifacts import download_artifacts  # MLflow: imported where used
 
     for run_id in dict.fromkeys(run_ids):
         try:
@@ -249,7 +250,7 @@ def _last_line(text: str) -> str:
 def _env(worktree: Path, reproduction_of: str | None = None) -> dict[str, str]:
     """The environment for DVC and the stages in the worktree: this project's MLflow store
     and experiment, no flow run to nest under, the commit's code first on the path."""
-    import mlflow
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
     env = {**os.environ, "PYTHONPATH": str(worktree), "DVC_NO_ANALYTICS": "1",
            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_EXPERIMENT_NAME": tracking.experiment_name()}  # fmt: skip
@@ -396,7 +397,6 @@ WORKTREE_PREFIX = "graft-reproduce-"
 def clean_stale(root: Path) -> list[str]:
     """Remove what a reproduction killed before its cleanup left (its worktree, a copy of
     the data): those whose process is gone. Returns one line per removal."""
-    import psutil
 
     removed = []
     for base in Path(tempfile.gettempdir()).glob(f"{WORKTREE_PREFIX}*"):

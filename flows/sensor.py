@@ -8,6 +8,7 @@ times, so a check of a large image folder costs a directory walk.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ CHECKED = Path(".graft") / "drift_checked_source.json"
 def source_drift(root: Path) -> dict[str, Any]:
     """The drift stage's test of the ingest source (before ingest) against the reference
     that ``drift.reference`` names (the champion's): the report."""
-    import tempfile
 
     params_path = root / "params.yaml"
     p = load_section(DriftParams, "drift", params_path)
@@ -49,7 +49,7 @@ def data_sensor(project_dir: str = ".", concurrency: str = "skip", trigger: str 
     """Start the training flow if the ingest source changed since the last accepted run
     (``trigger="drift"``: and drifted from the champion's reference, or there is no
     reference to test against); otherwise log why not and return."""
-    from flows.training import training_pipeline
+    from flows.training import training_pipeline  # the flow module: Prefect comes with it, paid only here
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     current = fingerprint(root)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from graft.base import fsio, secrets
 from graft.base.errors import GraftError
@@ -81,7 +84,6 @@ def public_host(host: str) -> str:
     """The address other machines use for a server listening on ``host``: itself, or for
     every interface (0.0.0.0, ::) this machine's address on its default route (a private
     IP, which MLflow's DNS-rebinding guard accepts by default)."""
-    import socket
 
     if host not in ("0.0.0.0", "::", ""):
         return host
@@ -99,7 +101,6 @@ def _state_file(root: Path, name: str) -> Path:
 
 def _alive(pid: int) -> bool:
     """The process exists and has not exited (a zombie, not yet reaped, counts as gone)."""
-    import psutil
 
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -258,7 +259,6 @@ def start(root: Path, timeout: float = 90.0, host: str | None = None) -> dict[st
 
 def group_members(pgid: int) -> list[int]:
     """Processes still alive in the process group ``pgid`` (for checks and tests)."""
-    import psutil
 
     members = []
     for proc in psutil.process_iter(["status"]):
@@ -273,7 +273,6 @@ def group_members(pgid: int) -> list[int]:
 def kill_group(pgid: int, grace: float = 15.0) -> None:
     """SIGTERM every process of the group ``pgid``, then SIGKILL what is left after
     ``grace`` seconds; reaps our own children among them."""
-    import psutil
 
     procs = []
     for pid in group_members(pgid):

@@ -8,8 +8,12 @@ domain layer because those cross-checks ask the modality and the model.
 
 from __future__ import annotations
 
+import copy
+import io
 from pathlib import Path
 from typing import Any
+
+from ruamel.yaml import YAML
 
 from graft import modalities
 from graft.base.errors import GraftError, ParamsError
@@ -50,7 +54,6 @@ def check_all(params: dict[str, Any]) -> None:
 
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A copy of ``params`` with ``section.key=value`` overrides applied and checked."""
-    import copy
 
     out = copy.deepcopy(params)
     for assignment in overrides:
@@ -62,9 +65,6 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
 def write_overrides(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """Check ``overrides`` against every stage's types, then write them into the params
     file, keeping its comments and layout (a round trip through ruamel.yaml, as DVC does)."""
-    import io
-
-    from ruamel.yaml import YAML
 
     path = Path(path)
     checked = apply_overrides(read_params(path), overrides)

@@ -7,6 +7,7 @@ params section, calls :mod:`graft.training.teacher` and writes the outputs.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def main(argv: list[str] | None = None) -> None:
         fsio.write_json(args.report, {"teachers": []})
         print("teach: no teacher (distill.teacher is null): the student trains on labels alone")
         return
-
-    import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -73,14 +73,14 @@ def launch(nproc: int, module: str, argv: list[str], env: dict[str, str] | None 
 
 def init(rank: Rank, device) -> None:
     """Join the process group: NCCL on CUDA, gloo on CPU."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: ~2 s of import, paid where a model runs
 
     if rank.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def shutdown() -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: ~2 s of import, paid where a model runs
 
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -104,7 +104,7 @@ def broadcast(obj: Any, rank: Rank) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not rank.distributed:
         return obj
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: ~2 s of import, paid where a model runs
 
     box = [obj if rank.leader else None]
     dist.broadcast_object_list(box, src=0)
@@ -115,7 +115,7 @@ def gather(obj: Any, rank: Rank) -> list[Any] | None:
     """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
     if not rank.distributed:
         return [obj]
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: ~2 s of import, paid where a model runs
 
     out = [None] * rank.world if rank.leader else None
     dist.gather_object(obj, out, dst=0)
@@ -125,7 +125,7 @@ def gather(obj: Any, rank: Rank) -> list[Any] | None:
 def broadcast_checkpoint(path, rank: Rank) -> dict[str, Any] | None:
     """Rank 0 reads the checkpoint (if any) and every rank gets it: multi-node ranks need
     no shared disk."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     data = None
     if rank.leader and path is not None and path.is_file():

@@ -4,6 +4,7 @@ kill tests use, and the progress bar every long step shows."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # A stage exits with this code when its input is bad (a failed data check, a wrong
@@ -16,8 +17,9 @@ class GraftError(Exception):
     """Bad input or a failed check: the message names the file or key and what to do."""
 
 
-class ParamsError(ValueError):
-    """A parameter is missing, unknown or of the wrong type (``params.yaml``, ``graft.yaml``)."""
+class ParamsError(GraftError, ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range (``params.yaml``,
+    ``graft.yaml``, a ``--set``): bad input, like any :class:`GraftError`."""
 
 
 # When set (the Prefect flow sets it for each stage it runs), the stage writes how it
@@ -43,7 +45,6 @@ def fault_point(name: str) -> None:
         if os.path.exists(once):
             return
         open(once, "w").close()
-    import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -52,7 +53,7 @@ def progress(iterable, **kwargs):
     """tqdm with graft's defaults, to stderr. On a terminal it redraws every second; in a
     log (not a terminal: the Prefect flow, CI) a bar appears only for work that lasts
     more than 30 s, and then redraws every 30 s, so short steps add no lines at all."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # tqdm.auto probes for Jupyter: only when a bar is drawn
 
     tty = sys.stderr.isatty()
     kwargs.setdefault("mininterval", 1.0 if tty else 30.0)

@@ -25,7 +25,7 @@ ONEDNN_ISA = {"DEFAULT": "SSE41", "AVX2": "AVX2", "AVX512": "AVX512_CORE"}
 
 def current() -> str:
     """ATen's kernel level in this process (after any ceiling set in the environment)."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     return torch.backends.cpu.get_cpu_capability()
 

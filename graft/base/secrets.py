@@ -13,11 +13,15 @@ through :func:`url_host` (the URL of a Slack or Teams webhook is itself the secr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets as _random
 import stat
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
 
 from graft.base import fsio
 from graft.base.errors import GraftError
@@ -47,7 +51,6 @@ def secrets_path(root: Path) -> Path:
 def read_file(root: Path) -> dict[str, str]:
     """The secrets file's keys (empty when there is none). A file others can read is
     refused rather than used: its contents may already have leaked."""
-    import yaml
 
     path = secrets_path(root)
     if not path.is_file():
@@ -105,7 +108,6 @@ def write_file(root: Path, values: dict[str, str]) -> Path:
 
 
 def _quote(value: str) -> str:
-    import json
 
     return json.dumps(value)  # a YAML double-quoted scalar
 
@@ -128,7 +130,6 @@ def mask_url(text: str) -> str:
 def url_host(url: str) -> str:
     """What may be shown of a webhook URL: its scheme and host, never the path or query
     that carries the token."""
-    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     host = parts.hostname or "?"

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from graft.base import allocator
 from graft.base.errors import GraftError
 
@@ -57,7 +59,6 @@ def allowed_cpus() -> tuple[list[int], float]:
 def _busy_seconds(cpus: list[int]) -> float | None:
     """CPU seconds spent busy so far on ``cpus``, all processes together (psutil's per-CPU
     times: user, nice, system, irq, softirq and steal; idle and iowait are not busy)."""
-    import psutil
 
     try:
         times = psutil.cpu_times(percpu=True)
@@ -183,7 +184,7 @@ class ThreadSizer:
         return "; ".join([str(self.changes[0][1]), *later]) + (" (forced)" if self.forced is not None else "")
 
     def _set(self, n: int, others: float) -> None:
-        import torch
+        import torch  # torch: ~2 s of import, paid where a model runs
 
         if n != self.threads:
             torch.set_num_threads(n)

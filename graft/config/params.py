@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import types
-import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from graft.base.errors import GraftError, ParamsError  # ParamsError is defined in base so base can catch it
 
@@ -25,6 +24,28 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 T = TypeVar("T")
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number(value: Any) -> Any:
+    # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string; people mean a number.
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+# The scalar types of a section: strict, so `"3"` is not an integer and `1` not true (a
+# typo is an error, never a silent conversion), except that an integer is a number and
+# `1e-4` is too. A list in YAML is a tuple here (sections are frozen).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_number), Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Strs = tuple[Str, ...]
+
+
+# A params or graft.yaml section: a frozen pydantic dataclass (positional construction, as
+# in the tests and the drift gate) whose unknown keys are errors.
+SECTION = ConfigDict(extra="forbid")
 
 
 def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -38,84 +59,99 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     return data
 
 
-def _check(value: Any, tp: Any, key: str, file: str = "params.yaml") -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for alt in args:
-            try:
-                return _check(value, alt, key, file)
-            except ParamsError:
-                continue
-        raise ParamsError(f"{key}: {value!r} matches none of {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ParamsError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"{key}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        return tuple(_check(v, inner, f"{key}[{i}]", file) for i, v in enumerate(value))
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string; people mean a number.
-        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
-            return float(value)
-        raise ParamsError(f"{key}: expected a number, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ParamsError(f"{key}: expected an integer, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ParamsError(f"{key}: expected true or false, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ParamsError(f"{key}: expected a string, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return parse(typing.cast(type, tp), value, key, file)
-    raise TypeError(f"unsupported parameter type {tp!r} for {key}")
+_EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "bool_type": "true or false",
+             "string_type": "a string", "tuple_type": "a list", "none_required": "null",
+             "dataclass_type": "a mapping of keys", "dataclass_exact_type": "a mapping of keys",
+             "dict_type": "a mapping of keys"}  # fmt: skip
+_KINDS = {"str": "a string", "int": "an integer", "float": "a number", "tuple[str, ...]": "a list of strings"}
+_BOUNDS = {"ge": "{} or more", "gt": "above {}", "le": "at most {}", "lt": "below {}"}
 
 
-def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "")
+def allowed(cls: type, name: str) -> str:
+    """A field's allowed range in words, from its constraints (``ge=0, le=1``: "0 to 1")."""
+    field = _fields(cls)[name]
+    bounds = {k: getattr(m, k) for m in field.metadata for k in _BOUNDS if getattr(m, k, None) is not None}
+    low = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    high = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if low and high and low[0] == "ge" and high[0] == "le":
+        words = f"{low[1]:g} to {high[1]:g}"
+    else:
+        words = ", ".join(_BOUNDS[k].format(f"{v:g}") for k, v in (b for b in (low, high) if b))
+    return f"{words}, or null" if field.default is None else words
+
+
+def _key(section: str, loc: tuple) -> str:
+    return section + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """A section type's pydantic fields (FieldInfo: annotation, default, constraints), by name."""
+    return getattr(cls, "__pydantic_fields__", {})
+
+
+def _where(cls: type, loc: tuple) -> tuple[type, tuple, tuple]:
+    """Walk ``loc`` through nested sections: the innermost section type, the path to its
+    key, and what is left (a union's alternative, a list index)."""
+    path: tuple = ()
+    for i, part in enumerate(loc):
+        fields = _fields(cls)
+        if part not in fields:
+            return cls, path, loc[i:]
+        path += (part,)
+        inner = fields[part].annotation
+        if i + 1 < len(loc) and dataclasses.is_dataclass(inner):
+            cls = inner  # type: ignore[assignment]
+    return cls, path, ()
+
+
+def _message(e: ValidationError, cls: type, section: str, file: str) -> str:
+    """The first problem pydantic found, in the words graft uses: the file, the key and
+    what is allowed."""
+    errors = e.errors()
+    unknown = [er for er in errors if er["type"] in ("unexpected_keyword_argument", "extra_forbidden")]
+    if unknown:
+        owner, path, _ = _where(cls, tuple(unknown[0]["loc"]))
+        names = list(_fields(owner))
+        keys = sorted(_key(section, tuple(er["loc"])) for er in unknown)
+        return (f"{file}: unknown key(s) {', '.join(keys)}; "
+                f"known keys of '{_key(section, path)}': {', '.join(names)}")  # fmt: skip
+    er = errors[0]
+    kind, value = er["type"], er.get("input")
+    if kind == "value_error":  # a check across keys: its own words
+        return str(er["ctx"]["error"])
+    owner, path, rest = _where(cls, tuple(er["loc"]))
+    key = _key(section, path + tuple(p for p in rest if isinstance(p, int)))
+    if rest and not isinstance(rest[0], int):  # a union's alternatives (str | list | null): all of them at once
+        options = sorted({_KINDS.get(str(x["loc"][len(path)]), str(x["loc"][len(path)])) for x in errors
+                          if tuple(x["loc"][: len(path)]) == path and len(x["loc"]) > len(path)})  # fmt: skip
+        if _fields(owner)[path[-1]].default is None:
+            options.append("null")
+        return f"{file}: {key}: expected {' or '.join(options)}, got {value!r}"
+    if kind in ("missing", "missing_argument"):
+        return f"{file}: missing key {key}"
+    if kind in _EXPECTED:
+        return f"{file}: {key}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind == "literal_error":
+        return f"{file}: {key}: {value!r} is not one of {er['ctx']['expected']}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and not rest:
+        return f"{file}: {key} has an invalid value: {value!r} (allowed: {allowed(owner, str(path[-1]))})"
+    return f"{file}: {key}: {er['msg']} (got {value!r})"
 
 
 def parse(cls: type[T], data: Any, section: str, file: str = "params.yaml") -> T:
-    """Build the frozen dataclass ``cls`` from a mapping; unknown keys are an error that
-    names ``file`` and the key."""
-    if not isinstance(data, dict):
-        raise ParamsError(f"{file}: {section}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ParamsError(
-            f"{file}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-            f"known keys of '{section}': {', '.join(fields)}"
-        )
-    kwargs = {}
-    for name, field in fields.items():
-        key = f"{section}.{name}"
-        if name in data:
-            kwargs[name] = _check(data[name], hints[name], key, file)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ParamsError(f"{file}: missing key {key}")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate()
-    return obj
+    """Build the section type ``cls`` from a mapping; unknown keys, missing keys, wrong
+    types and values out of range are a :class:`ParamsError` that names ``file`` and the key."""
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ParamsError(f"{file}: {section}: expected a mapping of keys, got {data!r}")
+    try:
+        return cls(**data)
+    except ValidationError as e:
+        raise ParamsError(_message(e, cls, section, file)) from None
+
+
+def replace(obj: T, section: str, **changes: Any) -> T:
+    """``obj`` with ``changes``, checked like the file's values (a CLI option, say)."""
+    return parse(type(obj), {**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, **changes}, section)  # type: ignore[arg-type]
 
 
 def load_section(cls: type[T], name: str, path: str | Path = DEFAULT_PARAMS) -> T:
@@ -198,65 +234,65 @@ def preset_overrides(name: str, root: str | Path = ".") -> list[str]:
 # here, under the stages that use them, so that checking a whole file imports no stage.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class IngestParams:
-    source: Literal["fashion-mnist", "imagefolder", "texttable", "textfolder"]
-    path: str
-    seed: int
-    classes: tuple[str, ...] | None = None  # null: the source's own class list
-    max_train_per_class: int | None = None  # null: every training sample
-    max_test_per_class: int | None = None
-    drop_classes: tuple[str, ...] = ()  # classes of the source left out (rotten tomatoes' "plot")
-    text_column: str = "text"  # texttable: the column holding the text
-    label_column: str = "label"  # texttable: the column holding the class
+    source: Literal["fashion-mnist", "imagefolder", "texttable", "textfolder"] = Field(
+        description="where the samples come from: the packaged Fashion-MNIST, a folder of class folders of images, "
+        "a table of texts (CSV, TSV, JSON lines, Parquet), or a folder of class folders of text files"
+    )
+    path: Str = Field(description="the source's file or folder (fashion-mnist: its .npz)")
+    seed: Int = Field(description="seeds the per-class sampling below")
+    classes: Strs | None = Field(
+        default=None, description="the classes kept, in this order; null: the source's own list"
+    )
+    max_train_per_class: Int | None = Field(
+        default=None, ge=1, description="training samples kept per class; null: all"
+    )
+    max_test_per_class: Int | None = Field(default=None, ge=1, description="test samples kept per class; null: all")
+    drop_classes: Strs = Field(default=(), description="classes of the source left out (Rotten Tomatoes' `plot`, say)")
+    text_column: Str = Field(default="text", description="texttable: the column that holds the text")
+    label_column: Str = Field(default="label", description="texttable: the column that holds the class")
 
-    def validate(self) -> None:
-        for key in ("max_train_per_class", "max_test_per_class"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise GraftError(f"params.yaml: ingest.{key} must be >= 1 or null, got {value}")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ValidateParams:
-    min_per_class: int  # samples per class, all splits together
-    max_imbalance: float  # largest class count / smallest class count
-    min_side: int  # images: pixels; smaller images carry too little to learn from
-    max_side: int  # images: pixels; larger ones are probably not what was meant (or a bomb)
-    on_class_change: Literal["fail", "warn"]  # classes added/removed since the last accepted run
-    on_long_text: Literal["fail", "warn"] = "warn"  # texts: longer than preprocess.max_length tokens
+    min_per_class: Int = Field(description="samples per class, all splits together, below which the data gate fails")
+    max_imbalance: Float = Field(description="the largest class's count over the smallest's, above which it fails")
+    min_side: Int = Field(description="images: pixels; a smaller image carries too little to learn from")
+    max_side: Int = Field(description="images: pixels; a larger one is probably not what was meant (or a bomb)")
+    on_class_change: Literal["fail", "warn"] = Field(
+        description="classes added or removed since the last accepted run: stop, or say so and go on"
+    )
+    on_long_text: Literal["fail", "warn"] = Field(
+        default="warn", description="texts: longer than preprocess.max_length tokens (they are cut)"
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class PreprocessParams:
-    image_size: int  # images: pixels, square; what the model is trained and served at
-    val_fraction: float  # share of the source's train split held out for validation
-    test_fraction: float  # share carved out for test, only when the source has no test split
-    resize: Literal["center_crop", "squash"]  # images: keep aspect ratio and crop, or stretch
-    seed: int
-    max_length: int = 128  # texts: tokens kept per text (longer ones are cut; validate counts them)
-
-    def validate(self) -> None:
-        if self.image_size < 8:
-            raise GraftError(f"params.yaml: preprocess.image_size must be >= 8, got {self.image_size}")
-        for key in ("val_fraction", "test_fraction"):
-            v = getattr(self, key)
-            if not 0.0 < v < 1.0:
-                raise GraftError(f"params.yaml: preprocess.{key} must be between 0 and 1, got {v}")
-        if self.max_length < 2:
-            raise GraftError(f"params.yaml: preprocess.max_length must be >= 2, got {self.max_length}")
+    image_size: Int = Field(ge=8, description="images: pixels, square; what the model is trained and served at")
+    val_fraction: Float = Field(gt=0, lt=1, description="share of the source's train split held out for validation")
+    test_fraction: Float = Field(
+        gt=0, lt=1, description="share carved out for test, only when the source has no test split"
+    )
+    resize: Literal["center_crop", "squash"] = Field(
+        description="images: keep the aspect ratio and crop the centre, or stretch to a square"
+    )
+    seed: Int = Field(description="seeds the split assignment")
+    max_length: Int = Field(
+        default=128, ge=2, description="texts: tokens kept per text (longer ones are cut; validate counts them)"
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class LoadPretrainedParams:
-    # images: a timm model name, e.g. tf_efficientnet_lite0; texts: the encoder's model
-    # type (bert); auto: the one the source implies
-    architecture: str
-    # images: packaged:efficientnet_lite0 | file:<path> | timm:<name> | scratch:<architecture>
-    # texts: packaged:minilm-l6 | hf:<model id> | file:<folder> | scratch:<packaged name or folder>
-    source: str
-    drop_rate: float = 0.2  # dropout before the new classifier head
-    seed: int = 42  # initialises the new head (and the whole model for scratch:)
+    architecture: Str = Field(description="images: a timm model name (tf_efficientnet_lite0); texts: the encoder's "
+                              "model type (bert); auto: the one the source implies")  # fmt: skip
+    source: Str = Field(description="images: packaged:efficientnet_lite0 | file:<path> | timm:<name> | "
+                        "scratch:<architecture>; texts: packaged:minilm-l6 | hf:<model id> | file:<folder> | "
+                        "scratch:<packaged name or folder>")  # fmt: skip
+    drop_rate: Float = Field(default=0.2, ge=0, lt=1, description="dropout before the new classifier head")
+    seed: Int = Field(default=42, description="initialises the new head (and the whole model for scratch:)")
 
 
 # Levers that change a training image's pixels: images only, and not on cached features.
@@ -267,82 +303,119 @@ def pixel_names(keys: list[str]) -> str:
     return " and ".join(f"fine_tune.{k}" for k in keys)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class FineTuneParams:
-    mode: Literal["feature_extraction", "partial", "full"]
-    epochs: int  # upper bound; early stopping may end sooner
-    batch_size: int
-    lr: float  # peak learning rate of the head (after warm-up)
-    weight_decay: float  # AdamW's decoupled decay
-    warmup_epochs: float  # linear warm-up, then cosine decay to zero
-    label_smoothing: float
-    patience: int  # epochs without a better validation accuracy before stopping
-    seed: int
-    frozen_groups: int = 0  # partial: leading layer groups kept frozen (group 0: stem / embeddings)
-    head_epochs: int = 0  # gradual unfreezing: epochs that train the head alone first
-    lr_decay: float = 1.0  # discriminative LRs: group k below the head gets lr * lr_decay**k
-    hflip: bool = True  # images: augmentation by random horizontal flip
-    crop_padding: int = 0  # images: augmentation by a random crop after padding by this many pixels
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    channels_last: bool = True  # 1.5 to 2.7 times faster on CPU (stack-notes.md)
-    eval_batch_size: int = 256  # predictions per batch: validation here, the test split in evaluate
-    nproc: int = 1  # processes (ranks) under torchrun with DistributedDataParallel; batch_size stays the global batch
-    sync_batchnorm: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
-    ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights (0.999, say)
-    min_image_size: int | None = None  # images: progressive resizing, the first epoch at this size, growing to full
-    tta: str = "none"  # none | a test-time view of the modality (images: hflip), saved with the model
-    mixup_alpha: float = 0.0  # images: >0 blends each training image with another, weight ~ Beta(a, a)
-    cutmix_alpha: float = 0.0  # images: >0 pastes a box of another image, area ~ Beta(a, a); both >0: one per batch
-    erase_prob: float = 0.0  # images: each training image gets a random box of noise with this probability
-    randaug_ops: int = 0  # images: RandAugment, this many random ops per training image (timm's); 0 = off
-    randaug_magnitude: int = 9  # their strength on timm's scale, 0 to 10 (drawn around it, std 0.5)
+    mode: Literal["feature_extraction", "partial", "full"] = Field(
+        description="feature_extraction: train the head on the frozen backbone's features; partial: also the last "
+        "layer groups (fine_tune.frozen_groups stay frozen); full: every weight"
+    )
+    epochs: Int = Field(ge=1, description="upper bound; early stopping may end sooner")
+    batch_size: Int = Field(ge=1, description="samples per optimizer step (the global batch under torchrun)")
+    lr: Float = Field(gt=0, description="peak learning rate of the head (after warm-up)")
+    weight_decay: Float = Field(ge=0, description="AdamW's decoupled weight decay")
+    warmup_epochs: Float = Field(ge=0, description="linear warm-up, then cosine decay to zero")
+    label_smoothing: Float = Field(ge=0, lt=1, description="of the cross-entropy's targets")
+    patience: Int = Field(ge=1, description="epochs without a better validation accuracy before stopping")
+    seed: Int = Field(description="seeds the order of samples, the augmentation and the head")
+    frozen_groups: Int = Field(
+        default=0, ge=0, description="partial: leading layer groups kept frozen (group 0: stem / embeddings)"
+    )
+    head_epochs: Int = Field(default=0, ge=0, description="gradual unfreezing: epochs that train the head alone first")
+    lr_decay: Float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="discriminative learning rates: group k below the head gets lr * lr_decay**k",
+    )
+    hflip: Bool = Field(default=True, description="images: augment by a random horizontal flip")
+    crop_padding: Int = Field(
+        default=0, ge=0, description="images: augment by a random crop after padding by this many pixels"
+    )
+    device: Str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+    channels_last: Bool = Field(
+        default=True, description="images: the channels-last memory layout (1.5 to 2.7 times faster on CPU)"
+    )
+    eval_batch_size: Int = Field(
+        default=256, ge=1, description="predictions per batch: validation here, the test split in evaluate"
+    )
+    nproc: Int = Field(
+        default=1,
+        ge=1,
+        description="processes (ranks) under torchrun with DistributedDataParallel; batch_size stays the global batch",
+    )
+    sync_batchnorm: Bool = Field(
+        default=False, description="under torchrun on CUDA: BatchNorm statistics over the global batch"
+    )
+    ema_decay: Float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="above 0 (0.999, say): validate and ship an exponential moving average of the weights",
+    )
+    min_image_size: Int | None = Field(
+        default=None,
+        ge=8,
+        description="images: progressive resizing, the first epoch at this size, growing to full; null: off",
+    )
+    tta: Str = Field(
+        default="none", description="none | a test-time view of the modality (images: hflip), saved with the model"
+    )
+    mixup_alpha: Float = Field(
+        default=0.0, ge=0, description="images: above 0 blends each training image with another, weight ~ Beta(a, a)"
+    )
+    cutmix_alpha: Float = Field(
+        default=0.0,
+        ge=0,
+        description="images: above 0 pastes a box of another image, area ~ Beta(a, a); both above 0: one per batch",
+    )
+    erase_prob: Float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="images: each training image gets a random box of noise with this probability",
+    )
+    randaug_ops: Int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="images: RandAugment, this many random ops per training image (timm's); 0: off",
+    )
+    randaug_magnitude: Int = Field(
+        default=9, ge=0, le=10, description="their strength on timm's scale, 0 to 10 (drawn around it, std 0.5)"
+    )
 
-    def validate(self) -> None:
-        checks = {  # key: (valid, what is)
-            "epochs": (self.epochs >= 1, "1 or more"), "batch_size": (self.batch_size >= 1, "1 or more"),
-            "lr": (self.lr > 0, "above 0"), "patience": (self.patience >= 1, "1 or more"),
-            "frozen_groups": (self.frozen_groups >= 0, "0 or more"), "head_epochs": (self.head_epochs >= 0, "0 or more"),
-            "lr_decay": (0 < self.lr_decay <= 1, "above 0, at most 1"),
-            "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"), "crop_padding": (self.crop_padding >= 0, "0 or more"),
-            "label_smoothing": (0 <= self.label_smoothing < 1, "0 or more, below 1"),
-            "eval_batch_size": (self.eval_batch_size >= 1, "1 or more"), "nproc": (self.nproc >= 1, "1 or more"),
-            "ema_decay": (0 <= self.ema_decay < 1, "0 (off) or more, below 1"),
-            "min_image_size": (self.min_image_size is None or self.min_image_size >= 8, "null (off) or 8 or more"),
-            "mixup_alpha": (self.mixup_alpha >= 0, "0 (off) or more"), "cutmix_alpha": (self.cutmix_alpha >= 0, "0 (off) or more"),
-            "erase_prob": (0 <= self.erase_prob <= 1, "0 to 1"),
-            "randaug_ops": (0 <= self.randaug_ops <= 10, "0 (off) to 10"),
-            "randaug_magnitude": (0 <= self.randaug_magnitude <= 10, "0 to 10"),
-        }  # fmt: skip
-        for key, (ok, allowed) in checks.items():
-            if not ok:
-                raise GraftError(f"params.yaml: fine_tune.{key} has an invalid value: {getattr(self, key)!r} (allowed: {allowed})")
+    @model_validator(mode="after")
+    def _levers_need_pixels(self) -> FineTuneParams:
         pixel = self.pixel_levers()
         if self.mode == "feature_extraction" and pixel:
-            raise GraftError(f"params.yaml: {pixel_names(pixel)} {'need' if len(pixel) > 1 else 'needs'} mode partial or "
+            raise ValueError(f"params.yaml: {pixel_names(pixel)} {'need' if len(pixel) > 1 else 'needs'} mode partial or "
                              "full: feature_extraction trains the head on cached features of the unaugmented samples; "
                              f"set {'them' if len(pixel) > 1 else 'it'} to 0")  # fmt: skip
+        return self
 
     def pixel_levers(self) -> list[str]:
         """The keys of :data:`PIXEL_LEVERS` this run sets."""
         return [k for k in PIXEL_LEVERS if getattr(self, k)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class DistillParams:
-    teacher: str | list[str] | None = None  # None: no distillation (a list arrives as a tuple)
-    temperature: float = 4.0  # softens both distributions; the KL term is scaled by T^2
-    alpha: float = 0.7  # weight of the teacher's term; 1 - alpha goes to the labels' cross-entropy
+    teacher: Str | Strs | None = Field(default=None, description="a registered model (champion, name@alias, name/version) or a "
+                                       "model folder, or a list of them (an ensemble); null: no distillation")  # fmt: skip
+    temperature: Float = Field(
+        default=4.0, gt=0, description="softens both distributions; the KL term is scaled by T^2"
+    )
+    alpha: Float = Field(
+        default=0.7, ge=0, le=1, description="weight of the teacher's term; 1 - alpha goes to the labels' cross-entropy"
+    )
 
-    def validate(self) -> None:
-        if not self.temperature > 0:
-            raise GraftError(f"params.yaml: distill.temperature must be > 0, got {self.temperature!r}")
-        if not 0 <= self.alpha <= 1:
-            raise GraftError(f"params.yaml: distill.alpha must be between 0 and 1, got {self.alpha!r}")
+    @model_validator(mode="after")
+    def _teachers(self) -> DistillParams:
         if self.teacher is not None and not isinstance(self.teacher, str) and not self.teacher:
-            raise GraftError("params.yaml: distill.teacher is an empty list; use null for no teacher")
-        for ref in self.references:
-            if not ref.strip():
-                raise GraftError("params.yaml: distill.teacher has an empty entry")
+            raise ValueError("params.yaml: distill.teacher is an empty list; use null for no teacher")
+        if any(not ref.strip() for ref in self.references):
+            raise ValueError("params.yaml: distill.teacher has an empty entry")
+        return self
 
     @property
     def references(self) -> list[str]:
@@ -354,62 +427,68 @@ class DistillParams:
 FOLDS = 5  # of the domain classifier's cross-validation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class DriftParams:
-    on_drift: str = "warn"  # warn: report and go on; fail: stop before training (exit code 2)
-    alpha: float = 0.05  # the test's level: the chance of a false alarm when nothing moved
-    # what new data is compared with: champion (or another alias), name@alias, name/version,
-    # a reference folder (data/reference of a run); null: no test (the reference is still written)
-    reference: str | None = "champion"
-    max_samples: int = 2000  # samples embedded per side; a seeded random sample above it
-    min_samples: int = 20  # fewer on a side (overall, or in a class): that test is skipped, with a warning
-    permutations: int = 500  # of the MMD permutation test; its smallest p-value is 1/(permutations+1)
-    seed: int = 42
+    on_drift: Literal["warn", "fail"] = Field(
+        default="warn", description="warn: report and go on; fail: stop before training (exit code 2)"
+    )
+    alpha: Float = Field(
+        default=0.05, gt=0, lt=1, description="the test's level: the chance of a false alarm when nothing moved"
+    )
+    reference: Str | None = Field(default="champion", description="what new data is compared with: champion (or another alias), "
+                                  "name@alias, name/version, a reference folder (data/reference of a run); null: no test "
+                                  "(the reference is still written)")  # fmt: skip
+    max_samples: Int = Field(default=2000, description="samples embedded per side; a seeded random sample above it")
+    min_samples: Int = Field(default=20, ge=FOLDS, description="fewer on a side (overall, or in a class): that test is skipped, "
+                             "with a warning (at least the domain classifier's 5 folds)")  # fmt: skip
+    permutations: Int = Field(
+        default=500, ge=1, description="of the MMD permutation test; its smallest p-value is 1/(permutations+1)"
+    )
+    seed: Int = Field(default=42, description="seeds the sample and the permutations")
 
-    def validate(self) -> None:
-        if self.on_drift not in ("warn", "fail"):
-            raise GraftError(f"params.yaml: drift.on_drift must be warn or fail, got {self.on_drift!r}")
-        if not 0 < self.alpha < 1:
-            raise GraftError(f"params.yaml: drift.alpha must be between 0 and 1, got {self.alpha!r}")
-        if self.min_samples < FOLDS:
-            raise GraftError(f"params.yaml: drift.min_samples must be at least {FOLDS} (the domain classifier's "
-                             f"folds), got {self.min_samples!r}")  # fmt: skip
+    @model_validator(mode="after")
+    def _consistent(self) -> DriftParams:
         if self.max_samples < self.min_samples:
-            raise GraftError(f"params.yaml: drift.max_samples ({self.max_samples}) must be at least "
+            raise ValueError(f"params.yaml: drift.max_samples ({self.max_samples}) must be at least "
                              f"drift.min_samples ({self.min_samples})")  # fmt: skip
         if 1 / (self.permutations + 1) >= self.alpha:
-            raise GraftError(f"params.yaml: drift.permutations {self.permutations} cannot give a p-value under "
+            raise ValueError(f"params.yaml: drift.permutations {self.permutations} cannot give a p-value under "
                              f"drift.alpha {self.alpha}; use at least {math.ceil(1 / self.alpha)}")  # fmt: skip
-        if self.reference is not None and not str(self.reference).strip():
-            raise GraftError("params.yaml: drift.reference is empty; use null for no drift test")
+        if self.reference is not None and not self.reference.strip():
+            raise ValueError("params.yaml: drift.reference is empty; use null for no drift test")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class GateParams:
-    min_accuracy: float  # absolute floor on test accuracy for a champion
-    min_improvement: float  # accuracy points the candidate must gain over the champion
-    require_significance: bool  # also require McNemar's p < alpha
-    alpha: float
-    max_latency_ms: float | None = None  # a champion predicts one sample within this (batch 1)
+    """What a candidate must show to become champion (``register``'s keys, for the gate)."""
+
+    min_accuracy: Float
+    min_improvement: Float
+    require_significance: Bool
+    alpha: Float
+    max_latency_ms: Float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class RegisterParams:
-    model_name: str  # registered model name in MLflow
-    min_accuracy: float  # a model below this test accuracy never becomes champion
-    min_improvement: float  # accuracy points a candidate must gain over the champion
-    require_significance: bool = False  # also require McNemar p < alpha
-    alpha: float = 0.05
-    max_latency_ms: float | None = None  # a champion must predict one sample within this (batch 1); None: no limit
-
-    def validate(self) -> None:
-        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
-            raise GraftError(f"params.yaml: register.max_latency_ms must be > 0 or null, got {self.max_latency_ms!r}")
+    model_name: Str = Field(description="the registered model's name in MLflow")
+    min_accuracy: Float = Field(ge=0, le=1, description="a model below this test accuracy never becomes champion")
+    min_improvement: Float = Field(
+        ge=0,
+        description="accuracy points a candidate must gain over the champion (0: any "
+        "gain; a candidate never becomes champion without one)",
+    )
+    require_significance: Bool = Field(default=False, description="also require McNemar's p < alpha")
+    alpha: Float = Field(default=0.05, gt=0, lt=1, description="McNemar's test level")
+    max_latency_ms: Float | None = Field(default=None, gt=0, description="a champion must predict one sample within this "
+                                         "(batch 1); null: no limit")  # fmt: skip
 
     @property
     def gate(self) -> GateParams:
-        return GateParams(self.min_accuracy, self.min_improvement, self.require_significance, self.alpha,
-                          self.max_latency_ms)
+        return GateParams(
+            self.min_accuracy, self.min_improvement, self.require_significance, self.alpha, self.max_latency_ms
+        )
 
 
 # Every section of params.yaml and the type that parses it, so a whole file can be checked

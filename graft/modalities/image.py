@@ -3,13 +3,16 @@ timm backbone; uint8 (N, S, S, 3) arrays; flips and padded crops; a grid of mist
 
 from __future__ import annotations
 
+import base64
 import functools
 import gzip
 import io
+import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from graft.base import images, plots
 from graft.base.errors import GraftError
@@ -87,7 +90,6 @@ def _read_idx(path: Path, header: int) -> np.ndarray:
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buf, format="PNG", optimize=False)
@@ -127,7 +129,7 @@ leak_key = "sha256"  # identical bytes: one image
 
 def expectations(df, params, context) -> list[tuple[str, Any]]:
     """Row checks of images (``context``: the run's other params; images need none)."""
-    import great_expectations.expectations as gxe
+    import great_expectations.expectations as gxe  # Great Expectations: ~3.7 s of import, paid by the data gate only
 
     return [
         # A corrupt or truncated file would crash training halfway, or be dropped unseen.
@@ -180,7 +182,6 @@ class Encoder:
 
 
 def _as_bytes(value) -> bytes:
-    import base64
 
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -202,14 +203,14 @@ def build(params, num_classes: int, spec: dict[str, Any], assets: Path) -> Built
 
 
 def create(cfg, model_dir: Path | None = None):
-    import timm
+    import timm  # timm (with torch): ~4 s of import, paid where a model is built
 
     return timm.create_model(cfg.architecture, num_classes=len(cfg.classes), drop_rate=cfg.drop_rate)
 
 
 def to_input(batch: np.ndarray, cfg, device, channels_last: bool = True):
     """uint8 (N, H, W, 3) images to normalised float (N, 3, H, W) on ``device``."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
@@ -231,8 +232,8 @@ def test_views(x, how: str) -> list:
 def rescale(x, size: int):
     """A batch of model inputs at ``size`` x ``size`` pixels (progressive resizing trains on
     smaller images first). Antialiased, so shrinking averages pixels rather than skipping them."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # torch: ~2 s of import, paid where a model runs
+    import torch.nn.functional as F  # torch: ~2 s of import, paid where a model runs
 
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
@@ -271,9 +272,6 @@ def _rand_augment(batch: np.ndarray, rng: np.random.Generator, ops: int, magnitu
     from the epoch's generator and put back afterwards, so a batch's augmentation depends
     only on (seed, epoch) like the flips and crops (a resumed or distributed run draws the
     same) and nothing else in the process sees its state move."""
-    import random
-
-    from PIL import Image
 
     transform = _rand_augment_transform(ops, magnitude, batch.shape[1])
     seeds = rng.integers(0, 2**32, size=2)
@@ -290,7 +288,7 @@ def _rand_augment(batch: np.ndarray, rng: np.random.Generator, ops: int, magnitu
 
 @functools.lru_cache(maxsize=4)
 def _rand_augment_transform(ops: int, magnitude: int, size: int):
-    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.auto_augment import rand_augment_transform  # timm (with torch): imported where used
 
     # timm's hyper-parameters for an image of this size (its create_transform does the
     # same): translations up to 45% of the side, gaps filled with mid-grey.

@@ -11,15 +11,18 @@ import csv
 import functools
 import gzip
 import hashlib
+import importlib
 import io
 import json
 import lzma
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from graft.base import fsio
 from graft.base.archive import SNAPSHOT, iter_snapshot
@@ -273,7 +276,7 @@ def expectations(df, params, context) -> list[tuple[str, Any]]:
     """Row checks of texts. ``context`` names the snapshot folder and the params file (the
     backbone's tokenizer and preprocess.max_length), for the token count (absent: no
     token check)."""
-    import great_expectations.expectations as gxe
+    import great_expectations.expectations as gxe  # Great Expectations: ~3.7 s of import, paid by the data gate only
 
     key = df[leak_key] if leak_key in df else None
     if key is not None:
@@ -325,7 +328,6 @@ def check_backbone(backbone) -> None:
 
 
 def _packaged_dir(name: str) -> Path:
-    import importlib
 
     if name not in PACKAGED:
         raise GraftError(f"params.yaml: load_pretrained.source packaged:{name}: known packaged text encoders: "
@@ -344,7 +346,6 @@ def _hf_offline_hint(model_id: str) -> str:
 
 
 def _hub_check(model_id: str) -> None:
-    import os
 
     if not os.environ.get("HF_HUB_OFFLINE"):
         reason = hub_unreachable()
@@ -370,7 +371,7 @@ def _local_dir(kind: str, value: str) -> Path | None:
 
 
 def _quiet_transformers():
-    import transformers
+    import transformers  # transformers: ~1 s of import, paid by text models only
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -380,7 +381,6 @@ def _quiet_transformers():
 def load_tokenizer(backbone):
     """The ``tokenizers`` tokenizer of ``load_pretrained.source``, with no truncation or
     padding of its own (the Encoder applies preprocess.max_length)."""
-    from tokenizers import Tokenizer
 
     kind, value = _parse(backbone.source)
     folder = _local_dir(kind, value)
@@ -418,10 +418,10 @@ def _read_weights(folder: Path) -> tuple[dict[str, Any], Path]:
         path = folder / name
         if path.is_file():
             if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+                from safetensors.torch import load_file  # safetensors.torch imports torch: only for such a file
 
                 return load_file(str(path)), path
-            import torch
+            import torch  # torch: ~2 s of import, paid where a model runs
 
             return torch.load(path, map_location="cpu", weights_only=True), path
     raise GraftError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")
@@ -472,7 +472,6 @@ class Encoder:
     padded with -1: preprocess and the registered model share it (no train/serve skew)."""
 
     def __init__(self, spec: dict[str, Any], assets: Path):
-        from tokenizers import Tokenizer
 
         self.max_length = int(spec["max_length"])
         self.tokenizer = Tokenizer.from_file(str(Path(assets) / spec["tokenizer"]))
@@ -503,8 +502,8 @@ def from_raw(data: bytes) -> str:
 
 
 def _classifier_class():
-    import torch
-    import torch.nn.functional as F
+    import torch  # torch: ~2 s of import, paid where a model runs
+    import torch.nn.functional as F  # torch: ~2 s of import, paid where a model runs
 
     class TextClassifier(torch.nn.Module):
         """A transformer encoder, mean pooling over real tokens, dropout and a linear head.
@@ -559,7 +558,7 @@ def _encoder_from_config(config):
 def build(params, num_classes: int, spec: dict[str, Any], assets: Path) -> Built:
     """The encoder of ``load_pretrained.source`` with a new, seeded head; its config goes
     into ``assets`` (``create`` rebuilds the network from it)."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     kind, value = _parse(params.source)
     folder = _local_dir(kind, value)
@@ -607,7 +606,7 @@ def create(cfg, model_dir: Path):
 def to_input(batch: np.ndarray, cfg, device, channels_last: bool = True):
     """int32 ids padded with -1 -> int64 on ``device``, cut to the batch's longest text
     (most texts are far shorter than max_length: a large saving, same result)."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     batch = np.asarray(batch)
     width = int((batch >= 0).sum(1).max()) if len(batch) else 1
@@ -657,7 +656,6 @@ def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: l
     """The ``k`` most confident mistakes as a Markdown table. Each text is shown as the
     model saw it: decoded from its token ids (after the tokenizer's normalisation and the
     max_length cut), which is what explains the mistake."""
-    from tokenizers import Tokenizer
 
     meta = fsio.read_json(prepared / "meta.json")
     tok = Tokenizer.from_file(str(prepared / "assets" / meta["input"]["tokenizer"]))

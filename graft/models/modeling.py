@@ -50,7 +50,7 @@ class ModelConfig:
 
 
 def resolve_device(name: str = "auto"):
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     if name != "auto":
         return torch.device(name)
@@ -85,7 +85,7 @@ def predict_proba(model, samples: Any, cfg: ModelConfig, device=None, batch_size
 
     With test-time augmentation (``tta``, by default the model's own, saved in its
     config) the probabilities are the mean over the modality's views of each sample."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     device = device or next(model.parameters()).device
     how = tta_of(cfg) if tta is None else tta
@@ -114,7 +114,7 @@ def save(out_dir: Path, model, cfg: ModelConfig, extra: dict[str, Any] | None = 
          assets: Path | None = None) -> None:  # fmt: skip
     """Write weights, config and a copy of ``assets`` (a folder: tokenizer, encoder
     config) into ``out_dir`` (callers swap the directory in atomically)."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -137,7 +137,7 @@ def load_config(model_dir: Path) -> ModelConfig:
 
 def load(model_dir: Path, device=None):
     """Rebuild a saved model (weights loaded strictly) and return it with its config."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)

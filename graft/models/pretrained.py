@@ -9,6 +9,8 @@ and ``assets/``, never from a second copy.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 from graft import modalities
@@ -22,8 +24,6 @@ def load_pretrained(params: LoadPretrainedParams, prepared: Path, assets: Path, 
     prepared data's assets (a tokenizer) are copied into ``assets`` first: the model
     serves with what it was trained on. ``seed`` (default: load_pretrained.seed)
     initialises the new head."""
-    import dataclasses
-    import shutil
 
     if seed is not None:
         params = dataclasses.replace(params, seed=seed)

@@ -12,6 +12,7 @@ trained to ship with (``fine_tune.tta``); ``none`` turns it off (half the cost f
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -60,7 +61,6 @@ SERVING_CODE = ("__init__.py", "base", "config", "modalities", "models")
 
 def serving_code(dest: Path) -> Path:
     """A copy of the library parts the pyfunc needs, as ``dest/graft``, for code_paths."""
-    import shutil
 
     library = Path(__file__).resolve().parents[1]
     out = Path(dest) / library.name
@@ -99,7 +99,7 @@ def load_registered(uri: str):
     registered under their names, and its code folder is searched after today's package,
     for the imports its code makes while predicting (where a name is one of today's entry
     modules, the entry module wins: old serving code imports none of them)."""
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
     local = Path(mlflow.artifacts.download_artifacts(uri))
     if not (local / "code" / LEGACY_PACKAGE / "serving.py").is_file():

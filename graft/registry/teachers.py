@@ -30,8 +30,8 @@ def load_teacher(ref: str, model_name: str) -> Teacher:
 
 
 def _load_registered(ref: str, name: str, kind: str, value: str) -> Teacher:
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
+    from mlflow.exceptions import MlflowException  # MLflow: imported where used
 
     tracking.configure()
     client = mlflow.MlflowClient()

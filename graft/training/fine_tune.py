@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def distillation_loss(logits, teacher_logits, y, temperature: float, alpha: floa
 
     ``teacher_logits`` is (B, M, C): an ensemble's members are averaged as probabilities at
     temperature T. The T^2 keeps the soft term's gradients at the same scale whatever T."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # torch: ~2 s of import, paid where a model runs
 
     t = temperature
     target = (teacher_logits.float() / t).softmax(-1).mean(1)
@@ -92,7 +92,7 @@ class TrainResult:
 def layer_groups(model) -> list[list[tuple[str, Any]]]:
     """The model's parameters in timm's coarse layer groups, input side first; the last
     group is the classifier head."""
-    from timm.models import group_parameters
+    from timm.models import group_parameters  # timm (with torch): ~4 s of import, paid where a model is built
 
     named = dict(model.named_parameters())
     head = {id(p) for p in model.get_classifier().parameters()}
@@ -126,7 +126,7 @@ def set_trainable(groups, active: list[int]) -> None:
 def freeze_batchnorm_stats(model) -> None:
     """Put every BatchNorm whose parameters are frozen in eval mode, so its running
     statistics stay the pretrained ones (call after ``model.train()``)."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -160,35 +160,35 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+# The weight average's decay warms up as timm's ``1 - (1 + step / GAMMA) ** -POWER``: about
+# (n - 1) / (n + 9) after n updates, so the average forgets the pretrained starting point
+# within a few hundred steps instead of the thousands ``decay`` alone would take.
+EMA_WARMUP_GAMMA, EMA_WARMUP_POWER = 10.0, 1.0
+
+
 class WeightAverage:
     """An exponential moving average of a model's weights (parameters and BatchNorm
-    statistics), updated after every optimizer step: the averaged model generalises
-    better than the last step's, most of all at the end of a short schedule.
-
-    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the
-    average forgets the pretrained starting point within a few hundred steps instead of
-    the thousands ``decay`` alone would take (TensorFlow's and timm's convention)."""
+    statistics; counters are copied), updated after every optimizer step: the averaged
+    model generalises better than the last step's, most of all at the end of a short
+    schedule. timm's ``ModelEmaV3`` does the averaging; this keeps the step count that
+    its warm-up needs, and saves both in the checkpoint so a resumed run goes on exactly."""
 
     def __init__(self, model, decay: float):
-        import copy
+        from timm.utils import ModelEmaV3  # timm: imported by the training that asks for an average
 
-        self.decay, self.updates = decay, 0
-        self.model = copy.deepcopy(model).eval()
+        self.updates = 0
+        self.average = ModelEmaV3(model, decay=decay, use_warmup=True, warmup_gamma=EMA_WARMUP_GAMMA,
+                                  warmup_power=EMA_WARMUP_POWER)  # fmt: skip
         for t in self.model.parameters():
             t.requires_grad_(False)
 
-    def update(self, model) -> None:
-        import torch
+    @property
+    def model(self):
+        return self.average.module
 
+    def update(self, model) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        with torch.no_grad():
-            avg, cur = self.model.state_dict(), model.state_dict()
-            floats = [k for k, v in avg.items() if v.is_floating_point()]
-            torch._foreach_lerp_([avg[k] for k in floats], [cur[k].detach() for k in floats], 1.0 - d)
-            for k, v in avg.items():
-                if not v.is_floating_point():
-                    v.copy_(cur[k])  # counters (BatchNorm's batches seen): the live model's
+        self.average.update(model, step=self.updates)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "updates": self.updates}
@@ -210,7 +210,6 @@ def progressive_size(p: FineTuneParams, epoch: int, full: int) -> int:
 def with_tta(cfg: modeling.ModelConfig, tta: str) -> modeling.ModelConfig:
     """The model's config with its test-time augmentation, saved in model.json so that
     evaluate, the promotion gate and the registered pyfunc predict the same way."""
-    from dataclasses import replace
 
     return replace(cfg, input={**cfg.input, "tta": tta}) if tta != "none" else cfg
 
@@ -236,7 +235,7 @@ def _features(model, x, cfg, device, p: FineTuneParams, desc: str, path: Path):
     backbone ran 890 to 1,190 images/s at 64 images a batch and 690 to 760 at 256 (the
     activations outgrow the cache). Validation keeps eval_batch_size: its rounding
     decides ties between epochs, so changing it would change the default run's model."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     model.eval()
     writer = None
@@ -260,8 +259,8 @@ def _evaluate(model, split: Split, cfg, device, p: FineTuneParams, feats=None) -
     and dropout, which the chart says). The NLL (no smoothing, a proper scoring rule)
     breaks ties in accuracy when choosing the best epoch, as it always has: a chart's
     fix must not change which model ships."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # torch: ~2 s of import, paid where a model runs
+    import torch.nn.functional as F  # torch: ~2 s of import, paid where a model runs
 
     if feats is not None:
         with torch.inference_mode():
@@ -303,14 +302,14 @@ class Precision:
 
     @classmethod
     def on(cls, device) -> Precision:
-        import torch
+        import torch  # torch: ~2 s of import, paid where a model runs
 
         enabled = device.type == "cuda"
         dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
         return cls(device, enabled, dtype, torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16))
 
     def autocast(self):
-        import torch
+        import torch  # torch: ~2 s of import, paid where a model runs
 
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.enabled)
 
@@ -324,7 +323,7 @@ class Precision:
 def place(model, p: FineTuneParams, rk: distributed.Rank):
     """The device of this rank and the model on it (SyncBatchNorm under torchrun on GPUs
     when asked, channels_last when asked); the process group joined when distributed."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     device = modeling.resolve_device(p.device)
     if rk.distributed and device.type == "cuda":
@@ -336,7 +335,7 @@ def place(model, p: FineTuneParams, rk: distributed.Rank):
         if device.type != "cuda":
             raise GraftError("params.yaml: fine_tune.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU "
                              "kernel); on CPU leave it false: each rank normalises with its own slice's statistics")  # fmt: skip
-        from timm.layers import convert_sync_batchnorm
+        from timm.layers import convert_sync_batchnorm  # timm (with torch): ~4 s of import, paid where a model is built
 
         model = convert_sync_batchnorm(model)  # same parameter and buffer names: it saves as the plain model
     return model, device
@@ -408,7 +407,7 @@ class Loop:
     # --- checkpoints ---
 
     def checkpoint_state(self, run_key: str, epoch: int, progress: Progress, rngs, extra) -> dict[str, Any]:
-        import torch
+        import torch  # torch: ~2 s of import, paid where a model runs
 
         return {
             "run_key": run_key, "epoch": epoch, "model": self.model.state_dict(),
@@ -419,7 +418,7 @@ class Loop:
 
     def resume(self, ck: dict[str, Any]) -> Progress:
         """Model, optimizer, schedule, average and this rank's RNG as the checkpoint left them."""
-        import torch
+        import torch  # torch: ~2 s of import, paid where a model runs
 
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
@@ -439,7 +438,7 @@ class Loop:
         gradual unfreezing changes them (every rank at the same epoch)."""
         if not self.rk.distributed or self.wrapped_for == unfrozen:
             return
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.nn.parallel import DistributedDataParallel  # torch: ~2 s of import, paid where a model runs
 
         self.net = None
         device = self.precision.device
@@ -449,8 +448,8 @@ class Loop:
     def batch_loss(self, split: Split, idx: np.ndarray, part, epoch: int, rng):
         """The loss of one batch (this rank's slice of it), its logits and labels, the mixed
         partners' labels and mix (None unmixed), and the input size (progressive resizing)."""
-        import torch
-        import torch.nn.functional as F
+        import torch  # torch: ~2 s of import, paid where a model runs
+        import torch.nn.functional as F  # torch: ~2 s of import, paid where a model runs
 
         p, cfg, device, distill = self.p, self.cfg, self.precision.device, self.distill
         y = torch.from_numpy(split.y[idx][part]).to(device)
@@ -492,8 +491,8 @@ class Loop:
         if self.on_step is None:
             return
         if self.rk.distributed:  # the global batch's mean: the slices' sums over their sizes
-            import torch
-            import torch.distributed as dist
+            import torch  # torch: ~2 s of import, paid where a model runs
+            import torch.distributed as dist  # torch: ~2 s of import, paid where a model runs
 
             sums = torch.tensor([loss * n * (weight > 0), n * (weight > 0)], dtype=torch.float64)
             dist.all_reduce(sums)
@@ -504,7 +503,7 @@ class Loop:
     def epoch(self, split: Split, epoch: int, steps_per_epoch: int) -> tuple[float, float, int | None]:
         """Train one epoch; the summed training loss and correct count over every rank's
         slices, and the epoch's input size (None without progressive resizing)."""
-        import torch
+        import torch  # torch: ~2 s of import, paid where a model runs
 
         p, rk = self.p, self.rk
         unfrozen = self.active if epoch >= p.head_epochs else [len(self.groups) - 1]
@@ -548,7 +547,7 @@ class Loop:
             self.report_step(epoch * steps_per_epoch + b + 1, loss.item(), len(y), weight)
             fault_point(f"fine_tune_rank{rk.rank}_epoch{epoch + 1}_batch{b + 1}")  # the kill tests' mid-epoch point
         if rk.distributed:  # the epoch's training loss and accuracy over every rank's slices
-            import torch.distributed as dist
+            import torch.distributed as dist  # torch: ~2 s of import, paid where a model runs
 
             sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
             dist.all_reduce(sums)
@@ -559,7 +558,7 @@ class Loop:
 def build_loop(model, cfg: modeling.ModelConfig, p: FineTuneParams, steps_per_epoch: int, **hooks) -> Loop:
     """The model placed on its device, its layer groups frozen by mode, AdamW with one
     learning rate per group under warm-up and cosine decay, and the weight average."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     rk = distributed.current()
     model, device = place(model, p, rk)
@@ -600,7 +599,7 @@ def feature_cache(loop: Loop, train_split: Split, val_split: Split, checkpoint: 
 
 def epoch_record(loop: Loop, epoch: int, n: int, totals: tuple[float, float, int | None], val, seconds) -> dict:
     """One epoch's row of the history: losses, accuracies, speed, parameters, threads, LRs."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     total_loss, correct, size = totals
     val_loss, val_nll, val_acc = val
@@ -660,7 +659,7 @@ def train(
     optimizer, schedule, average), :class:`Progress` (history, best epoch, early
     stopping), :meth:`Loop.resume` and :meth:`Loop.checkpoint_state`, :meth:`Loop.epoch`.
     """
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     rk = distributed.current()
     torch.manual_seed(p.seed + rk.rank)  # rank 0 draws what a single process draws

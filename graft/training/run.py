@@ -82,8 +82,8 @@ def tracked_run(inputs: Inputs, params: FineTuneParams, checkpoint: Path, where:
     epochs the server never received logged now), else a new one under the pipeline's
     parent run with params, tags, datasets and lineage. ``where``: the params file and the
     prepared, pretrained and teacher folders."""
-    import mlflow
-    import torch
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     previous = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.is_file() else {}
     resume_run = previous.get("mlflow_run_id") if previous.get("run_key") == inputs.run_key else None
@@ -138,7 +138,7 @@ def save_outputs(inputs: Inputs, params: FineTuneParams, result: TrainResult, ru
                  plot: Path, pretrained: Path, threads_tag: str) -> dict[str, Any]:  # fmt: skip
     """The model folder (atomically, with its run id and what it was distilled from), the
     history CSV, the learning curves, and the run's summary metrics and tags; the summary."""
-    import mlflow
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
     facts = summary(result)
     distill = inputs.distill
@@ -164,7 +164,7 @@ def save_outputs(inputs: Inputs, params: FineTuneParams, result: TrainResult, ru
 
 def plot_learning_curves(history: list[dict[str, Any]], path: Path, label_smoothing: float = 0.0,
                          distilled: bool = False) -> None:  # fmt: skip
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # matplotlib: ~0.6 s of import, paid where a plot is drawn
 
     plt = plots.pyplot()
 
@@ -207,7 +207,7 @@ def resumed_logging(run_id: str, history: list[dict[str, Any]], parent: str | No
     """A training resumed from its checkpoint: log the epochs the tracking server never
     received (it was down, or the process died between checkpoint and logging), and move
     the run under this pipeline run's parent, saying where it started."""
-    import mlflow
+    import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
     client = mlflow.MlflowClient()
     logged = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}

@@ -81,7 +81,7 @@ def soft_labels(teachers: list[Teacher], samples, classes: list[str], out: Path,
     """Write every teacher's logits (N, M, C) for ``samples`` (a :class:`RawSamples`) to
     ``out``, each teacher encoding the raw samples its own way; one pass over the snapshot.
     Returns the teachers' accuracies against the labels."""
-    import torch
+    import torch  # torch: ~2 s of import, paid where a model runs
 
     orders = [class_order(t, classes, samples.modality.NAME) for t in teachers]
     device = modeling.resolve_device("auto")

@@ -181,16 +181,15 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path, m
                         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert ui.returncode == 0 and f"already serves the UI: open {st['mlflow']['url']}" in ui.stdout
 
-    noop_run_is_recorded_without_the_engine(project, env, monkeypatch)
+    noop_run_is_recorded(project, env)
     browse_the_uis(st, pipeline_run, str(run.id), tmp_path)
     noop_run_without_servers(project, env, tmp_path)
 
 
 def noop_run_without_servers(project, env, tmp_path):
-    """With no graft servers, a no-op `graft run` starts Prefect's temporary server itself
-    (as Prefect's client would, on the same database under PREFECT_HOME), records the run
-    there and stops it: no Prefect import, no flow engine, nothing left running, even
-    when `graft run` is killed (-9) while the server is up."""
+    """With no graft servers, a no-op `graft run` goes through the flow on Prefect's
+    temporary server (its database under PREFECT_HOME), records every stage Cached, and
+    leaves no server running."""
     import sqlite3
 
     import psutil
@@ -200,109 +199,56 @@ def noop_run_without_servers(project, env, tmp_path):
     services.stop(project)
     home = tmp_path / "prefect-home"
     clean = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_AUTH_STRING")}
-    clean.update(PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
+    clean.update(PREFECT_HOME=str(home))
 
-    def graft_run(*python_flags, **extra):
-        return subprocess.run([sys.executable, *python_flags, "-m", "flows.cli", "run", "--project", str(project)], cwd=project,
-                              env={**clean, **extra}, capture_output=True, text=True, timeout=180)  # fmt: skip
-
-    def servers_left():
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if "prefect.server.api.server:create_app" in " ".join(proc.info["cmdline"] or ()) and \
-                        proc.environ().get("PREFECT_HOME") == str(home):  # fmt: skip
-                    found.append(proc)
-            except psutil.Error:
-                pass
-        return found
-
-    killed = graft_run(GRAFT_FAULT_POINT="noop_after_flow_run_created")
-    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
-    deadline = time.monotonic() + 30
-    while servers_left() and time.monotonic() < deadline:  # SIGTERM from the kernel, then uvicorn's orderly stop
-        time.sleep(0.5)
-    assert servers_left() == [], "the temporary server outlived the killed graft run"
-
-    res = graft_run("-X", "importtime")
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--project", str(project)], cwd=project,
+                         env=clean, capture_output=True, text=True, timeout=300)  # fmt: skip
     said = res.stdout[-2000:] + res.stderr[-3000:]
     assert res.returncode == 0, said
-    assert "no graft servers running" in res.stdout and "nothing changed in DVC's view; recorded as Prefect flow run" in res.stdout, said
-    assert "was left Running by a killed graft run: marked Crashed" in res.stderr, said
-    imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
-    assert "prefect" not in imported and "mlflow" not in imported  # the temporary server imports them, not graft run
-    run_id = res.stdout.split("(id ", 1)[1].split(")", 1)[0]
+    assert "no graft servers running" in res.stdout and "stages run:    none" in res.stdout, said
 
     db = sqlite3.connect(home / "prefect.db")
     try:
-        states = dict(db.execute("SELECT id, state_type FROM flow_run").fetchall())
+        (run_id,) = [r for (r,) in db.execute("SELECT id FROM flow_run WHERE state_type = 'COMPLETED'")]
         tasks = db.execute("SELECT name, state_type, state_name FROM task_run WHERE flow_run_id = ?", (run_id,)).fetchall()
     finally:
         db.close()
-    assert sorted(states.values()) == ["COMPLETED", "CRASHED"] and states[run_id] == "COMPLETED"
-    graph = pipeline(project)
-    assert sorted(n.rsplit("-", 1)[0].removeprefix("dvc-") for n, _, _ in tasks) == sorted(graph.order)
+    assert sorted(n.rsplit("-", 1)[0].removeprefix("dvc-") for n, _, _ in tasks) == sorted(pipeline(project).order)
     assert {(t, n) for _, t, n in tasks} == {("COMPLETED", "Cached")}
-    assert servers_left() == [], "Prefect's temporary server was left running"
+    left = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "prefect" in " ".join(proc.info["cmdline"] or ()) and proc.environ().get("PREFECT_HOME") == str(home):
+                left.append(proc)
+        except psutil.Error:
+            pass
+    assert left == [], "Prefect's temporary server was left running"
 
 
-def noop_run_is_recorded_without_the_engine(project, env, monkeypatch):
-    """Nothing changed since the scheduled run: `graft run` answers from DVC's status and
-    records the run through Prefect's REST API (flows/noop.py), the same record the flow
-    would leave; it declines (and leaves no record) when another run holds the lock or
-    the server fails midway; one killed while it writes is marked Crashed by the next."""
+def noop_run_is_recorded(project, env):
+    """Nothing changed since the scheduled run: `graft run` goes through the flow, which
+    finds every stage up to date in DVC's view and records the run, every stage Cached with
+    DVC's edges as its inputs; no MLflow run is made for it."""
+    import time as time_
+
     import mlflow
 
-    from flows import noop
-    from flows.pipeline import ProjectLock, pipeline
+    from flows.pipeline import pipeline
 
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
-        monkeypatch.setenv(key, env[key])
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     api = env["PREFECT_API_URL"]
-    before = training_flow_runs(api)
+    before = {r.id for r in training_flow_runs(api)}
 
-    lock = ProjectLock(project)
-    assert lock.acquire(wait=False)
-    try:
-        assert noop.try_run(project) is None  # another run trains: the flow waits or skips
-    finally:
-        lock.release()
-
-    real_call = noop.PrefectAPI.call
-
-    def server_fails_on_task_runs(self, method, path, body=None):
-        if path == "/task_runs/":
-            raise OSError("connection reset by peer")
-        return real_call(self, method, path, body)
-
-    monkeypatch.setattr(noop.PrefectAPI, "call", server_fails_on_task_runs)
-    assert noop.try_run(project) is None
-    monkeypatch.setattr(noop.PrefectAPI, "call", real_call)
-    assert [r.id for r in training_flow_runs(api)] == [r.id for r in before]  # the half-recorded flow run was deleted
-
-    def graft_run(**extra):
-        return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--project", str(project)], cwd=project,
-                              env={**env, **extra}, capture_output=True, text=True, timeout=120)  # fmt: skip
-
-    # kill -9 right after the flow run is created: it is left Running (no heartbeat), and
-    # the next run, holding the lock its writer held, marks it Crashed.
-    killed = graft_run(GRAFT_FAULT_POINT="noop_after_flow_run_created")
-    assert killed.returncode == -signal.SIGKILL
-    (orphan,) = [r for r in training_flow_runs(api) if r.id not in {b.id for b in before}]
-    assert orphan.state.is_running()
-
-    res = graft_run()
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    said = res.stdout[-2000:] + res.stderr[-3000:]  # why it stepped aside, if it did, is in stderr
-    assert "nothing changed in DVC's view; recorded as Prefect flow run" in res.stdout, said
-    assert "stages run:    none" in res.stdout
-    assert f"{orphan.id} was left Running by a killed graft run: marked Crashed" in res.stderr
-    runs = {r.id: r for r in training_flow_runs(api)}
-    assert runs[orphan.id].state.is_crashed()
-    new = [r for r in runs.values() if r.id not in {b.id for b in before} | {orphan.id}]
-    assert len(new) == 1 and new[0].state.is_completed() and str(new[0].id) in res.stdout
+    t0 = time_.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--project", str(project)], cwd=project,
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    print(f"no-op graft run with the servers up: {time_.perf_counter() - t0:.2f} s")  # the benchmark holds the target
+    said = res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.returncode == 0, said
+    assert "stages run:    none" in res.stdout, said
+    new = [r for r in training_flow_runs(api) if r.id not in before]
+    assert len(new) == 1 and new[0].state.is_completed()
     tasks, _ = prefect_task_runs(new[0].id, api)
     graph = pipeline(project)
     assert sorted(tasks) == sorted(graph.order)

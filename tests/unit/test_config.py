@@ -1,17 +1,28 @@
-from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+from pydantic.dataclasses import dataclass
 
-from graft.config.params import IngestParams, ParamsError, load_section, parse, read_params, set_override
+from graft.config.params import (
+    SECTION,
+    Float,
+    IngestParams,
+    Int,
+    ParamsError,
+    Strs,
+    load_section,
+    parse,
+    read_params,
+    set_override,
+)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class Demo:
-    size: int
-    rate: float
+    size: Int
+    rate: Float
     mode: Literal["a", "b"]
-    names: tuple[str, ...] | None = None
+    names: Strs | None = None
 
 
 def test_parse_converts_and_freezes():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from graft.base.errors import GraftError
+from graft.config import params
 from graft.config.params import DriftParams
 from graft.drift.gate import (
     backbone_sha256,
@@ -123,7 +124,7 @@ def test_unlabelled_new_data_gets_the_overall_test_only():
                                       (dict(max_samples=10), "max_samples"), (dict(reference=" "), "reference")])  # fmt: skip
 def test_bad_params_name_the_key(bad, key):
     with pytest.raises(GraftError, match=f"drift.{key}"):
-        dataclasses.replace(DriftParams(), **bad).validate()
+        params.replace(DriftParams(), "drift", **bad)
 
 
 def test_the_sample_is_seeded_and_bounded():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from graft.evaluation.metrics import calibration, compute_metrics, confusion_matrix, plot_confusion, plot_reliability
+from graft.evaluation.metrics import calibration, compute_metrics, plot_confusion, plot_reliability
 from graft.modalities import image
 
 # 5 samples, 2 classes. Predictions: 0, 0, 1, 1, 1 (argmax); truth: 0, 1, 1, 1, 0.
@@ -12,7 +12,13 @@ P = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8], [0.45, 0.55]])
 
 
 def test_confusion_matrix():
-    assert confusion_matrix(Y, P.argmax(1), 2).tolist() == [[1, 1], [1, 2]]
+    assert compute_metrics(Y, P, ["a", "b"])["confusion_matrix"] == [[1, 1], [1, 2]]  # rows: truth
+
+
+def test_a_class_never_predicted_scores_zero_not_nan():
+    m = compute_metrics(np.array([0, 1, 2]), np.eye(3)[[0, 1, 1]], ["a", "b", "c"])
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["confusion_matrix"][2] == [0, 1, 0]
 
 
 def test_metrics_by_hand():

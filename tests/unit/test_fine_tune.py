@@ -9,6 +9,7 @@ import torch
 
 from graft.base.arrays import NpyReader
 from graft.base.errors import GraftError
+from graft.config import params
 from graft.config.params import LoadPretrainedParams
 from graft.modalities.backbone import build
 from graft.models import modeling
@@ -193,7 +194,7 @@ def test_checkpoint_of_other_inputs_is_ignored(tmp_path, data):
 
 def test_invalid_params_are_named():
     with pytest.raises(GraftError, match="fine_tune.lr_decay"):
-        replace(BASE, lr_decay=0.0).validate()
+        params.replace(BASE, "fine_tune", lr_decay=0.0)
 
 
 def test_validation_loss_is_the_training_objective():

@@ -7,6 +7,7 @@ from PIL import Image
 
 from graft.base import images
 from graft.base.errors import GraftError
+from graft.config import params
 from graft.config.params import IngestParams, LoadPretrainedParams, PreprocessParams
 from graft.data.snapshot import ingest
 from graft.data.splits import assign_splits, load_split, preprocess
@@ -76,7 +77,7 @@ def test_refuses_unvalidated_manifest(tmp_path):
 
 def test_bad_fraction_is_an_error():
     with pytest.raises(GraftError, match="preprocess.val_fraction"):
-        PreprocessParams(image_size=12, val_fraction=1.5, test_fraction=0.2, resize="squash", seed=0).validate()
+        params.parse(PreprocessParams, dict(image_size=12, val_fraction=1.5, test_fraction=0.2, resize="squash", seed=0), "preprocess")
 
 
 def _encode(im: Image.Image) -> bytes:

@@ -9,6 +9,7 @@ import torch
 from test_fine_tune import BASE, Crash, data, make_model  # noqa: F401  (data: the fixture)
 
 from graft.base.errors import GraftError
+from graft.config import params
 from graft.models import modeling
 from graft.training.fine_tune import WeightAverage, progressive_size, train, with_tta
 
@@ -27,7 +28,7 @@ def test_weight_average_follows_the_warmed_up_decay():
                 t.add_(torch.randn_like(t))
         net.train()(torch.randn(4, 3))  # moves BatchNorm's running statistics too
         avg.update(net)
-        d = min(0.9, (1 + n) / (10 + n))
+        d = min(0.9, 1 - (1 + (n - 1) / 10) ** -1)  # timm's warm-up: 0 first (a copy), then (n - 1) / (n + 9)
         for k in expected:
             expected[k] = d * expected[k] + (1 - d) * net.state_dict()[k]
     got = avg.model.state_dict()
@@ -107,9 +108,9 @@ def test_unknown_tta_is_named_with_what_the_modality_offers(data):  # noqa: F811
 
 
 def test_bad_lever_values_are_named():
-    for bad, key in ((replace(BASE, ema_decay=1.0), "ema_decay"), (replace(BASE, min_image_size=4), "min_image_size")):
+    for bad, key in (({"ema_decay": 1.0}, "ema_decay"), ({"min_image_size": 4}, "min_image_size")):
         with pytest.raises(GraftError, match=f"fine_tune.{key}"):
-            bad.validate()
+            params.replace(BASE, "fine_tune", **bad)
 
 
 def test_a_tta_the_modality_lacks_is_refused_before_anything_runs(committed_params):
@@ -164,9 +165,9 @@ def test_training_with_mixing_is_seeded_and_changes_the_weights(data):  # noqa: 
     train_split, val_split = data
     p = replace(BASE, epochs=2, patience=99, mixup_alpha=0.4, cutmix_alpha=1.0)
     runs = []
-    for params in (p, p, replace(p, mixup_alpha=0.0, cutmix_alpha=0.0)):
+    for recipe in (p, p, replace(p, mixup_alpha=0.0, cutmix_alpha=0.0)):
         model, cfg = make_model()
-        r = train(model, cfg, train_split, val_split, params)
+        r = train(model, cfg, train_split, val_split, recipe)
         assert all(np.isfinite(h["train_loss"]) for h in r.history)
         runs.append(model.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # same seed, same mixes
@@ -178,11 +179,11 @@ def test_mixing_is_refused_where_it_cannot_apply(committed_params):
     from graft.overrides import apply_overrides
 
     with pytest.raises(GraftError, match="fine_tune.cutmix_alpha needs mode partial or full.*set it to 0"):
-        replace(BASE, mode="feature_extraction", cutmix_alpha=1.0).validate()
+        params.replace(BASE, "fine_tune", mode="feature_extraction", cutmix_alpha=1.0)
     with pytest.raises(GraftError, match="fine_tune.mixup_alpha and fine_tune.cutmix_alpha need mode partial or full.*set them"):
-        replace(BASE, mode="feature_extraction", mixup_alpha=0.2, cutmix_alpha=1.0).validate()
+        params.replace(BASE, "fine_tune", mode="feature_extraction", mixup_alpha=0.2, cutmix_alpha=1.0)
     with pytest.raises(GraftError, match="fine_tune.mixup_alpha"):
-        replace(BASE, mixup_alpha=-1.0).validate()
+        params.replace(BASE, "fine_tune", mixup_alpha=-1.0)
     committed = read_params(committed_params)
     text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.mixup_alpha is for images.*texts; set it to 0"):
@@ -222,9 +223,9 @@ def test_random_erasing_is_refused_where_it_cannot_apply(committed_params):
 
     for bad in (-0.1, 1.5):
         with pytest.raises(GraftError, match=r"fine_tune.erase_prob has an invalid value: .* \(allowed: 0 to 1\)"):
-            replace(BASE, erase_prob=bad).validate()
+            params.replace(BASE, "fine_tune", erase_prob=bad)
     with pytest.raises(GraftError, match="fine_tune.erase_prob needs mode partial or full"):
-        replace(BASE, mode="feature_extraction", erase_prob=0.5).validate()
+        params.replace(BASE, "fine_tune", mode="feature_extraction", erase_prob=0.5)
     committed = read_params(committed_params)
     text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.erase_prob is for images.*texts; set it to 0"):
@@ -267,9 +268,9 @@ def test_randaugment_is_refused_where_it_cannot_apply(committed_params):
 
     for key, bad in (("randaug_ops", -1), ("randaug_ops", 11), ("randaug_magnitude", 11)):
         with pytest.raises(GraftError, match=rf"fine_tune.{key} has an invalid value: {bad} \(allowed: 0"):
-            replace(BASE, **{key: bad}).validate()
+            params.replace(BASE, "fine_tune", **{key: bad})
     with pytest.raises(GraftError, match="fine_tune.randaug_ops needs mode partial or full"):
-        replace(BASE, mode="feature_extraction", randaug_ops=2).validate()
+        params.replace(BASE, "fine_tune", mode="feature_extraction", randaug_ops=2)
     committed = read_params(committed_params)
     text = TEXT_RUN
     with pytest.raises(ParamsError, match=r"fine_tune.randaug_ops is for images.*texts; set it to 0"):
