@@ -31,9 +31,25 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: the rich one shows `<bool>` after every flag
 )
 
 PROJECT = typer.Option(Path("."), "--project", "-C", help="project directory (where dvc.yaml and params.yaml are)")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        typer.echo(f"graft {metadata.version('graft')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print graft's version and exit"),
+) -> None:
+    """graft: reproducible transfer learning."""
 
 
 # Prefect's temporary server (no graft servers running) gets this long to start: its
@@ -78,10 +94,7 @@ def _registry(project: Path):
     """(client, model name) for the project's registry."""
     import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
-    from graft.config.params import (
-        RegisterParams,
-        load_section,
-    )
+    from graft.config.params import RegisterParams, load_section
     from graft.tracking import runs as tracking
 
     root = project.resolve()
@@ -116,43 +129,34 @@ def run(
 
     With nothing changed, the run is still recorded in Prefect, every stage Cached.
 
-    Exit codes: 0 done (or skipped), 1 a stage crashed, 2 bad input (a wrong parameter, a missing or broken data source)."""
+    Ctrl-C (or SIGTERM) stops the stage and every process the run started within seconds; the next run resumes. A second Ctrl-C exits at once.
+
+    Exit codes: 0 done (or skipped), 1 a stage crashed, 2 bad input (a wrong parameter, a missing or broken data source), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
     _quiet_defaults()
     root = project.resolve()
-    from graft.base.errors import (
-        BAD_INPUT_EXIT,
-        GraftError,
-    )
-    from graft.config import (
-        project as project_config,
-    )
-    from graft.config.params import (
-        IngestParams,
-        ParamsError,
-        preset_overrides,
-        read_params,
-        section,
-    )
-    from graft.data.snapshot import (
-        check_source,
-    )
-    from graft.overrides import apply_overrides
+    from graft.base.errors import BAD_INPUT_EXIT, GraftError
+    from graft.config import project as project_config
+    from graft.config.params import ParamsError, preset_overrides, read_params
+    from graft.overrides import apply_overrides, check_inputs
 
     try:  # a typo in --set, params.yaml or graft.yaml, or a missing source, fails here, before anything starts
         project_config.load(root)
         overrides = [*(preset_overrides(preset, root) if preset else []), *set_]
         params = apply_overrides(read_params(root / "params.yaml"), overrides)
-        check_source(section(IngestParams, params, "ingest"), root)
+        check_inputs(params, root)
     except (ParamsError, GraftError) as e:
         _fail(str(e), BAD_INPUT_EXIT)
     _use_servers(root)
+    from flows import interrupt
     from flows.pipeline import StageFailed
-    from flows.training import (
-        training_pipeline,
-    )
+    from flows.training import training_pipeline
 
-    state = training_pipeline(project_dir=str(root), overrides=overrides, concurrency=concurrency.value,
-                              return_state=True)  # fmt: skip
+    try:
+        with interrupt.handled("graft run"):
+            state = training_pipeline(project_dir=str(root), overrides=overrides, concurrency=concurrency.value,
+                                      return_state=True)  # fmt: skip
+    except interrupt.Interrupted as e:
+        raise typer.Exit(e.exit_code) from None
     if not state.is_completed():
         try:
             state.result()
@@ -163,9 +167,7 @@ def run(
         except (ParamsError, GraftError) as e:
             _fail(str(e), BAD_INPUT_EXIT)
         except Exception as e:
-            from graft.tracking.runs import (
-                refused_message,
-            )
+            from graft.tracking.runs import refused_message
 
             _fail(refused_message(e) or f"the pipeline failed: {type(e).__name__}: {e}")
         _fail(f"the pipeline ended in state {state.name}")
@@ -212,9 +214,7 @@ def print_summary(summary: dict, root: Path) -> None:
 def status(project: Path = PROJECT) -> None:
     """Show the champion, challenger and latest model versions with their metrics, data versions, and when and why the aliases last moved."""
     from flows import remote
-    from graft.registry import (
-        rules as registry,
-    )
+    from graft.registry import rules as registry
 
     client, name = _registry(project)
     _repair(client, name, project.resolve())
@@ -315,9 +315,7 @@ def _require_champion_permission(client, name: str) -> None:
     """Refuse, before anything is scored or written, a champion move the tracking server
     says this user may not make."""
     from graft.base.errors import GraftError
-    from graft.registry import (
-        rules as registry,
-    )
+    from graft.registry import rules as registry
 
     try:
         allowed, why = registry.may_move_champion(client, name)
@@ -339,9 +337,7 @@ def reproduce(
     Exit codes: 0 identical (or within the documented tolerance), 1 differs, 2 cannot reproduce (says what is missing). The aliases are never touched; the outcome is recorded on the version (`graft status` shows it)."""
 
     from flows import reproduce as rep
-    from graft.base.errors import (
-        BAD_INPUT_EXIT,
-    )
+    from graft.base.errors import BAD_INPUT_EXIT
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client, default_name = _registry(project)
@@ -404,9 +400,8 @@ def _repair(client, name: str, root: Path) -> None:
     """Finish or undo an interrupted registration or alias move (see registry.repair), but
     only while no training run holds the project: a registration under way is not a wreck."""
     from flows.pipeline import ProjectLock
-    from graft.registry import (
-        rules as registry,
-    )
+    from graft.registry import rules as registry
+    from graft.tracking import runs as tracking
 
     lock = ProjectLock(root)
     if not lock.acquire(wait=False):
@@ -416,6 +411,10 @@ def _repair(client, name: str, root: Path) -> None:
         # may still be under way.
         for line in registry.repair(client, name, min_age_seconds=REPAIR_AFTER_SECONDS):
             typer.secho(f"repaired: {line}", fg=typer.colors.YELLOW)
+        experiment = client.get_experiment_by_name(tracking.experiment_name())
+        for run_id in tracking.end_orphans(client, experiment.experiment_id, root) if experiment else []:
+            typer.secho(f"repaired: MLflow run {run_id} was left RUNNING by a run that died: marked FAILED",
+                        fg=typer.colors.YELLOW)  # fmt: skip
     finally:
         lock.release()
 
@@ -436,12 +435,7 @@ def drift(
     """Test incoming samples for drift against the champion's training data: the drift gate's test (MMD in the
     pretrained backbone's embedding space, overall and per class, and a domain classifier's AUC), and its verdict."""
     from graft.base.errors import GraftError
-    from graft.config.params import (
-        DriftParams,
-        ParamsError,
-        load_section,
-        replace,
-    )
+    from graft.config.params import DriftParams, ParamsError, load_section, replace
     from graft.drift import gate as drift_stage
 
     _quiet_defaults()
@@ -472,9 +466,7 @@ def _missing_model(client, name: str, model: str) -> str | None:
     words that say what does exist; None when it names a version."""
     from mlflow.exceptions import MlflowException  # MLflow: imported where used
 
-    from graft.registry import (
-        rules as registry,
-    )
+    from graft.registry import rules as registry
 
     try:
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
@@ -528,11 +520,9 @@ def predict(
         inputs = kind.read_inputs(path, text_column)
     except GraftError as e:
         _fail(f"{e} ({uri} is a{'n' if kind.NAME[0] in 'aeiou' else ''} {kind.NAME} model)")
-    from graft.models.predict import (
-        predict_to_csv,
-    )
+    from graft.models.predict import predict_to_csv
 
-    result = predict_to_csv(pyfunc, kind, inputs, out, batch_size)
+    result = predict_to_csv(pyfunc, kind, inputs, out, batch_size, columns=kind.input_columns(path, text_column))
     total, bad, counts = result.total, result.bad, result.counts
     typer.echo(f"{total} {kind.SAMPLES[:-1]}(s): {total - bad} classified with {uri}"
                + (f", {bad} could not be decoded (rows with an error)" if bad else "") + f" -> {out}")  # fmt: skip
@@ -763,9 +753,7 @@ def schedule(
     sched, sens = deploy.schedule_config(root)
     if pool:
         from flows import remote
-        from graft.tracking import (
-            runs as tracking,
-        )
+        from graft.tracking import runs as tracking
 
         if remote.default_remote(root) is None:
             _fail("a worker's checkout is temporary: its data and models must go to a DVC remote. Add one "
@@ -843,9 +831,7 @@ def pull(
 
     try:
         if install:
-            from flows.environment import (
-                install_missing,
-            )
+            from flows.environment import install_missing
 
             install_missing(root, echo=typer.echo)
         if version is not None:
@@ -870,14 +856,10 @@ def _checkout_version_lock(root: Path, version: str) -> None:
 
     import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
-    from flows.training import (
-        PIPELINE_ARTIFACTS,
-    )
+    from flows.training import PIPELINE_ARTIFACTS
     from graft.base import fsio
     from graft.base.errors import GraftError
-    from graft.registry.rules import (
-        alias_version,
-    )
+    from graft.registry.rules import alias_version
 
     client, name = _registry(root)
     mv = client.get_model_version(name, version) if version.isdigit() else alias_version(client, name, version)

@@ -29,10 +29,9 @@ from flows.pipeline import ProjectLock, StageFailed, plan, read_summary, stale_s
 from flows.services import kill_group
 from graft.base import fsio
 from graft.base.errors import STATUS_ENV, GraftError
-from graft.config.params import IngestParams, load_section
+from graft.config.params import read_params
 from graft.config.project import stage_options
-from graft.data.snapshot import check_source as check
-from graft.overrides import write_overrides
+from graft.overrides import apply_overrides, check_inputs, write_overrides
 from graft.tracking import runs as tracking
 
 # Lines of DVC's console output that speak to someone running `dvc repro` by hand; the
@@ -166,8 +165,9 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
             raise TimeoutError(f"gave up waiting for the training run holding {lock.path}")
     flow_run_id = str(flow_run.id) if flow_run.id else None
     try:
+        # Checked with the overrides applied, before they are written: a refused --set leaves params.yaml as it was.
+        check_inputs(apply_overrides(read_params(root / "params.yaml"), overrides or []), root)
         _write_overrides(root, overrides or [], logger)
-        check_source(root)
         source = fingerprint(root)  # taken before the stages: a change during them is not missed
         summary = _run_pipeline(root, flow_run_id, logger)
         record_accepted(root, source)
@@ -196,12 +196,6 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
                                   "reason": decision.get("reason"), "metrics": summary.get("metrics")}, logger)  # fmt: skip
     _publish_artifact(root, summary, None)
     return summary
-
-
-def check_source(root: Path) -> None:
-    """The ingest source must exist before DVC is asked to run anything: DVC checks the
-    stage's dependencies first and would fail with a bare ``No such file or directory``."""
-    check(load_section(IngestParams, "ingest", root / "params.yaml"), root)
 
 
 def _write_overrides(root: Path, overrides: list[str], logger) -> None:

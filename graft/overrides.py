@@ -18,8 +18,27 @@ from ruamel.yaml import YAML
 from graft import modalities
 from graft.base.errors import GraftError, ParamsError
 from graft.base.fsio import write_text
-from graft.config.params import SECTION_TYPES, parse, parse_value, pixel_names, read_params, section_type, set_override
+from graft.config.params import (
+    SECTION_TYPES,
+    IngestParams,
+    LoadPretrainedParams,
+    parse,
+    parse_value,
+    pixel_names,
+    read_params,
+    section_type,
+    set_override,
+)
+from graft.data.snapshot import check_source
+from graft.modalities import backbone
 from graft.models import modeling
+
+
+def check_inputs(params: dict[str, Any], root: Path) -> None:
+    """What must exist before anything runs, named with its key: the ingest source and a
+    ``file:`` backbone (found otherwise only when their stage runs, after the ones before it)."""
+    check_source(parse(IngestParams, params.get("ingest"), "ingest"), root)
+    backbone.check_source(parse(LoadPretrainedParams, params.get("load_pretrained"), "load_pretrained"), root)
 
 
 def check_all(params: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from graft.evaluation.metrics import (
     compute_metrics,
     log_evaluation,
     measure_serving,
+    sample_names,
     score_test_split,
     tta_note,
     write_reports,
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, x, y, ids, probs = score_test_split(args.model, args.prepared, batch_size)
     m = compute_metrics(y, probs, cfg.classes)
     out = args.reports
-    headline, shown = write_reports(out, m, cfg, x, y, ids, probs, args.prepared, cost)
+    headline, shown = write_reports(out, m, cfg, x, y, ids, probs, args.prepared, cost, sample_names(args.raw))
 
     tracking.configure()
     training_run_id = fsio.read_json(args.model / tracking.RUN_FILE)["run_id"]

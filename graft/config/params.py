@@ -77,7 +77,7 @@ def allowed(cls: type, name: str) -> str:
         words = f"{low[1]:g} to {high[1]:g}"
     else:
         words = ", ".join(_BOUNDS[k].format(f"{v:g}") for k, v in (b for b in (low, high) if b))
-    return f"{words}, or null" if field.default is None else words
+    return f"{words}, or null" if words and field.default is None else words
 
 
 def _key(section: str, loc: tuple) -> str:
@@ -263,6 +263,9 @@ class ValidateParams:
     on_class_change: Literal["fail", "warn"] = Field(
         description="classes added or removed since the last accepted run: stop, or say so and go on"
     )
+    on_conflicting_labels: Literal["fail", "warn"] = Field(
+        default="warn", description="one sample (equal bytes; texts: equal up to case and whitespace) under two labels: "
+        "stop, or say so and go on (its rows stay in one split either way)")
     on_long_text: Literal["fail", "warn"] = Field(
         default="warn", description="texts: longer than preprocess.max_length tokens (they are cut)"
     )

@@ -38,7 +38,8 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
     """Stratified, seeded split. The source's own test split stays test; val (and test,
     when the source has none) is carved from train. Rows with the same ``key`` (identical
     content; for texts, equal up to case and whitespace) always land in the same split,
-    so duplicates cannot leak across."""
+    whatever their labels, so duplicates cannot leak across; a group under several labels
+    is drawn with its smallest label's groups."""
     import pandas as pd  # pandas: ~0.5 s of import, paid where a table is read
 
     rng = np.random.default_rng(seed)
@@ -46,8 +47,9 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
     out[manifest["split"] == "test"] = "test"
     has_test = bool((manifest["split"] == "test").any())
     pool = manifest[manifest["split"] == "train"]
+    home = pool.groupby(key)["label"].min()  # each group drawn once, under one label
     for label in sorted(pool["label"].unique()):
-        rows = pool[pool["label"] == label]
+        rows = pool[pool[key].isin(home.index[home == label])]
         groups = sorted(rows[key].unique())
         order = [groups[i] for i in rng.permutation(len(groups))]
         n = len(order)

@@ -171,9 +171,18 @@ def validate(
         df["in_train_and_test"] = df["sha256"].isin(train & test)
     else:
         df["in_train_and_test"] = False
+    # One sample under two labels (equal bytes; texts: equal up to case and whitespace): a
+    # labelling mistake, and its two rows would teach and score opposite answers.
+    key = df[modality.leak_key].fillna(df["sha256"]) if modality.leak_key in df and "sha256" in df else df.get("sha256")
+    if key is not None and "class_name" in df:
+        labels = df.assign(_key=key)[df["class_name"].notna()].groupby("_key")["class_name"].nunique()
+        df["one_label_per_sample"] = ~key.isin(labels.index[labels > 1])
+    else:
+        df["one_label_per_sample"] = True
     lookup = (
-        df.set_index("id")[["path"]].to_dict("index") if {"id", "path"} <= set(df.columns) else None
-    )
+        df.set_index("id")[["path", "class_name"]].rename(columns={"class_name": "label"}).to_dict("index")
+        if {"id", "path", "class_name"} <= set(df.columns) else None
+    )  # fmt: skip
 
     required = ["id", "label", "class_name", "split", "sha256", "path", "member"]
     columns = [*MANIFEST_COLUMNS, *modality.MANIFEST_COLUMNS]
@@ -184,8 +193,10 @@ def validate(
         # A label outside the declared set would silently become a new or wrong class.
         ("every label is a declared class", gxe.ExpectColumnValuesToBeInSet(column="class_name", value_set=list(classes))),
         ("split is train or test", gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"])),
+        ("no sample carries two labels", gxe.ExpectColumnValuesToBeInSet(column="one_label_per_sample", value_set=[True]),
+         *(["warning"] if params.on_conflicting_labels == "warn" else [])),
         *modality.expectations(df, params, context),
-    ]
+    ]  # fmt: skip
     table = class_count_table(df, classes)
     class_checks: list[tuple[str, Any]] = [
         # Too few samples: the class cannot be learnt or evaluated (an empty folder, say).
@@ -231,6 +242,17 @@ def validate(
     return ValidationResult(success, checks, len(df), counts, change)
 
 
+def _finding(c: Check, result: ValidationResult) -> str:
+    """What a failed check found, in its own terms (not the expectation's wording)."""
+    if c.name == CLASS_CHANGE_CHECK and result.class_change:
+        added, removed = result.class_change["added"], result.class_change["removed"]
+        return "; ".join(x for x in (f"added {', '.join(added)}" if added else "", f"removed {', '.join(removed)}" if removed else "") if x)
+    if c.unexpected_count:
+        unit = {"every split has at least two classes": "split(s)"}.get(c.name, "sample(s)" if c.examples and "path" in c.examples[0] else "row(s)")
+        return f"{c.unexpected_count} {unit}"
+    return f"observed {c.observed}" if c.observed is not None else "see the JSON report"
+
+
 def format_summary(result: ValidationResult, manifest_path: Path) -> str:
     failed = [c for c in result.checks if not c.success]
     head = "passed" if result.success else "FAILED"
@@ -240,14 +262,12 @@ def format_summary(result: ValidationResult, manifest_path: Path) -> str:
     ]
     for c in failed:
         mark = "warning" if c.severity == "warning" else "failed"
-        detail = f"{c.unexpected_count} row(s)" if c.unexpected_count else f"observed {c.observed}"
-        lines.append(f"  {mark}: {c.name}: {detail}")
+        lines.append(f"  {mark}: {c.name}: {_finding(c, result)}")
         lines.append(f"      {c.expectation}")
-        if c.name == CLASS_CHANGE_CHECK and result.class_change:
-            lines.append(f"      added: {result.class_change['added']}, removed: {result.class_change['removed']}")
         for ex in c.examples:
-            where = ex.pop("path", None) or ex.get("id") or ex.get("class_name")
-            rest = ", ".join(f"{k}={v}" for k, v in ex.items() if k not in ("id",))
+            split = ex.get("split") if "classes found" in ex else None  # a split-level finding
+            where = ex.pop("path", None) or ex.get("id") or ex.get("class_name") or (f"the {split} split" if split else "")
+            rest = ", ".join(f"{k}={v}" for k, v in ex.items() if k not in ("id",) and not (split and k == "split"))
             lines.append(f"      {where}: {rest}")
         if c.unexpected_count > len(c.examples):
             lines.append(f"      ... and {c.unexpected_count - len(c.examples)} more (see the JSON report)")

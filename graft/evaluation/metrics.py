@@ -9,6 +9,7 @@ of it goes to the pipeline's MLflow run.
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 from graft.base import fsio, plots
 from graft.base.errors import GraftError
 from graft.data.samples import RawSamples
+from graft.data.snapshot import read_manifest
 from graft.data.splits import load_split
 from graft.models import modeling
 from graft.tracking import runs as tracking
@@ -147,11 +149,19 @@ def score_test_split(model_dir: Path, prepared: Path, batch_size: int):
     return cfg, x, y, ids, probs
 
 
+def sample_names(raw: Path) -> dict[str, str]:
+    """Each sample's manifest id -> its name in the source (a file, ``file:line``, an
+    archive member), the way a person finds it again."""
+    manifest, _ = read_manifest(raw, ["id", "path"])
+    return dict(zip(manifest["id"], manifest["path"], strict=True))
+
+
 def write_reports(out: Path, m: dict[str, Any], cfg, x, y, ids, probs, prepared: Path,
-                  cost: dict[str, float]) -> tuple[dict[str, Any], list[Path]]:  # fmt: skip
+                  cost: dict[str, float], names: dict[str, str] | None = None) -> tuple[dict[str, Any], list[Path]]:  # fmt: skip
     """metrics.json (the DVC metric), evaluation.json, predictions and confusion matrix as
     CSV, the confusion and reliability plots, the modality's mistakes, serving.json; the
-    headline metrics and the mistakes' files."""
+    headline metrics and the mistakes' files. ``names`` (:func:`sample_names`) name the
+    samples in the predictions and the mistakes as the source does."""
 
     out.mkdir(parents=True, exist_ok=True)
     headline = {k: m[k] for k in ("accuracy", "macro_f1", "ece", "n")}
@@ -159,11 +169,12 @@ def write_reports(out: Path, m: dict[str, Any], cfg, x, y, ids, probs, prepared:
     fsio.write_json(out / "metrics.json", headline)
     fsio.write_json(out / "evaluation.json", {**m, "tta": modeling.tta_of(cfg)})
     pred = probs.argmax(1)
-    names = np.array(cfg.classes)
-    rows = ["id,actual,predicted,confidence"] + [
-        f'{i},"{names[a]}","{names[p]}",{probs[n, p]:.6f}' for n, (i, a, p) in enumerate(zip(ids, y, pred, strict=True))
-    ]
-    fsio.write_text(out / "predictions.csv", "\n".join(rows) + "\n")
+    classes = np.array(cfg.classes)
+    with fsio.atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["id", "path", "actual", "predicted", "confidence"])
+        for n, (i, a, p) in enumerate(zip(ids, y, pred, strict=True)):
+            writer.writerow([i, (names or {}).get(str(i), ""), classes[a], classes[p], f"{probs[n, p]:.6f}"])
     cm = np.array(m["confusion_matrix"])
     fsio.write_text(out / "confusion_matrix.csv", ",".join(["true\\predicted", *cfg.classes]) + "\n"
                     + "".join(",".join([c, *map(str, r)]) + "\n" for c, r in zip(cfg.classes, cm.tolist(), strict=True)))
@@ -172,7 +183,7 @@ def write_reports(out: Path, m: dict[str, Any], cfg, x, y, ids, probs, prepared:
     mistakes = out / "mistakes"
     shutil.rmtree(mistakes, ignore_errors=True)  # DVC restores it as a whole; no stale file of another modality
     mistakes.mkdir()
-    shown = cfg.kind.present_mistakes(x, y, probs, cfg.classes, prepared, mistakes)
+    shown = cfg.kind.present_mistakes(x, y, probs, cfg.classes, prepared, mistakes, names=names)
     fsio.write_json(out / "serving.json", cost)
     return headline, shown
 

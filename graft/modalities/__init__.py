@@ -45,7 +45,9 @@ The interface (module-level names of a modality module):
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -149,6 +151,36 @@ def check_folder(path) -> None:
         )
     if not path.is_dir():
         raise GraftError(f"ingest.path: {path}: not a directory. ingest.path must be a folder with one sub-folder per class.")
+    bad = bad_links(path)
+    if bad:
+        shown = "\n".join(f"  {rel}: {why}" for rel, why in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise GraftError(f"ingest.path: {path}: {len(bad)} symbolic link(s) that cannot be read as files:\n{shown}\n"
+                         "Remove them or point them at real files, then run again.")  # fmt: skip
+
+
+def bad_links(root) -> list[tuple[str, str]]:
+    """Symbolic links under ``root`` that no tool can read through, as (path relative to
+    ``root``, why): a link to itself or round a cycle, a link whose target is gone, and a
+    folder link to one of its own parents (a walk that follows it never ends). DVC stops
+    on the first two with a traceback when it hashes the source, and skips the third
+    silently; the data gate names them all instead. Only links are looked at: cheap."""
+    root = os.fspath(root)
+    found: list[tuple[str, str]] = []
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(folder, name)
+            if not os.path.islink(full):
+                continue
+            rel = os.path.relpath(full, root)
+            try:
+                os.stat(full)
+            except OSError as e:
+                found.append((rel, "a symbolic link loop" if e.errno == errno.ELOOP else "a broken symbolic link (its target is gone)"))
+                continue
+            target = os.path.realpath(full)
+            if os.path.isdir(full) and (os.path.realpath(folder) + os.sep).startswith(target.rstrip(os.sep) + os.sep):
+                found.append((rel, f"a folder link to its own parent ({os.path.relpath(target, root) if target.startswith(root) else target}): a loop"))
+    return sorted(found)
 
 
 def list_class_folders(root, extensions: tuple[str, ...], what: str):

@@ -256,3 +256,18 @@ def build(params: LoadPretrainedParams, num_classes: int, seed: int) -> Backbone
     torch.manual_seed(seed)  # the new head's initial weights depend on the seed alone
     model.reset_classifier(num_classes)  # type: ignore[operator]  # timm's; nn.Module's __getattr__ says Tensor
     return Backbone(model, params.source, sha)
+
+
+def check_source(params: LoadPretrainedParams, root: Path | None = None) -> None:
+    """A ``file:`` source must name something that exists (relative paths: from the
+    project's root, where the stage runs). Cheap: nothing is read."""
+    kind, _, value = params.source.partition(":")
+    if kind != "file":
+        return
+    path = Path(value).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
+    if not path.exists():
+        raise GraftError(f"load_pretrained.source file:{value}: {path} does not exist. Name your weights there (images: a "
+                         "state dict .pt; texts: a folder in Hugging Face layout), or use a packaged backbone "
+                         "(packaged:efficientnet_lite0, packaged:minilm-l6)")  # fmt: skip

@@ -343,25 +343,34 @@ def mix(batch: np.ndarray, rng: np.random.Generator, p) -> tuple[np.ndarray, tup
 
 
 def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], prepared: Path,
-                     out_dir: Path, k: int = 16) -> list[Path]:  # fmt: skip
-    """The ``k`` wrong predictions made with the highest confidence, as a grid."""
+                     out_dir: Path, names: dict[str, str] | None = None, k: int = 16) -> list[Path]:  # fmt: skip
+    """The ``k`` wrong predictions made with the highest confidence, as a grid, each
+    titled with its file as the source names it (``names``: manifest id -> path)."""
     plt = plots.pyplot()
     pred = probs.argmax(1)
     worst = worst_mistakes(y, probs, k)
+    ids = np.load(prepared / "test_ids.npy")
     cols = 4
     rows = max(1, int(np.ceil(len(worst) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, worst, strict=False):
         ax.imshow(x[i])
-        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} ({probs[i, pred[i]]:.2f})", fontsize=9)
+        name = (names or {}).get(str(ids[i]), str(ids[i]))
+        name = name if len(name) <= 28 else "..." + name[-25:]  # the end of a path says most
+        ax.set_title(f"{name}\ntrue {classes[y[i]]}\npred {classes[pred[i]]} ({probs[i, pred[i]]:.2f})", fontsize=9)
     if len(worst) == 0:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center")
     fig.suptitle("most confident mistakes (test)")
     path = out_dir / "worst_mistakes.png"
     plots.save_png(fig, path)
     return [path]
+
+
+def input_columns(path: Path, text_column: str | None = None) -> dict[str, dict[str, str]]:
+    """Other columns of ``graft predict``'s input, by sample name: images come as files, with none."""
+    return {}
 
 
 def read_inputs(path: Path, text_column: str | None = None) -> list[tuple[str, Any]]:

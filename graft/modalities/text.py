@@ -179,17 +179,27 @@ def _columns(path: Path) -> list[str]:
     return []
 
 
+def _column_hint(columns: list[str], text_column: str, label_column: str) -> str:
+    """What to set, suggesting only columns that can play the part: the label never the
+    column that holds the text, and the text never the labels'."""
+    text = text_column if text_column in columns else next((c for c in columns if c != label_column), None)
+    label = label_column if label_column in columns else next((c for c in reversed(columns) if c != text), None)
+    sets = [f"--set ingest.{key}={value}" for key, value, wanted in
+            (("text_column", text, text_column), ("label_column", label, label_column)) if value and value != wanted]  # fmt: skip
+    if label is None:
+        return ("A table needs a column of labels (one class per row) besides the text: add one, and name it with "
+                "ingest.label_column" + (f" (`graft run {' '.join(sets)} --set ingest.label_column=NAME`)." if sets else "."))
+    return f"Name the columns with ingest.text_column and ingest.label_column (`graft run {' '.join(sets)}`)."
+
+
 def read_table(path: Path, text_column: str, label_column: str) -> Source:
     """One sample per row; its ``path`` is ``file:line``. A row without a label keeps an
     empty class (validate names it); the class list is the labels found, sorted."""
     columns = _columns(path)
     missing = [c for c in (text_column, label_column) if c not in columns]
     if missing:
-        raise GraftError(
-            f"{path}: no column {' or '.join(repr(c) for c in missing)} (the file has: {', '.join(columns) or 'none'}). "
-            "Name the columns with ingest.text_column and ingest.label_column "
-            f"(`graft run --set ingest.label_column={columns[-1] if columns else 'label'}`)."
-        )
+        raise GraftError(f"{path}: no column {' or '.join(repr(c) for c in missing)} (the file has: "
+                         f"{', '.join(columns) or 'none'}). {_column_hint(columns, text_column, label_column)}")  # fmt: skip
     candidates, classes = [], set()
     cursor = _Cursor(path, lambda: _table_samples(path, text_column))
     for line, row in _rows(path):
@@ -652,8 +662,9 @@ def _cell(text: str) -> str:
 
 
 def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], prepared: Path,
-                     out_dir: Path, k: int = 20) -> list[Path]:  # fmt: skip
-    """The ``k`` most confident mistakes as a Markdown table. Each text is shown as the
+                     out_dir: Path, names: dict[str, str] | None = None, k: int = 20) -> list[Path]:  # fmt: skip
+    """The ``k`` most confident mistakes as a Markdown table, each sample named as the
+    source names it (``names``: manifest id -> ``file:line``). Each text is shown as the
     model saw it: decoded from its token ids (after the tokenizer's normalisation and the
     max_length cut), which is what explains the mistake."""
 
@@ -670,12 +681,22 @@ def present_mistakes(x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: l
         row = x[i]
         row = row[row >= 0].tolist()
         text = tok.decode(row, skip_special_tokens=True)
-        lines.append(f"| {ids[i]} | {_cell(classes[y[i]])} | {_cell(classes[pred[i]])} | {probs[i, pred[i]]:.3f} | {_cell(text)} |")
+        lines.append(f"| {_cell((names or {}).get(str(ids[i]), str(ids[i])))} | {_cell(classes[y[i]])} | {_cell(classes[pred[i]])} | {probs[i, pred[i]]:.3f} | {_cell(text)} |")
     if not len(worst):
         lines.append("| | | | | no mistakes |")
     path = out_dir / "worst_mistakes.md"
     fsio.write_text(path, "\n".join(lines) + "\n")
     return [path]
+
+
+def input_columns(path: Path, text_column: str | None = None) -> dict[str, dict[str, str]]:
+    """A table's other columns (an id, say), by sample name, so ``graft predict``'s output
+    can be matched back to its input row; none for text files and folders."""
+    if not path.is_file() or path.suffix.lower() == ".txt":
+        return {}
+    column = text_column or "text"
+    return {f"{path}:{n}": {k: "" if v is None else str(v) for k, v in row.items() if k not in (column, "__error__")}
+            for n, row in _rows(path)}  # fmt: skip
 
 
 def read_inputs(path: Path, text_column: str | None = None) -> list[tuple[str, Any]]:

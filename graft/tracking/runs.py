@@ -13,6 +13,7 @@ Every run, parent and nested, goes to the configured experiment (never MLflow's
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import yaml
 
 from graft.base import fsio, secrets
@@ -162,7 +164,8 @@ def run_tags(root: Path | None = None, data: bool = True) -> dict[str, str]:
     """What every run carries: the code version, the data version (``data``), and the
     Prefect flow run that started it."""
     root = (root or Path.cwd()).resolve()
-    tags = {**git_info(root), **(data_version(root / "dvc.lock") if data else {}), PROJECT_TAG: str(root)}
+    tags = {**git_info(root), **(data_version(root / "dvc.lock") if data else {}), PROJECT_TAG: str(root),
+            PROCESS_TAG: this_process()}  # fmt: skip
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
     if os.environ.get(REPRODUCTION_ENV):
@@ -240,14 +243,39 @@ def refused_message(exc: BaseException) -> str | None:
     return None
 
 
+PROCESS_TAG = "graft.process"  # "host pid start-time" of the process that holds the run open
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {psutil.Process().create_time():.2f}"
+
+
+def _alive(process: str | None) -> bool | None:
+    """Whether the process a run's ``graft.process`` tag names is still running: None when
+    that cannot be known here (no tag: a run from before it, or another machine's)."""
+    try:
+        host, pid, started = (process or "").split()
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started  # the pid, not a later process given it
+    except psutil.Error:
+        return False
+
+
 def end_orphans(client, experiment_id: str, root: Path) -> list[str]:
     """Mark FAILED the runs of this project still RUNNING from a run that died (killed,
     or its tracking server went away before it could say so). Call only while this
-    project's lock is held, so no run of it is alive; a training run resumed later comes
-    back to RUNNING by itself."""
+    project's lock is held, so no graft run of it is alive. A run whose process is known
+    and still alive (a plain ``dvc repro``, which takes no lock) is left alone; a training
+    run resumed later comes back to RUNNING by itself."""
     runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{PROJECT_TAG}` = '{root}'")
     ended = []
     for run in runs:
+        if _alive(run.data.tags.get(PROCESS_TAG)):
+            continue
         client.set_tag(run.info.run_id, "graft.ended_by", "a later run of the project: this one was interrupted")
         client.set_terminated(run.info.run_id, "FAILED")
         ended.append(run.info.run_id)

@@ -126,6 +126,13 @@ def sshd():
         shutil.rmtree(base, ignore_errors=True)
 
 
+class TaskRuns(dict):
+    """{stage: task run}, and ``stage_of``: every task run id of the flow run -> its stage
+    (a stage's task run recorded twice still names its stage)."""
+
+    stage_of: dict
+
+
 def prefect_task_runs(flow_run_id, api_url=None):
     """{task name: task run} of one flow run, and the flow run's artifacts, from the Prefect API
     (this process's, or the server at ``api_url``)."""
@@ -145,7 +152,9 @@ def prefect_task_runs(flow_run_id, api_url=None):
                     break
                 await asyncio.sleep(0.25)
             artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-            return {r.name.rsplit("-", 1)[0].removeprefix("dvc-"): r for r in runs}, artifacts
+            found = TaskRuns({r.name.rsplit("-", 1)[0].removeprefix("dvc-"): r for r in runs})
+            found.stage_of = {r.id: r.name.rsplit("-", 1)[0].removeprefix("dvc-") for r in runs}
+            return found, artifacts
 
     if api_url is None:
         return asyncio.run(read())

@@ -111,6 +111,7 @@ def test_the_whole_pipeline_logs_one_mlflow_run(trained):
     # guard, test_accuracy_guard.py, checks that it is any good).
     rows = list(csv.DictReader((project / "reports/evaluate/predictions.csv").open()))
     assert metrics["n"] == len(rows) == 40
+    assert all("t10k-images-idx3-ubyte.gz#" in r["path"] for r in rows), rows[:2]  # the sample as the source names it
     assert metrics["accuracy"] == pytest.approx(sum(r["actual"] == r["predicted"] for r in rows) / len(rows))
 
     run_id = json.loads((project / "models/fine_tuned/mlflow_run.json").read_text())["run_id"]

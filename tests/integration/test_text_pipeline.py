@@ -4,6 +4,7 @@ MLflow and Prefect), the registered pyfunc on raw strings, `graft predict` on a 
 file, a rerun that DVC skips, and bad text data stopped at validate by name."""
 
 import csv
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -79,6 +80,9 @@ def test_text_run_trains_tracks_and_registers(text_run):
     assert "evaluation/worst_mistakes.md" in evaluation and "evaluation/confusion_matrix.png" in evaluation
     table = (project / "reports/evaluate/mistakes/worst_mistakes.md").read_text()
     assert "| sample | true | predicted | confidence | text |" in table
+    assert re.search(r"^\| \S+\.\w+:\d+ \|", table, re.M), table  # named file:line, as the source has it
+    ours = list(csv.DictReader((project / "reports/evaluate/predictions.csv").open()))
+    assert all(re.fullmatch(r"\S+:\d+", r["path"]) for r in ours), ours[:3]
     checks = {c["name"]: c for c in fsio.read_json(project / "reports/validation.json")["checks"]}
     assert "no text in both train and test after folding case and whitespace" in checks
     assert checks["every text within 32 tokens (preprocess.max_length)"]["severity"] == "warning"

@@ -160,3 +160,25 @@ def test_presets_switch_modality_and_back_to_the_committed_params(tmp_path, comm
     # A backbone of the other modality is refused before anything runs, with the way out.
     with pytest.raises(ParamsError, match="known packaged text encoders.*--preset text"):
         apply_overrides(committed, ["ingest.source=texttable"])
+
+
+def test_a_negative_min_improvement_is_refused_with_the_allowed_range():
+    """The gate requires a gain over the champion; a negative register.min_improvement
+    was accepted and then ignored."""
+    from graft.config.params import RegisterParams
+
+    ok = parse(RegisterParams, {"model_name": "m", "min_accuracy": 0.8, "min_improvement": 0.0}, "register")
+    assert ok.gate.min_improvement == 0.0
+    with pytest.raises(ParamsError, match=r"register.min_improvement has an invalid value: -0.01 \(allowed: 0 or more\)"):
+        parse(RegisterParams, {"model_name": "m", "min_accuracy": 0.8, "min_improvement": -0.01}, "register")
+
+
+def test_nested_graft_yaml_keys_and_unions_are_named(tmp_path):
+    from graft.config import project
+
+    (tmp_path / "graft.yaml").write_text("servers:\n  prefect:\n    portt: 4300\n")
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) servers.prefect.portt; known keys of 'servers.prefect': port, host"):
+        project.load(tmp_path)
+    (tmp_path / "graft.yaml").write_text("compute:\n  threads: 2.5\n")
+    with pytest.raises(ParamsError, match=r"compute.threads: expected .*an integer.* got 2.5"):
+        project.load(tmp_path)

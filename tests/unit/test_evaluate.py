@@ -52,7 +52,8 @@ def test_plots_are_written(tmp_path):
     x = np.zeros((5, 8, 8, 3), dtype=np.uint8)
     plot_confusion(np.array(m["confusion_matrix"]), ["a", "b"], tmp_path / "cm.png")
     plot_reliability(m["calibration_bins"], m["ece"], tmp_path / "rel.png")
-    (worst,) = image.present_mistakes(x, Y, P, ["a", "b"], tmp_path, tmp_path)
+    np.save(tmp_path / "test_ids.npy", np.array(["000001", "000002", "000003", "000004", "000005"]))
+    (worst,) = image.present_mistakes(x, Y, P, ["a", "b"], tmp_path, tmp_path, names={"000002": "test/b/two.png"})
     from PIL import Image
 
     for name in ("cm.png", "rel.png", "worst_mistakes.png"):

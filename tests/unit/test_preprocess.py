@@ -139,3 +139,17 @@ def test_exif_rotation_and_16_bit_images_decode_as_seen():
     arr = images.load_rgb_array(_encode(sixteen), 16, "nearest", "squash")
     assert arr[:, 0].max() == 0 and arr[:, -1].min() == 255
     assert np.all(np.diff(arr[0, :, 0].astype(int)) >= 0)  # order kept
+
+
+def test_a_sample_under_two_labels_stays_in_one_split():
+    """Reuters R8 holds a text labelled both interest and money-fx: grouped within a label
+    only, its two rows landed in val and test."""
+    import pandas as pd
+
+    rows = [("a", f"k{i}", 0) for i in range(10)] + [("b", f"m{i}", 1) for i in range(10)] + [("b", "k3", 1)]
+    manifest = pd.DataFrame({"class_name": [c for c, _, _ in rows], "sha256": [k for _, k, _ in rows],
+                             "label": [lbl for _, _, lbl in rows], "split": "train"})  # fmt: skip
+    for seed in range(20):
+        split = assign_splits(manifest, 0.2, 0.2, seed)
+        twins = split[manifest["sha256"] == "k3"]
+        assert twins.nunique() == 1, (seed, twins.tolist())

@@ -71,6 +71,12 @@ def test_table_without_the_named_columns_is_a_clear_error(tmp_path):
         snapshot(tmp_path, "texttable", path)
     raw, manifest, classes, _ = snapshot(tmp_path, "texttable", path, text_column="review", label_column="sentiment")
     assert classes == ["pos"] and manifest.loc[0, "path"] == "reviews.tsv:2"
+    # The hint never suggests the text's own column as the labels.
+    only_text = tmp_path / "texts.csv"
+    only_text.write_text("text\na fine film\n")
+    with pytest.raises(GraftError, match=r"no column 'label'.*needs a column of labels") as e:
+        snapshot(tmp_path, "texttable", only_text)
+    assert "label_column=text" not in str(e.value)
 
 
 def test_jsonl_numeric_labels_and_broken_lines(tmp_path):
@@ -210,6 +216,8 @@ def test_predict_inputs_lines_tables_and_folders(tmp_path):
     with pytest.raises(GraftError, match="no column 'text'.*--text-column"):
         text.read_inputs(table)
     assert [load() for _, load in text.read_inputs(table, "review")] == [("nice", "")]
+    assert text.input_columns(table, "review") == {f"{table}:2": {"id": "1"}}
+    assert text.input_columns(lines) == {}
     folder = tmp_path / "docs"
     (folder / "a").mkdir(parents=True)
     (folder / "a" / "x.txt").write_text("one whole file")
@@ -240,3 +248,27 @@ def test_predict_reads_text_files_line_by_line(tmp_path):
     assert [n for n, _ in inputs] == [f"{path}:1", f"{path}:3", f"{path}:4"]
     assert [load() for _, load in inputs][:2] == [("first text", ""), ("second", "")]
     assert inputs[2][1]()[1].startswith("invalid UTF-8")
+
+
+def test_predict_keeps_a_tables_other_columns(tmp_path):
+    """`graft predict` on a CSV: each output row carries its input row's id, so the
+    predictions can be matched back (a row that cannot be read too)."""
+    import csv
+
+    import pandas as pd
+
+    from graft.models.predict import predict_to_csv
+
+    class Lengths:  # the pyfunc's contract: a DataFrame of inputs in, class and probability out
+        def predict(self, df):
+            return pd.DataFrame({"class": ["long" if len(t) > 4 else "short" for t in df["text"]], "probability": 0.9})
+
+    table = tmp_path / "in.csv"
+    table.write_bytes(b"id,review,source\n7,nice,web\n8,a long review,app\n9,\xff,web\n")
+    out = tmp_path / "out.csv"
+    result = predict_to_csv(Lengths(), text, text.read_inputs(table, "review"), out,
+                            columns=text.input_columns(table, "review"))  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == ["7", "8", "9"] and [r["source"] for r in rows] == ["web", "app", "web"]
+    assert [r["class"] for r in rows] == ["short", "long", ""] and rows[2]["error"].startswith("invalid UTF-8")
+    assert result.total == 3 and result.bad == 1

@@ -94,8 +94,12 @@ def test_one_class_in_the_source_test_split_is_refused(tmp_path):
     for f in (root / "test" / "b").iterdir():
         f.unlink()
     manifest, classes = snapshot(tmp_path, root)
-    check = failed(validate(manifest, classes, PARAMS))["every split has at least two classes"]
+    result = validate(manifest, classes, PARAMS)
+    check = failed(result)["every split has at least two classes"]
     assert check.examples == [{"split": "test", "classes": 1, "classes found": "a"}]
+    text = format_summary(result, Path("m"))
+    assert "failed: every split has at least two classes: 1 split(s)" in text
+    assert "the test split: classes=1, classes found=a" in text and "None" not in text, text
 
 
 def test_class_change_failure_names_the_setting(tmp_path, image_folder):
@@ -135,5 +139,21 @@ def test_class_change_against_accepted(tmp_path, image_folder, policy, success):
     result = validate(manifest, classes, p, accepted_classes=["cat", "dog", "owl"])
     assert result.success is success
     assert result.class_change == {"added": ["fox"], "removed": ["owl"]}
+    assert "same classes as the last accepted run: added fox; removed owl" in format_summary(result, Path("m"))
     same = validate(manifest, classes, p, accepted_classes=["cat", "dog", "fox"])
     assert same.success
+
+
+@pytest.mark.parametrize("policy, success", [("warn", True), ("fail", False)])
+def test_a_sample_under_two_labels_is_named(tmp_path, policy, success):
+    root = make_image_folder(tmp_path / "src", classes=("cat", "dog"), per_class=6)
+    (root / "dog" / "twin.png").write_bytes((root / "cat" / "img_001.png").read_bytes())
+    manifest, classes = snapshot(tmp_path, root)
+    p = ValidateParams(min_per_class=3, max_imbalance=5.0, min_side=8, max_side=4096, on_class_change="fail",
+                       on_conflicting_labels=policy)  # fmt: skip
+    result = validate(manifest, classes, p)
+    assert result.success is success
+    check = failed(result)["no sample carries two labels"]
+    assert check.severity == ("warning" if policy == "warn" else "error")
+    assert sorted((e["path"], e["label"]) for e in check.examples) == [("cat/img_001.png", "cat"), ("dog/twin.png", "dog")]
+    assert "no sample carries two labels: 2 sample(s)" in format_summary(result, Path("m"))
