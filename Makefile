@@ -27,7 +27,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/site-cache
 
-.PHONY: lint test-quick help setup data text-data mnist-data postgres browser sshd run run-text test bench bench-gpu clean servers servers-stop
+.PHONY: lint docs docs-build test-quick help setup data text-data mnist-data postgres browser sshd run run-text test bench bench-gpu clean servers servers-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -108,7 +108,13 @@ lint: $(STAMP)  ## ruff, mypy on the library, and the import-linter contracts th
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: setup postgres browser sshd lint  ## set up, then run the whole test suite (slow integration tests included)
+docs: $(STAMP)  ## serve the documentation site on http://127.0.0.1:8000 (rebuilt on every edit)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+docs-build: $(STAMP)  ## build the documentation site into site/; a broken link or page fails it
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: setup postgres browser sshd lint docs-build  ## set up, then lint, build the docs and run the whole test suite
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-quick: $(STAMP) lint  ## the inner loop: lint and the unit tests (a few minutes)

@@ -12,7 +12,7 @@ stage, on the CPU) and records:
 
 The baseline is the preset's own recipe, trained in the same run: every other variant is
 printed as its gain over it, in points of test accuracy and as a ratio of minutes.
-The curves go to ``benchmarks/accuracy-per-minute.png`` and the figures to the JSON
+The curves go to ``docs/img/accuracy-per-minute.png`` and the figures to the JSON
 (``accuracy_per_minute``, under the preset's name).
 
 Usage: python benchmarks/accuracy.py [--preset full] [--variants NAME ...] [--json results.json]
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra fine_tune override for every variant (a try-out: not written to the JSON)")
     parser.add_argument("--json", type=Path, help="add the figures to this JSON file under 'accuracy_per_minute'")
-    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "accuracy-per-minute.png")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "accuracy-per-minute.png")
     parser.add_argument("--work", type=Path, default=Path("/tmp/graft-bench-accuracy"),
                         help="where the prepared data is kept between runs")
     args = parser.parse_args()

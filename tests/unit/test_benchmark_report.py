@@ -1,4 +1,4 @@
-"""The README's benchmark figures come from benchmarks/results-cpu.json, which only the
+"""The benchmarks page's figures (docs/explanation/benchmarks.md) come from benchmarks/results-cpu.json, which only the
 benchmark writes: the table must be that file's rendering, and the file must hold what
 the benchmark measures (its machine fields included) and agree with its own raw runs."""
 
@@ -28,10 +28,10 @@ def results():
     return json.loads(RESULTS.read_text())
 
 
-def test_readme_table_is_the_rendering_of_the_results_file(results):
+def test_the_table_is_the_rendering_of_the_results_file(results):
     report = load("report")
-    assert report.current_block((ROOT / "README.md").read_text()) == report.render(results), (
-        "README.md's benchmark table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
+    assert report.current_block(report.PAGE.read_text()) == report.render(results), (
+        "the benchmarks page's benchmark table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
     )
 
 
@@ -92,11 +92,11 @@ def text_results():
     return json.loads(TEXT_RESULTS.read_text())
 
 
-def test_readme_text_table_is_the_rendering_of_the_text_results(text_results):
+def test_the_text_table_is_the_rendering_of_the_text_results(text_results):
     report = load("report")
-    block = report.current_block((ROOT / "README.md").read_text(), report.TEXT_BEGIN, report.TEXT_END)
+    block = report.current_block(report.PAGE.read_text(), report.TEXT_BEGIN, report.TEXT_END)
     assert block == report.render_text(text_results), (
-        "README.md's text benchmark table differs from benchmarks/results-text-cpu.json: run python benchmarks/report.py"
+        "the benchmarks page's text benchmark table differs from benchmarks/results-text-cpu.json: run python benchmarks/report.py"
     )
 
 
@@ -133,9 +133,9 @@ def test_memory_ratios_are_their_measured_peaks(results):
 
 def test_the_memory_table_is_the_rendering_of_the_results_file(results):
     report = load("report")
-    block = report.current_block((ROOT / "README.md").read_text(), report.MEMORY_BEGIN, report.MEMORY_END)
+    block = report.current_block(report.PAGE.read_text(), report.MEMORY_BEGIN, report.MEMORY_END)
     assert block == report.render_memory(results), (
-        "README.md's memory table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
+        "the benchmarks page's memory table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
     )
 
 
@@ -155,9 +155,9 @@ def test_the_distillation_figures_are_consistent(results):
 
 def test_the_distillation_table_is_the_rendering_of_the_results_file(results):
     report = load("report")
-    block = report.current_block((ROOT / "README.md").read_text(), report.DISTILL_BEGIN, report.DISTILL_END)
+    block = report.current_block(report.PAGE.read_text(), report.DISTILL_BEGIN, report.DISTILL_END)
     assert block == report.render_distill(results), (
-        "README.md's distillation table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
+        "the benchmarks page's distillation table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
     )
 
 
@@ -177,9 +177,9 @@ def test_the_drift_figures_are_consistent(results):
 
 def test_the_drift_table_is_the_rendering_of_the_results_file(results):
     report = load("report")
-    block = report.current_block((ROOT / "README.md").read_text(), report.DRIFT_BEGIN, report.DRIFT_END)
+    block = report.current_block(report.PAGE.read_text(), report.DRIFT_BEGIN, report.DRIFT_END)
     assert block == report.render_drift(results), (
-        "README.md's drift table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
+        "the benchmarks page's drift table differs from benchmarks/results-cpu.json: run python benchmarks/report.py"
     )
 
 
@@ -198,7 +198,7 @@ def test_the_accuracy_figures_are_consistent(results):
 @pytest.mark.parametrize("block", ["ACCURACY", "MACHINE"])
 def test_the_accuracy_and_machine_use_tables_are_the_rendering_of_the_results_file(results, block):
     report = load("report")
-    current = report.current_block((ROOT / "README.md").read_text(), getattr(report, f"{block}_BEGIN"),
+    current = report.current_block(report.PAGE.read_text(), getattr(report, f"{block}_BEGIN"),
                                    getattr(report, f"{block}_END"))  # fmt: skip
     render = report.render_accuracy if block == "ACCURACY" else report.render_machine_use
-    assert current == render(results), f"README.md's {block.lower()} table is stale: run python benchmarks/report.py"
+    assert current == render(results), f"the benchmarks page's {block.lower()} table is stale: run python benchmarks/report.py"
