@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from enum import Enum
+from importlib import metadata
 from pathlib import Path
 
 import typer
@@ -39,8 +40,6 @@ PROJECT = typer.Option(Path("."), "--project", "-C", help="project directory (wh
 
 def _version(value: bool) -> None:
     if value:
-        from importlib import metadata
-
         typer.echo(f"graft {metadata.version('graft')}")
         raise typer.Exit()
 

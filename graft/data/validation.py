@@ -148,6 +148,16 @@ def split_class_table(manifest: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["split", "classes", "found"])
 
 
+def one_label_per_sample(df: pd.DataFrame, modality) -> Any:
+    """False on the rows of a sample that carries two labels (equal bytes; texts: equal up
+    to case and whitespace): a labelling mistake, whose rows teach and score opposite answers."""
+    key = df[modality.leak_key].fillna(df["sha256"]) if modality.leak_key in df and "sha256" in df else df.get("sha256")
+    if key is None or "class_name" not in df:
+        return True
+    labels = df.assign(_key=key)[df["class_name"].notna()].groupby("_key")["class_name"].nunique()
+    return ~key.isin(labels.index[labels > 1])
+
+
 def validate(
     manifest: pd.DataFrame,
     classes: list[str],
@@ -171,14 +181,7 @@ def validate(
         df["in_train_and_test"] = df["sha256"].isin(train & test)
     else:
         df["in_train_and_test"] = False
-    # One sample under two labels (equal bytes; texts: equal up to case and whitespace): a
-    # labelling mistake, and its two rows would teach and score opposite answers.
-    key = df[modality.leak_key].fillna(df["sha256"]) if modality.leak_key in df and "sha256" in df else df.get("sha256")
-    if key is not None and "class_name" in df:
-        labels = df.assign(_key=key)[df["class_name"].notna()].groupby("_key")["class_name"].nunique()
-        df["one_label_per_sample"] = ~key.isin(labels.index[labels > 1])
-    else:
-        df["one_label_per_sample"] = True
+    df["one_label_per_sample"] = one_label_per_sample(df, modality)
     lookup = (
         df.set_index("id")[["path", "class_name"]].rename(columns={"class_name": "label"}).to_dict("index")
         if {"id", "path", "class_name"} <= set(df.columns) else None
