@@ -183,7 +183,7 @@ def validate(
         df["in_train_and_test"] = False
     df["one_label_per_sample"] = one_label_per_sample(df, modality)
     lookup = (
-        df.set_index("id")[["path", "class_name"]].rename(columns={"class_name": "label"}).to_dict("index")
+        df.set_index("id")[["path", "class_name"]].rename(columns={"class_name": "label"}).fillna("").to_dict("index")
         if {"id", "path", "class_name"} <= set(df.columns) else None
     )  # fmt: skip
 

@@ -73,7 +73,7 @@ def test_a_new_class_between_two_real_runs_is_caught_until_allowed(project, tmp_
     changed = dvc(project, "repro", "validate", check=False)
     out = changed.stdout + changed.stderr
     assert changed.returncode != 0
-    assert "same classes as the last accepted run" in out and "added: ['wasp'], removed: []" in out
+    assert "same classes as the last accepted run: added wasp\n" in out  # nothing removed
     assert "validate.on_class_change" in out
     assert json.loads((project / "data/accepted.json").read_text())["classes"] == ["ant", "bee"]  # not accepted
 
