@@ -27,6 +27,8 @@ from types import FrameType
 
 import psutil
 
+from graft.base import processes
+
 GRACE_S = 5.0  # for the flow to stop the stage and record the crash where its server answers
 KILL_AFTER_S = 3.0  # from SIGTERM to SIGKILL, for the processes left when it ends
 
@@ -50,18 +52,7 @@ def stop_descendants(timeout: float = KILL_AFTER_S) -> None:
         procs = psutil.Process().children(recursive=True)
     except psutil.Error:
         return
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
+    processes.terminate(procs, timeout)
 
 
 def _silence() -> None:

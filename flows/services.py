@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from graft.base import fsio, secrets
+from graft.base import fsio, processes, secrets
 from graft.base.errors import GraftError
 from graft.config import project
 from graft.config.project import MlflowServer, PrefectServer
@@ -280,18 +280,7 @@ def kill_group(pgid: int, grace: float = 15.0) -> None:
             procs.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+    processes.terminate(procs, grace)
 
 
 def stop(root: Path) -> list[str]:
