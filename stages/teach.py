@@ -34,15 +34,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file")
     args = parser.parse_args(argv)
 
-    thread_sizer("teach")  # before any torch work: the CPUs other processes leave free
-
     params = load_section(DistillParams, "distill", args.params)
-    if not params.references:
+    if not params.references:  # the default: nothing to run, so no torch to import (2 s of start-up)
         with fsio.atomic_dir(args.out) as tmp:
             fsio.write_json(tmp / INFO, {"teachers": []})
         fsio.write_json(args.report, {"teachers": []})
         print("teach: no teacher (distill.teacher is null): the student trains on labels alone")
         return
+
+    thread_sizer("teach")  # before any torch work: the CPUs other processes leave free
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

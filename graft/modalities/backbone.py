@@ -13,6 +13,7 @@ import os
 import pickle
 import socket
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,6 +35,20 @@ class PreprocessingConfig:
 
 
 def preprocessing_config(architecture: str) -> PreprocessingConfig:
+    """timm's preprocessing for ``architecture``, read from graft's cache when this timm
+    version already answered it: importing timm (and torch with it) costs ~4 s, which a
+    stage that only resizes images (``preprocess``) would otherwise pay on every run."""
+    version = _timm_version()
+    cached = _read_cache(version).get(architecture)
+    if cached is not None:
+        return PreprocessingConfig(int(cached["in_chans"]), tuple(cached["mean"]), tuple(cached["std"]),  # type: ignore[arg-type]
+                                   str(cached["interpolation"]))  # fmt: skip
+    pre = _from_timm(architecture)
+    _write_cache(version, architecture, pre)
+    return pre
+
+
+def _from_timm(architecture: str) -> PreprocessingConfig:
     import timm  # timm (with torch): ~4 s of import, paid where a model is built
 
     if not timm.is_model(architecture):
@@ -51,6 +66,44 @@ def preprocessing_config(architecture: str) -> PreprocessingConfig:
         std=tuple(float(x) for x in cfg.std),  # type: ignore[arg-type]
         interpolation=cfg.interpolation or "bilinear",
     )
+
+
+# The cache of timm's answers: one JSON file per timm version (an upgrade starts a new one),
+# in the user's cache folder as pip and Hugging Face keep theirs. Unreadable or unwritable,
+# it is skipped: timm is asked again.
+CACHE_ENV = "GRAFT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graft"
+
+
+def _timm_version() -> str:
+    try:
+        return metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def _cache_file(version: str) -> Path:
+    return cache_dir() / f"timm-{version}-preprocessing.json"
+
+
+def _read_cache(version: str) -> dict[str, Any]:
+    try:
+        found = fsio.read_json(_cache_file(version))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _write_cache(version: str, architecture: str, pre: PreprocessingConfig) -> None:
+    try:
+        fsio.write_json(_cache_file(version), {**_read_cache(version), architecture: pre.to_json()})
+    except OSError:
+        pass
 
 
 def resolve_architecture(params: LoadPretrainedParams) -> str:

@@ -122,3 +122,29 @@ def test_scratch_is_random(imagenet_lite0):
 def test_bad_sources_are_explained(params, message):
     with pytest.raises(GraftError, match=message):
         build(params, num_classes=3, seed=0)
+
+
+def test_the_preprocessing_is_cached_per_timm_version_and_read_without_timm(tmp_path, monkeypatch):
+    """preprocess asks for the interpolation only: once timm answered, a later process reads
+    it from the cache without importing timm (and torch); a broken cache is asked again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from graft.modalities import backbone
+
+    monkeypatch.setenv(backbone.CACHE_ENV, str(tmp_path))
+    first = preprocessing_config(ARCH)
+    (cache,) = tmp_path.glob("timm-*-preprocessing.json")
+    assert json.loads(cache.read_text())[ARCH]["interpolation"] == "bicubic"
+    probe = ("import sys; sys.modules['timm'] = None; sys.modules['torch'] = None\n"  # importing either fails
+             "from graft.modalities.backbone import preprocessing_config as p\n"
+             f"print(p({ARCH!r}).to_json())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, backbone.CACHE_ENV: str(tmp_path)}).stdout  # fmt: skip
+    assert out.strip() == str(first.to_json())
+    cache.write_text("{not json")
+    assert preprocessing_config(ARCH) == first and json.loads(cache.read_text())[ARCH]  # asked again, rewritten
+    with pytest.raises(GraftError, match="not a timm model"):
+        preprocessing_config("tf_efficientnet_lite0_typo")  # a bad name still meets timm's check
