@@ -41,7 +41,7 @@ def preprocessing_config(architecture: str) -> PreprocessingConfig:
     version = _timm_version()
     cached = _read_cache(version).get(architecture)
     if cached is not None:
-        return PreprocessingConfig(int(cached["in_chans"]), tuple(cached["mean"]), tuple(cached["std"]),  # type: ignore[arg-type]
+        return PreprocessingConfig(int(cached["in_chans"]), tuple(cached["mean"]), tuple(cached["std"]),
                                    str(cached["interpolation"]))  # fmt: skip
     pre = _from_timm(architecture)
     _write_cache(version, architecture, pre)
