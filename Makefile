@@ -129,6 +129,7 @@ bench: setup mnist-data  ## run the benchmarks alone (about 2.5 hours here), rew
 	$(BIN)/python benchmarks/accuracy.py --preset image --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/accuracy.py --preset full --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/text.py --json benchmarks/results-text-cpu.json
+	$(BIN)/python benchmarks/startup.py --json benchmarks/results-cpu.json
 	$(BIN)/python benchmarks/report.py
 
 bench-gpu: setup mnist-data  ## on a machine with an NVIDIA GPU: graft's training loop against a plain timm loop at 224 px, into benchmarks/results-gpu.json

@@ -195,10 +195,11 @@ def test_the_accuracy_figures_are_consistent(results):
             assert max(p["val_accuracy"] for p in v["curve"]) == pytest.approx(v["best_val_accuracy"]), name
 
 
-@pytest.mark.parametrize("block", ["ACCURACY", "MACHINE"])
-def test_the_accuracy_and_machine_use_tables_are_the_rendering_of_the_results_file(results, block):
+@pytest.mark.parametrize("block", ["ACCURACY", "MACHINE", "STARTUP"])
+def test_the_accuracy_machine_use_and_startup_tables_are_the_rendering_of_the_results_file(results, block):
     report = load("report")
     current = report.current_block(report.PAGE.read_text(), getattr(report, f"{block}_BEGIN"),
                                    getattr(report, f"{block}_END"))  # fmt: skip
-    render = report.render_accuracy if block == "ACCURACY" else report.render_machine_use
+    render = {"ACCURACY": report.render_accuracy, "MACHINE": report.render_machine_use,
+              "STARTUP": report.render_startup}[block]  # fmt: skip
     assert current == render(results), f"the benchmarks page's {block.lower()} table is stale: run python benchmarks/report.py"
