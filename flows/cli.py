@@ -70,6 +70,7 @@ def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:
     from flows import services
     from graft.base.errors import GraftError
 
+    given = {k: os.environ[k] for k in SERVER_KEYS if os.environ.get(k)}  # set by the user: they win
     try:
         env = services.client_env(root)
     except GraftError as e:  # a secrets file others can read, say
@@ -77,11 +78,29 @@ def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:
     for key, value in env.items():
         if not os.environ.get(key):
             os.environ[key] = value
-            if not quiet and key not in services.CLIENT_KEYS:  # credentials are never echoed
-                typer.echo(f"using the running server: {key}={value}")
-    if not {"PREFECT_API_URL", "MLFLOW_TRACKING_URI"} & set(env) and not quiet:
-        typer.echo("no graft servers running: using Prefect's temporary local server and the MLflow store in mlruns/")
+    if not quiet:
+        typer.echo(servers_in_use(given, env))
     return env
+
+
+SERVER_KEYS = {"PREFECT_API_URL": "Prefect", "MLFLOW_TRACKING_URI": "MLflow"}
+DEFAULT_SERVERS = {"PREFECT_API_URL": "Prefect's temporary local server", "MLFLOW_TRACKING_URI": "the MLflow store in mlruns/"}
+
+
+def servers_in_use(given: dict[str, str], running: dict[str, str]) -> str:
+    """One line: which Prefect and MLflow this command talks to, and where that came from
+    (the environment, graft's running servers, or the defaults). Credentials never shown."""
+    from graft.base.secrets import mask_url
+
+    said = []
+    for key, name in SERVER_KEYS.items():
+        if key in given:
+            said.append(f"{name} at {mask_url(given[key])} ({key} in the environment)")
+        elif key in running:
+            said.append(f"{name} at {mask_url(running[key])} (the servers `graft server start` runs)")
+        else:
+            said.append(DEFAULT_SERVERS[key] + " (no graft servers running)")
+    return "servers: " + "; ".join(said)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -146,7 +165,7 @@ def run(
     except (ParamsError, GraftError) as e:
         _fail(str(e), BAD_INPUT_EXIT)
     _use_servers(root)
-    from flows import interrupt
+    from flows import interrupt, services
     from flows.pipeline import StageFailed
     from flows.training import training_pipeline
 
@@ -156,6 +175,11 @@ def run(
                                       return_state=True)  # fmt: skip
     except interrupt.Interrupted as e:
         raise typer.Exit(e.exit_code) from None
+    except Exception as e:  # the Prefect server refused this client before the flow could start
+        refused = services.prefect_refused_message(e)
+        if refused is None:
+            raise
+        _fail(refused, BAD_INPUT_EXIT)
     if not state.is_completed():
         try:
             state.result()
@@ -168,6 +192,8 @@ def run(
         except Exception as e:
             from graft.tracking.runs import refused_message
 
+            if services.prefect_refused_message(e):
+                _fail(services.prefect_refused_message(e) or "", BAD_INPUT_EXIT)
             _fail(refused_message(e) or f"the pipeline failed: {type(e).__name__}: {e}")
         _fail(f"the pipeline ended in state {state.name}")
     summary = state.result()
@@ -673,17 +699,21 @@ def _grant(root: Path, auth, username: str, permission: str) -> list[str]:
     return services.grant_project(root, auth, client, name, username, permission)
 
 
+MIN_PASSWORD = 12  # characters: a user's password on the MLflow server
+
+
 def _read_password(password_stdin: bool) -> str:
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    if len(password) < 12:
-        _fail("choose a password of at least 12 characters")
+    if len(password) < MIN_PASSWORD:
+        _fail(f"choose a password of at least {MIN_PASSWORD} characters")
     return password
 
 
-@user_app.command("add")
+@user_app.command("add", help="Create an MLflow user on the project's server (as its admin) and grant it PERMISSION on "
+                  f"the project's experiment and registered model. The password: at least {MIN_PASSWORD} characters.")
 def user_add(
     username: str = typer.Argument(..., help="the new user's name"),
     permission: Permission = typer.Option(Permission.EDIT, help="what the user may do on the project's experiment and registered model"),
@@ -691,7 +721,6 @@ def user_add(
                                         "standard input (scripts) instead of asking twice; never pass it as an argument"),
     project: Path = PROJECT,
 ) -> None:
-    """Create an MLflow user on the project's server (as its admin) and grant it PERMISSION on the project's experiment and registered model."""
     root = project.resolve()
     auth = _admin_client(root)
     password = _read_password(password_stdin)
@@ -837,11 +866,13 @@ def pull(
             _checkout_version_lock(root, version)
         result = remote.pull_all(root)
         restored = remote.restore_from_run_cache(root)
+        restored += [s for s in remote.restore_past_the_lock(root, None, pull=True) if s not in restored]
     except GraftError as e:
         _fail(str(e))
     from flows.pipeline import stale_stages
 
-    typer.echo(f"DVC remote {result['remote']}: {result['fetched']} file(s) fetched, {result['changed']} output(s) checked out")
+    typer.echo(f"DVC remote {result['remote']}: {result['fetched']} object(s) fetched ({result['fetched_mb']:.1f} MB), "
+               f"{result['changed']} output(s) checked out")  # fmt: skip
     if restored:
         typer.echo(f"  restored from the run-cache: {', '.join(restored)}")
     stale = stale_stages(root)

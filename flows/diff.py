@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from flows.reproduce import _cache_dir, cache_object, read_lineage
+from graft.base import fsio
 from graft.base.errors import GraftError
 from graft.config import paths
 from graft.models import modeling
@@ -36,6 +37,7 @@ class Side:
     metrics: dict[str, Any]
     pretrained: dict[str, str]
     version: str | None = None  # a registered version (None: the working copy)
+    weights: str | None = None  # sha256 of the fine-tuned weights (None: not recorded)
 
 
 def version_side(client, name: str, version: str) -> Side:
@@ -43,7 +45,7 @@ def version_side(client, name: str, version: str) -> Side:
     run = client.get_run(lineage.training_run_id)
     return Side(f"v{version}", yaml.safe_load(lineage.params_yaml) or {}, lineage.lock, lineage.metrics,
                 {"source": run.data.tags.get("pretrained_source", "?"), "weights sha256": lineage.pretrained_sha256},
-                version)  # fmt: skip
+                version, lineage.weights_sha256)  # fmt: skip
 
 
 def workspace_side(root: Path) -> Side:
@@ -56,7 +58,8 @@ def workspace_side(root: Path) -> Side:
     return Side(WORKSPACE, yaml.safe_load(need(root / paths.PARAMS).read_text()) or {},
                 yaml.safe_load(need(root / paths.DVC_LOCK).read_text()) or {},
                 json.loads(need(root / paths.METRICS).read_text()),
-                {"source": str(cfg.get("source", "?")), "weights sha256": str(cfg.get("weights_sha256") or "none")})  # fmt: skip
+                {"source": str(cfg.get("source", "?")), "weights sha256": str(cfg.get("weights_sha256") or "none")},
+                weights=fsio.sha256_file(weights) if (weights := root / paths.FINE_TUNED / modeling.WEIGHTS).is_file() else None)  # fmt: skip
 
 
 def params_diff(a: Side, b: Side) -> list[dict[str, Any]]:
@@ -163,6 +166,8 @@ def _model(root: Path, name: str, side: Side):
 def diff(root: Path, client, name: str, a: Side, b: Side, score: bool = True) -> dict[str, Any]:
     return {"model": name, "a": a.label, "b": b.label, "params": params_diff(a, b), "data": data_diff(root, a, b),
             "pretrained": {"a": a.pretrained, "b": b.pretrained, "identical": a.pretrained == b.pretrained},
+            "weights": {"a": a.weights, "b": b.weights,
+                        "identical": a.weights == b.weights if a.weights and b.weights else None},
             "metrics": metrics_diff(a, b), "paired": paired_test(root, name, a, b) if score else None}  # fmt: skip
 
 
@@ -189,6 +194,9 @@ def render(d: dict[str, Any]) -> list[str]:
     for key in ("source", "weights sha256"):
         va, vb = p["a"].get(key), p["b"].get(key)
         lines.append(f"  {key}: {va}" + ("" if va == vb else f" -> {vb}"))
+    w = d["weights"]
+    same = {True: "byte-identical", False: "different", None: "not recorded on both"}[w["identical"]]
+    lines += ["", f"fine-tuned weights: {same} (sha256 {str(w['a'])[:12]}" + ("" if w["a"] == w["b"] else f" -> {str(w['b'])[:12]}") + ")"]
     lines += ["", f"metrics ({a} -> {b}):"]
     for key, r in d["metrics"]["headline"].items():
         lines.append(f"  {key:<10} {_f(r['a'])} -> {_f(r['b'])}  {_delta(r['delta'])}")

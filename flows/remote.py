@@ -12,7 +12,9 @@ run pushes again (DVC sends only what the remote lacks).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,52 @@ def pull_run_cache(root: Path, logger) -> bool:
     return True
 
 
+MISSING_MARK = "do not exist neither locally nor on remote"  # DVC's warning, then a "name: ..." line per file
+
+
+class MissingOutputs:
+    """DVC's warning about files dvc.lock names that are in no cache and on no remote: a
+    line per file, repeated by every pull of a stage. Gathered here and said once, in
+    words a person acts on (:meth:`summary`)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self._listing = False
+
+    def swallow(self, line: str) -> bool:
+        """True for a line of that warning (taken note of, not to be shown)."""
+        if MISSING_MARK in line:
+            self._listing = True
+            return True
+        if self._listing and line.lstrip().startswith("name: "):
+            self.names.add(line.strip()[len("name: "):].split(",")[0])
+            return True
+        self._listing = False
+        return False
+
+    def summary(self, who: str) -> str | None:
+        if not self.names:
+            return None
+        return (f"{who}: dvc.lock names {len(self.names)} file(s) that are in no DVC cache and on no remote (a lock "
+                "committed from a run that never pushed): what DVC cannot restore is computed here")  # fmt: skip
+
+
+class _Gather(logging.Filter):
+    """Takes DVC's in-process missing-files warning off the log, into a MissingOutputs."""
+
+    def __init__(self, notes: MissingOutputs):
+        super().__init__()
+        self.notes = notes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lines = record.getMessage().splitlines()
+        if not lines or MISSING_MARK not in lines[0]:
+            return True
+        for line in lines:
+            self.notes.swallow(line)
+        return False
+
+
 def pull(root: Path, stages: list[str], logger) -> list[str]:
     """Pull, from the default remote, the outputs dvc.lock records for those of ``stages``
     whose outputs are missing here; return those of ``stages`` up to date afterwards."""
@@ -229,12 +277,19 @@ def pull(root: Path, stages: list[str], logger) -> list[str]:
         return []
     from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
 
+    notes, dvc_log = MissingOutputs(), logging.getLogger("dvc.data_cloud")
+    gather = _Gather(notes)
+    dvc_log.addFilter(gather)
     try:
         with Repo(str(root)) as repo:
             repo.pull(targets=[f"{root / 'dvc.yaml'}:{s}" for s in wanted], run_cache=True, allow_missing=True)
     except Exception as e:
         logger.warning("pull failed, the stages run here instead: %s", error_message(remote, e))
         return []
+    finally:
+        dvc_log.removeFilter(gather)
+    if notes.summary(f"DVC remote {remote}"):
+        logger.warning("%s", notes.summary(f"DVC remote {remote}"))
     # Every stage the pull brought up to date: those whose outputs it restored, and those
     # downstream whose only change was those missing inputs (their own outputs are in git).
     still = set(stale_stages(root, stages))
@@ -255,11 +310,65 @@ def pull_all(root: Path) -> dict[str, Any]:
         raise GraftError(f"{root}: no default DVC remote to pull from; add one with `dvc remote add -d NAME URL`")
     try:
         with Repo(str(root)) as repo:
-            stats = repo.pull(run_cache=True, allow_missing=True) or {}
+            before = cache_bytes(repo)
+            result = repo.pull(run_cache=True, allow_missing=True) or {}
+            arrived = cache_bytes(repo) - before
     except Exception as e:
         raise GraftError(error_message(remote, e)) from e
-    return {"remote": remote, "fetched": stats.get("fetched", 0),
-            "changed": sum(len(stats.get(k) or []) for k in ("added", "modified"))}  # fmt: skip
+    # DVC's counts: "stats" holds the objects fetched; the top level, per output, what was checked out.
+    return {"remote": remote, "fetched": int(result.get("stats", {}).get("fetched", 0)), "fetched_mb": arrived / 1e6,
+            "changed": sum(len(result.get(k) or []) for k in ("added", "modified"))}  # fmt: skip
+
+
+def cache_bytes(repo) -> int:
+    """The bytes this DVC cache holds."""
+    root = Path(repo.cache.local.path)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+
+
+def restore_past_the_lock(root: Path, stages: list[str] | None, pull: bool, logger=None) -> list[str]:
+    """Restore from DVC's run-cache the stale stages whose dvc.lock entry names outputs that
+    exist nowhere (neither in this cache nor on the remote), such as a committed lock from
+    a run on another machine that never pushed.
+
+    DVC takes a stage's lock entry whenever the stage's code, params and inputs match it,
+    and so never reads its run-cache for that stage (``StageCache.restore``): a teammate's
+    clone retrains what the remote's run-cache holds, the same inputs run elsewhere. Here
+    such a stage forgets the outputs its lock names, DVC looks its inputs up in the
+    run-cache and checks the outputs out, and the lock entry is rewritten to name them.
+    Stages whose lock outputs can be had, or that changed, are left to ``dvc repro``.
+    ``stages``: those to consider (None: all); ``pull``: the run-cache's outputs may come
+    from the remote. Returns the stages restored."""
+    from dvc.repo import Repo  # DVC's API: ~0.3 s of import (its repo more), paid where the graph is read
+
+    restored: list[str] = []
+    # DVC's run-cache builds the cached stage from the relative path "dvc.yaml": it works
+    # from the repository's root only, as DVC's own commands do.
+    with contextlib.chdir(root), Repo(str(root)) as repo, repo.lock:
+        for name in pipeline(root).order:
+            if stages is not None and name not in stages:
+                continue
+            stage = repo.stage.collect(f"{root / 'dvc.yaml'}:{name}")[0]
+            try:
+                if not stage.status():
+                    continue
+                lock_applies = not stage.changed_stage() and stage.deps_cached() and all(o.hash_info for o in stage.outs)
+                if not lock_applies or stage.outs_cached():
+                    continue  # changed (the run-cache is read anyway), or the lock's outputs are at hand
+                for out in stage.outs:
+                    out.clear()
+                repo.stage_cache.restore(stage, pull=pull)
+                stage.save(run_cache=False)
+                stage.dump(update_pipeline=False)
+            except Exception as e:  # no run-cache entry, an output on no remote either: the stage runs
+                if logger is not None:
+                    logger.debug("%s: not restored from the run-cache (%s: %s)", name, type(e).__name__, e)
+                continue
+            restored.append(name)
+    if restored and logger is not None:
+        logger.info("restored from DVC's run-cache (the same inputs ran elsewhere; the outputs dvc.lock named are on "
+                    "no remote): %s", ", ".join(restored))  # fmt: skip
+    return restored
 
 
 def restore_from_run_cache(root: Path) -> list[str]:
@@ -271,7 +380,7 @@ def restore_from_run_cache(root: Path) -> list[str]:
     from dvc.stage.cache import RunCacheNotFoundError  # DVC's API: imported where used
 
     restored = []
-    with Repo(str(root)) as repo, repo.lock:
+    with contextlib.chdir(root), Repo(str(root)) as repo, repo.lock:  # from the root: see restore_past_the_lock
         for name in pipeline(root).order:
             stage = repo.stage.collect(f"{root / 'dvc.yaml'}:{name}")[0]
             if not stage.status():

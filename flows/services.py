@@ -318,6 +318,27 @@ def client_env(root: Path) -> dict[str, str]:
 # --- users of the MLflow server (its basic-auth app), managed as its admin ---------------
 
 
+def prefect_refused_message(exc: BaseException) -> str | None:
+    """A message for a person when ``exc`` means the Prefect server refused this client
+    (401/403: a missing or wrong auth string); None otherwise. As for MLflow's refusal
+    (:func:`graft.tracking.runs.refused_message`), retrying does not help: the setting does."""
+    import httpx  # Prefect's HTTP client (a dependency of Prefect's): imported where a refusal is read
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, httpx.HTTPStatusError) and e.response.status_code in (401, 403):
+            url = secrets.mask_url(str(e.request.url).split("/api/", 1)[0] + "/api")
+            given = os.environ.get("PREFECT_API_AUTH_STRING")
+            what = "the PREFECT_API_AUTH_STRING it was given" if given else "a request without PREFECT_API_AUTH_STRING"
+            return (f"the Prefect server at {url} refused {what} ({e.response.status_code}): set PREFECT_API_AUTH_STRING "
+                    "to the server's user:password (PREFECT_SERVER_API_AUTH_STRING in the server's .graft/secrets.yaml), "
+                    "in the environment or in this project's .graft/secrets.yaml")  # fmt: skip
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def admin_client(root: Path):
     """MLflow's user-management client for the project's server, as its admin (the
     password from the environment or the secrets file, never from an argument)."""
@@ -332,7 +353,11 @@ def admin_client(root: Path):
     os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or secrets.ADMIN_USER
     os.environ["MLFLOW_TRACKING_PASSWORD"] = password
     os.environ["MLFLOW_TRACKING_URI"] = url
-    from mlflow.server.auth.client import AuthServiceClient  # MLflow's own admin client, only for this command
+    import warnings
+
+    with warnings.catch_warnings():  # its import pulls MLflow's server app, whose Starlette WSGI shim warns: not ours to fix
+        warnings.filterwarnings("ignore", message=r"starlette\.middleware\.wsgi is deprecated")
+        from mlflow.server.auth.client import AuthServiceClient  # MLflow's own admin client, only for this command
 
     return AuthServiceClient(url)
 

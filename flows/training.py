@@ -85,6 +85,7 @@ def run_stage(root: str, stage: str, env: dict[str, str], from_remote: bool = Fa
         text=True, start_new_session=True,  # its own process group: a timeout kills the stage too
     )  # fmt: skip
     lines: list[str] = []
+    missing = remote.MissingOutputs()  # DVC's per-file warning, said once below
     # The output is read by a helper thread: Prefect's timeout reaches a task running in a
     # worker thread as an exception injected between bytecodes, which a read blocked on a
     # silent stage would never see. Waiting on the queue returns to Python every second.
@@ -105,10 +106,12 @@ def run_stage(root: str, stage: str, env: dict[str, str], from_remote: bool = Fa
             if raw is None:
                 break
             line = raw.rstrip("\n").rsplit("\r", 1)[-1].rstrip()  # last redraw of a progress bar
-            if line and not line.lstrip().startswith(DVC_HINTS):
+            if line and not line.lstrip().startswith(DVC_HINTS) and not missing.swallow(line):
                 lines.append(line)
                 logger.info(line)
         code = proc.wait()
+        if missing.summary(stage):
+            logger.warning("%s", missing.summary(stage))
     except BaseException:  # timeout, cancellation, Ctrl-C: never leave the stage running
 
         kill_group(proc.pid, grace=10)
@@ -190,7 +193,7 @@ def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None
     finally:
         lock.release()
     decision = summary.get("decision") or {}
-    if summary["stages"].get("register") == "ran" and decision.get("alias") == "champion":
+    if summary["stages"].get("register") == "ran" and decision.get("alias") == "champion" and not decision.get("same_as"):
         notify(root, "promoted", {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name,
                                   "model_name": decision.get("model_name"), "version": decision.get("version"),
                                   "reason": decision.get("reason"), "metrics": summary.get("metrics")}, logger)  # fmt: skip
@@ -219,6 +222,10 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
     # Stages still stale may have run elsewhere (a worker's run, whose dvc.lock stayed
     # there): with the remote's run-cache, DVC restores them instead of running them.
     from_remote = remote.pull_run_cache(root, logger) if stale else False
+    # Of those, the ones whose dvc.lock names outputs that exist nowhere (a lock committed
+    # from another machine): DVC would take the lock's entry and retrain; the run-cache has them.
+    past_lock = remote.restore_past_the_lock(root, stale, from_remote, logger) if stale else []
+    stale = [s for s in stale if s not in past_lock]
     planned = graph.downstream_of(set(stale))
     parent_id = None
     client = None
@@ -267,7 +274,11 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
                 if failure is None:  # a crash of the task itself
                     state.result()  # raises it
                 raise failure
-            results[stage] = "pulled" if stage in pulled and state.result() == "cached" else state.result()
+            results[stage] = state.result()
+            if results[stage] == "cached" and stage in pulled:
+                results[stage] = "pulled"
+            elif results[stage] == "cached" and stage in past_lock:
+                results[stage] = "restored"
     except BaseException:
         if client and parent_id:
             try:

@@ -14,8 +14,7 @@ from typing import Any
 
 from graft.base import fsio
 from graft.config.params import DEFAULT_PARAMS, RegisterParams, load_section
-from graft.promotion.register import format_decision, params_hash, register
-from graft.registry import rules as registry
+from graft.promotion.register import alias_of, format_decision, params_hash, register
 from graft.stage import stage_main, thread_sizer
 from graft.tracking import runs as tracking
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     mlflow.MlflowClient().set_tag(run_id, tracking.REGISTERED_TAG, f"{params.model_name}/{version}")
     report: dict[str, Any] = {"model_name": params.model_name, "version": version,
-                              "alias": registry.CHAMPION if decision.promote else registry.CHALLENGER, **decision.to_json()}  # fmt: skip
+                              "alias": alias_of(decision), **decision.to_json()}  # fmt: skip
     fsio.write_json(args.decision, report)
     print(format_decision(decision, params.model_name, version))
     print(f"register: decision written to {args.decision}")

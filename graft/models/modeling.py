@@ -5,6 +5,8 @@ through :func:`to_input`, so they feed the model identically."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,6 +135,20 @@ def load_config(model_dir: Path) -> ModelConfig:
     if not path.is_file():
         raise GraftError(f"{path}: not found; is {model_dir} a graft model directory?")
     return ModelConfig.from_json(fsio.read_json(path))
+
+
+def identity(model_dir: Path) -> str:
+    """The sha256 of what a saved model serves: its weights, its config (classes, input,
+    test-time augmentation: the :class:`ModelConfig`, not the training's timings written
+    beside it) and its assets. Two trainings that end with the same model share it, and
+    register keeps one version of a model (:func:`graft.registry.rules.version_of_model`)."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256(fsio.sha256_file(model_dir / WEIGHTS).encode())
+    h.update(json.dumps(load_config(model_dir).to_json(), sort_keys=True).encode())
+    assets = model_dir / ASSETS
+    for f in sorted(p for p in assets.rglob("*") if p.is_file()) if assets.is_dir() else []:
+        h.update(f"\0{f.relative_to(assets).as_posix()}\0{fsio.sha256_file(f)}".encode())
+    return h.hexdigest()
 
 
 def load(model_dir: Path, device=None):

@@ -49,6 +49,10 @@ class Decision:
     # serving cost measured side by side in the deciding process (graft.models.serving.serving_cost)
     candidate_serving: dict[str, float] | None = None
     champion_serving: dict[str, float] | None = None
+    # A candidate that is the very model an existing version serves: that version, and the
+    # alias it holds (None: none). Nothing was registered; the run is linked to it.
+    same_as: str | None = None
+    same_as_alias: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -131,6 +131,10 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     for line in registry.repair(client, params.model_name):
         print(f"register: repaired: {line}")
     samples = gate.load_test_samples(raw_dir, prepared_dir)
+    identity = modeling.identity(model_dir)
+    same = registry.version_of_model(client, params.model_name, identity)
+    if same is not None:  # a rerun that ended with the very same model: one model, one version
+        return already_registered(client, params.model_name, same, identity, run_id, metrics, len(samples)), str(same.version)
     distilled = fsio.read_json(model_dir / modeling.CONFIG).get("distilled_from")
     if distilled:  # the teachers this student learnt from, on its registry entry
 
@@ -152,7 +156,7 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     # server refuses the source. The version is pending until its alias is set: a kill
     # before that leaves it for repair() to delete.
     mv = client.create_model_version(params.model_name, info.model_uri, run_id=run_id, model_id=info.model_id,
-                                     tags={**tags, registry.STATE_TAG: "pending"})  # fmt: skip
+                                     tags={**tags, registry.MODEL_TAG: identity, registry.STATE_TAG: "pending"})  # fmt: skip
     version = str(mv.version)
     fault_point("after_create")
     try:
@@ -189,8 +193,34 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     return decision, version
 
 
+def already_registered(client, name: str, mv, identity: str, run_id: str, metrics: dict[str, float],
+                       n: int) -> gate.Decision:  # fmt: skip
+    """The candidate is the very model version ``mv`` serves: link the run to it and
+    register nothing (a second version of one model would be a challenger against itself)."""
+    version = str(mv.version)
+    alias = registry.held_alias(client.get_model_version(name, version))  # a search's results carry no aliases
+    registry.link_run(client, name, version, run_id)
+    champion = registry.alias_version(client, name, registry.CHAMPION)
+    reason = (f"the same model as v{version} (weights, config and assets: sha256 {identity[:12]}...): "
+              f"not registered again; this run is linked to v{version}")  # fmt: skip
+    if alias != registry.CHAMPION:
+        reason += f"; to make it champion: graft promote {version}"
+    accuracy = float(metrics.get("accuracy", mv.tags.get("test_accuracy", 0.0)))
+    return gate.Decision(False, reason, accuracy, str(champion.version) if champion else None, None, None, n,
+                         same_as=version, same_as_alias=alias)  # fmt: skip
+
+
+def alias_of(decision: gate.Decision) -> str:
+    """The alias the registered (or matched) version holds after register."""
+    if decision.same_as is not None:
+        return decision.same_as_alias or "no alias"
+    return registry.CHAMPION if decision.promote else registry.CHALLENGER
+
+
 def format_decision(decision: gate.Decision, name: str, version: str) -> str:
-    alias = registry.CHAMPION if decision.promote else registry.CHALLENGER
+    alias = alias_of(decision)
+    if decision.same_as is not None:
+        return f"register: {name} v{version} again ({alias}): nothing new registered\n  reason: {decision.reason}"
     lines = [f"register: {name} v{version} -> {alias}", f"  reason: {decision.reason}",
              f"  candidate test accuracy {decision.candidate_accuracy:.4f} on {decision.n} test samples"]  # fmt: skip
     if decision.champion_accuracy is not None:

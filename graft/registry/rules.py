@@ -27,6 +27,11 @@ from graft.tracking.runs import host_creds
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_PREFIX = "graft.alias_history."
 STATE_TAG = "graft.state"  # on a model version: pending until its alias is set, then ready
+# On a model version: graft.models.modeling.identity of what it serves. One model, one
+# version: a run that ends with the very same model is linked to it, not registered again.
+MODEL_TAG = "graft.model_sha256"
+ALSO_TAG = "graft.also_registered_by"  # on a model version: the later runs that ended with it
+ALSO_KEPT = 100  # run ids kept in ALSO_TAG (a tag value holds 5,000 characters)
 
 
 # --- aliases with history (MLflow) ---------------------------------------------------------
@@ -40,6 +45,28 @@ def alias_version(client, name: str, alias: str):
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def version_of_model(client, name: str, identity: str):
+    """The ready version of ``name`` that serves exactly this model (its :data:`MODEL_TAG`
+    is ``identity``), or None. Versions registered before the tag existed are not matched."""
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get(MODEL_TAG) == identity and mv.tags.get(STATE_TAG, "ready") == "ready":
+            return mv
+    return None
+
+
+def link_run(client, name: str, version: str, run_id: str) -> None:
+    """Record on ``version`` that ``run_id`` ended with the very model it serves."""
+    mv = client.get_model_version(name, version)
+    runs = [r for r in mv.tags.get(ALSO_TAG, "").split(",") if r and r != run_id]
+    client.set_model_version_tag(name, version, ALSO_TAG, ",".join([*runs, run_id][-ALSO_KEPT:]))
+
+
+def held_alias(mv) -> str | None:
+    """The alias of graft's that a version holds (champion first), or None."""
+    aliases = set(getattr(mv, "aliases", None) or [])
+    return next((a for a in (CHAMPION, CHALLENGER) if a in aliases), None)
 
 
 def _history_tags(client, name: str) -> list[tuple[str, dict[str, Any]]]:

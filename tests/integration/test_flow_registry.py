@@ -136,6 +136,28 @@ def test_flow_registers_promotes_and_rolls_back(prefect_harness, project_run_env
     assert len(all_runs()) == runs_before and len(client.search_model_versions("name='graft-classifier'")) == 1
     assert restored["remote"]["ok"]
 
+    # Another teammate's clone holds a dvc.lock committed from a machine that never pushed:
+    # the same inputs, another fine-tuned model (its md5 everywhere the lock names it),
+    # which no cache or remote has. DVC alone would take that lock's entry and retrain; the
+    # remote's run-cache has this very stage run, so it is restored and nothing trains.
+    clone2 = tmp_path / "teammate2"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone2)], check=True)
+    ours = lock_md5(clone2, "fine_tune", "models/fine_tuned")
+    elsewhere = "0123456789abcdef0123456789abcdef.dir"  # an output on no cache and no remote
+    (clone2 / "dvc.lock").write_text((clone2 / "dvc.lock").read_text().replace(ours, elsewhere))
+    assert lock_md5(clone2, "fine_tune", "models/fine_tuned") == elsewhere
+    stage_runs = lambda: [r for r in all_runs() if r.data.tags.get("graft.kind") != "flow"]  # noqa: E731
+    stage_runs_before = len(stage_runs())
+    past_lock = training_pipeline(project_dir=str(clone2))
+    assert past_lock["stages"]["fine_tune"] == "restored", past_lock["stages"]
+    assert set(past_lock["stages"].values()) <= {"pulled", "restored", "cached"}, past_lock["stages"]  # nothing ran
+    assert (clone2 / "models/fine_tuned/weights.pt").read_bytes() == (project / "models/fine_tuned/weights.pt").read_bytes()
+    assert lock_md5(clone2, "fine_tune", "models/fine_tuned") == ours  # the lock now names what is there
+    logs = prefect_logs(past_lock["flow_run_id"])
+    assert "neither locally nor on remote" not in logs and "name: models/fine_tuned" not in logs  # DVC's per-file list
+    assert "restored from DVC's run-cache" in logs, logs[-3000:]
+    assert len(stage_runs()) == stage_runs_before and len(client.search_model_versions("name='graft-classifier'")) == 1
+
     # 3. Nothing changed: every stage is cached and nothing new is registered.
     second = training_pipeline(project_dir=str(project))
     assert set(second["stages"].values()) == {"cached"}

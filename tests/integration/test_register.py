@@ -61,11 +61,55 @@ def test_failure_after_version_created_is_undone(candidate, monkeypatch):
 
     monkeypatch.setattr(registry, "move_alias", broken)
     with pytest.raises(GraftError, match=r"(?s)failed: ConnectionError: registry went away.*v2: .*version deleted"):
-        register(model_dir, raw, prepared, params, run_id, {}, {})
+        register(flipping(model_dir), raw, prepared, params, run_id, {}, {})
     assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
     assert str(registry.alias_version(client, NAME, "champion").version) == "1"
     assert registry.alias_version(client, NAME, "challenger") is None
     assert len(registry.history(client, NAME)) == 1
+
+
+def flipping(model_dir):
+    """Another model: the same weights served with test-time flips (another config)."""
+    import shutil
+
+    from graft.training.fine_tune import with_tta
+
+    other = model_dir.parent / f"{model_dir.name}-flipping"
+    shutil.copytree(model_dir, other)
+    model, cfg = modeling.load(other)
+    modeling.save(other, model, with_tta(cfg, "hflip"))
+    return other
+
+
+def test_the_very_same_model_is_not_registered_twice(candidate):
+    """A rerun that ends with the same weights, config and assets (timings aside) gets no
+    second version: register names the version, links the run to it, moves no alias."""
+    import json
+    import shutil
+
+    import mlflow
+
+    model_dir, raw, prepared, run_id = candidate
+    params = RegisterParams(model_name=NAME, min_accuracy=0.0, min_improvement=0.0)
+    first, version = register(model_dir, raw, prepared, params, run_id, {}, {"accuracy": 0.5})
+    assert first.promote and version == "1" and first.same_as is None
+    retrained = model_dir.parent / "retrained"  # the same model, other training timings beside it
+    shutil.copytree(model_dir, retrained)
+    cfg = json.loads((retrained / "model.json").read_text())
+    (retrained / "model.json").write_text(json.dumps({**cfg, "training": {"train_seconds": 123.4}}))
+    with mlflow.start_run() as later:
+        pass
+    again, same = register(retrained, raw, prepared, params, later.info.run_id, {}, {"accuracy": 0.5})
+    assert (same, again.same_as, again.same_as_alias, again.promote) == ("1", "1", "champion", False)
+    assert "the same model as v1" in again.reason and "linked to v1" in again.reason
+    client = mlflow.MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
+    v1 = client.get_model_version(NAME, "1")
+    assert v1.tags[registry.ALSO_TAG] == later.info.run_id and v1.tags[registry.MODEL_TAG] == modeling.identity(model_dir)
+    assert len(registry.history(client, NAME)) == 1  # no alias moved
+    # Another config with the same weights is another model: a version of its own.
+    _, other = register(flipping(model_dir), raw, prepared, params, run_id, {}, {})
+    assert other == "2"
 
 
 def test_the_gate_scores_each_model_at_its_own_preprocessing(candidate):

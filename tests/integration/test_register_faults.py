@@ -87,7 +87,8 @@ def test_kill_during_register_then_rerun_leaves_a_consistent_registry(trained, p
     assert champion != "1"
     assert [h["to_version"] for h in hist if h["alias"] == "champion" and h["state"] == "done"] == ["1", champion]
     if point == "after_alias":
-        assert champion == "2" and len(versions) == 3  # v2 completed by repair; the rerun made v3 (challenger)
+        # v2 completed by repair; the rerun ended with that very model: linked to v2, no v3
+        assert champion == "2" and len(versions) == 2 and f"{name} v2 again (champion)" in rerun.stdout
     else:
         assert sorted(int(v.version) for v in versions) == [1, 3]  # v2 was deleted, the rerun made v3
     # Rollback goes back to the true previous champion.
@@ -256,6 +257,8 @@ def test_diff_between_versions_and_against_the_working_copy(trained):
     versions = json.loads(graft_diff("1", "2", "--json"))
     assert [p["key"] for p in versions["params"]] == ["fine_tune.lr"] and versions["params"][0]["b"] == 0.001
     assert versions["data"]["identical"] and versions["pretrained"]["identical"]
+    assert versions["weights"]["identical"] is False and len(versions["weights"]["a"]) == 64  # another lr, other weights
+    assert "fine-tuned weights: byte-identical" in graft_diff("1", "1")
     headline = versions["metrics"]["headline"]["accuracy"]
     assert headline["delta"] == pytest.approx(headline["b"] - headline["a"])
     assert set(versions["metrics"]["per_class_f1"]) >= {"Bag", "Sandal"}

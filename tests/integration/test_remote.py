@@ -43,6 +43,14 @@ def test_an_ssh_remote_carries_the_bytes_through_a_real_sshd(sshd, project, tmp_
     restored = remote.pull(clone, stale_stages(clone), logger)
     assert set(restored) == {"ingest", "validate", "preprocess", "load_pretrained"}
     assert (clone / "data/prepared/train_x.npy").read_bytes() == (project / "data/prepared/train_x.npy").read_bytes()
+    # `graft pull` in another fresh clone counts what arrived: every object the remote holds.
+    clone2 = tmp_path / "clone2"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone2)], check=True)
+    assert dvc(clone2, "remote", "modify", "--local", "team", "keyfile", str(sshd.key)).returncode == 0
+    pulled = remote.pull_all(clone2)
+    objects = [p for p in stored if "files" in p.relative_to(sshd.home / "dvc-store").parts]
+    assert pulled["fetched"] == len(objects) > 0 and pulled["changed"] >= 4, pulled  # the four stages' outputs
+    assert pulled["fetched_mb"] > 0.1, pulled
 
     # A wrong key, an unreachable host, a full disk: the message names the remote and what
     # to do, nothing local is lost, and the run waits to be pushed.

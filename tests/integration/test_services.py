@@ -205,7 +205,7 @@ def noop_run_without_servers(project, env, tmp_path):
                          env=clean, capture_output=True, text=True, timeout=300)  # fmt: skip
     said = res.stdout[-2000:] + res.stderr[-3000:]
     assert res.returncode == 0, said
-    assert "no graft servers running" in res.stdout and "stages run:    none" in res.stdout, said
+    assert "servers: Prefect's temporary local server (no graft servers running)" in res.stdout and "stages run:    none" in res.stdout, said
 
     db = sqlite3.connect(home / "prefect.db")
     try:

@@ -191,6 +191,16 @@ def test_both_apis_refuse_requests_without_credentials(team):
     assert again.returncode == 1 and "already runs at" in again.stderr and "(with credentials)" in again.stderr
 
 
+def test_a_wrong_prefect_auth_string_is_one_line_naming_the_setting(team):
+    """As a wrong MLflow password is: exit 2, the setting named, no traceback, nothing run."""
+    res = graft(team.project, "run", env={**team.carol, "PREFECT_API_AUTH_STRING": "graft:wrong-password"},
+                log=team.outputs)  # fmt: skip
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "refused the PREFECT_API_AUTH_STRING it was given (401)" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "stages run" not in res.stdout, res.stderr[-3000:]
+    assert "wrong-password" not in res.stdout + res.stderr  # a credential is never echoed
+
+
 def test_run_with_credentials_registers_a_champion_in_postgres(team):
     assert team.run.returncode == 0, team.run.stdout[-3000:] + team.run.stderr[-3000:]
     assert "graft-classifier v1 is champion" in team.run.stdout
@@ -248,18 +258,24 @@ def test_run_output_is_clean_and_a_register_rerun_logs_into_a_run_of_its_own(tea
 
     again = graft(team.project, "run", "--set", "register.alpha=0.01", env=team.erin, log=team.outputs)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "stages run:    register" in again.stdout and f"{MODEL} v2 is challenger" in again.stdout
+    # The same model as v1: linked to it, not registered a second time.
+    assert "stages run:    register" in again.stdout and f"{MODEL} v1 is champion" in again.stdout
+    assert "the same model as v1" in again.stdout, again.stdout[-3000:]
     client = mlflow.MlflowClient(tracking_uri=team.state["mlflow"]["url"])
     os.environ.update(team.carol)
     try:
-        v1, v2 = (client.get_model_version(MODEL, v) for v in ("1", "2"))
-        run = client.get_run(v2.run_id)
+        versions = client.search_model_versions(f"name='{MODEL}'")
+        v1 = client.get_model_version(MODEL, "1")
+        (linked,) = v1.tags["graft.also_registered_by"].split(",")
+        run = client.get_run(linked)
         old = client.get_run(v1.run_id)
     finally:
         for key in team.carol:
             os.environ.pop(key, None)
-    assert v2.run_id != v1.run_id and run.data.tags["graft.training_run_id"] == v1.run_id == v2.tags["training_run_id"]
+    assert [str(v.version) for v in versions] == ["1"]
+    assert linked != v1.run_id and run.data.tags["graft.training_run_id"] == v1.run_id == v1.tags["training_run_id"]
     assert run.data.metrics["test_accuracy"] == old.data.metrics["test_accuracy"]
+    assert run.data.tags["graft.registered_version"] == f"{MODEL}/1"  # the new run names the version it ended with
     assert old.data.tags["graft.registered_version"] == f"{MODEL}/1"  # the old run keeps exactly its own registration
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import copy_project, requires_fashion_mnist, set_params
+from tests.conftest import committed, copy_project, requires_fashion_mnist, set_params
 from tests.integration.conftest import kill_all
 from tests.integration.test_flow_registry import TINY
 from tests.integration.test_services import free_port, set_config
@@ -129,6 +129,8 @@ def test_a_worker_on_machine_b_retrains_what_machine_a_scheduled(sshd, tmp_path)
 
     # Machine A: the project, its DVC remote over SSH (in git: .dvc/config), pushed.
     project = copy_project(a.dir / "project")
+    # As the repository ships: a committed dvc.lock from a run whose outputs are on no remote.
+    (project / "dvc.lock").write_text(committed("dvc.lock"))
     set_params(project, **TINY)
     set_config(project, servers={"prefect": {"port": free_port()}, "mlflow": {"port": free_port()}},
                workers={"crashed_after_seconds": 45})  # a dead worker's run is Crashed 45 s after its last heartbeat

@@ -173,3 +173,23 @@ def test_a_checkout_for_workers_must_be_on_the_repository_they_clone(tmp_path):
     assert prepare["prefect.deployments.steps.run_shell_script"]["directory"] == "{{ clone.directory }}"
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True).stdout.strip()
     assert pull_steps(checkout_for(work, commit=sha))[0]["prefect.deployments.steps.git_clone"]["commit_sha"] == sha
+
+
+def test_dvcs_missing_files_warning_is_said_once_with_its_count():
+    """DVC lists every file dvc.lock names that no cache or remote has, again on each pull:
+    the flow keeps one line, counting distinct files."""
+    from flows.remote import MissingOutputs
+
+    notes = MissingOutputs()
+    output = ["Running stage 'fine_tune':",
+              "WARNING: Some of the cache files do not exist neither locally nor on remote. Missing cache files:",
+              "name: models/fine_tuned/weights.pt, md5: 0123", "name: models/fine_tuned/model.json, md5: 4567",
+              "> python -m stages.fine_tune",
+              "WARNING: Some of the cache files do not exist neither locally nor on remote. Missing cache files:",
+              "name: models/fine_tuned/weights.pt, md5: 0123",
+              "epoch 1/2: train loss 2.3"]  # fmt: skip
+    shown = [line for line in output if not notes.swallow(line)]
+    assert shown == ["Running stage 'fine_tune':", "> python -m stages.fine_tune", "epoch 1/2: train loss 2.3"]
+    said = notes.summary("fine_tune")
+    assert said is not None and said.startswith("fine_tune: dvc.lock names 2 file(s) that are in no DVC cache and on no remote")
+    assert MissingOutputs().summary("x") is None
