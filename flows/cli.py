@@ -378,8 +378,10 @@ def reproduce(
     color = {rep.IDENTICAL: typer.colors.GREEN, rep.WITHIN: typer.colors.YELLOW}.get(outcome, typer.colors.RED)
     typer.secho(f"{name} v{version}: {outcome} (reproduction run {run_id}, {minutes:.1f} min)", fg=color, bold=True)
     if outcome == rep.WITHIN:
-        typer.echo("  every input identical, figures within tolerance (docs: README, 'Reproducing a model'): "
+        typer.echo("  every input identical, figures within tolerance (docs: How reproducibility works): "
                    "expected on other hardware only")  # fmt: skip
+    if why := rep.why_weights_differ(rows):
+        typer.echo(f"  {why}")
     if outcome == rep.DIFFERS:
         raise typer.Exit(1)
 

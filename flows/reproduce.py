@@ -72,6 +72,7 @@ class Lineage:
     params: dict[str, str] = field(default_factory=dict)
     cpu_kernels: str | None = None  # ATen's level at training (graft/base/kernels.py); None before it was recorded
     threads: str | None = None  # the training's torch thread pool (graft/base/threads.py TAG); None before it was recorded
+    torch: str | None = None  # torch's version at training (graft/base/kernels.py TORCH_TAG); None before it was recorded
 
 
 @dataclass
@@ -131,7 +132,7 @@ def read_lineage(client, name: str, version: str) -> Lineage:
                    pretrained_sha256=run.data.tags.get("pretrained_weights_sha256", "none"),
                    weights_sha256=run.data.tags.get(tracking.WEIGHTS_TAG), metrics=metrics,
                    params=dict(run.data.params), cpu_kernels=run.data.tags.get(kernels.TAG),
-                   threads=run.data.tags.get(threads.TAG))  # fmt: skip
+                   threads=run.data.tags.get(threads.TAG), torch=run.data.tags.get(kernels.TORCH_TAG))  # fmt: skip
 
 
 def _evaluation_metrics(client, run_ids: list[str], tmp: Path) -> dict[str, Any]:
@@ -286,22 +287,26 @@ def rerun(worktree: Path, lineage: Lineage, echo: Callable[[str], None]) -> None
 
 
 def thread_pin(recorded: str | None, forced: str | None, echo: Callable[[str], None]) -> dict[str, str]:
-    """The environment that reruns the training at its recorded thread count (the same
-    seeded training adds up in other orders at another count: other last bits, other
-    figures). A count the user forces (``GRAFT_THREADS``) wins, with a word on it."""
+    """The environment that reruns the training at its recorded thread pool, step for step
+    (the same seeded training adds up in other orders at another count: other last bits,
+    other figures). A count the user forces (``GRAFT_THREADS``) wins, with a word on it."""
     pool = threads.recorded_pool(recorded)
     if pool is None:
         return {}
     n, changed = pool
-    if forced and forced.strip() != str(n):
-        echo(f"  torch threads: {forced.strip()}, as {threads.FORCE_ENV} forces (the training started with {n}): "
+    schedule = threads.recorded_schedule(recorded)
+    if forced and (changed or forced.strip() != str(n)):
+        echo(f"  torch threads: {forced.strip()}, as {threads.FORCE_ENV} forces (the training ran at {recorded}): "
              "expect figures within tolerance, not identical weights")  # fmt: skip
         return {}
-    if changed:
+    if changed and schedule is None:  # recorded in seconds, before graft kept the steps
         echo(f"  torch threads: {n} throughout; the training started with {n} but re-sized its pool to the machine's "
              f"load ({recorded}): expect figures within tolerance, not identical weights")  # fmt: skip
-    else:
-        echo(f"  torch threads: {n}, as at training ({threads.FORCE_ENV}={n})")
+        return {threads.FORCE_ENV: str(n)}
+    if changed:
+        echo(f"  torch threads: as at training, replayed step for step ({threads.SCHEDULE_ENV}={recorded})")
+        return {threads.SCHEDULE_ENV: threads.describe_schedule(schedule or [])}
+    echo(f"  torch threads: {n}, as at training ({threads.FORCE_ENV}={n})")
     return {threads.FORCE_ENV: str(n)}
 
 
@@ -347,6 +352,7 @@ def compare(lineage: Lineage, worktree: Path, client) -> tuple[list[Row], str]:
     rows.append(_exact("pretrained weights sha256", lineage.pretrained_sha256, new_run.data.tags.get("pretrained_weights_sha256")))
     rows.append(_exact("fine-tuned weights sha256", lineage.weights_sha256,
                        fsio.sha256_file(worktree / paths.FINE_TUNED / modeling.WEIGHTS)))  # fmt: skip
+    rows += environment_rows(lineage, new_run.data.tags)
     new_metrics = json.loads((worktree / paths.METRICS).read_text())
     for key in ("accuracy", "macro_f1", "ece"):
         rows.append(_figure(f"test {key}", _num(lineage.metrics.get(key)), _num(new_metrics.get(key)), TOLERANCE[key]))
@@ -357,6 +363,41 @@ def compare(lineage: Lineage, worktree: Path, client) -> tuple[list[Row], str]:
     return rows, run_id
 
 
+ENVIRONMENT = "environment: "  # rows of what ran the training, not what it was given
+
+
+def environment_rows(lineage: Lineage, tags: dict[str, str]) -> list[Row]:
+    """What orders a training's sums besides its inputs: the CPU kernels, the thread pool's
+    sizes step by step, torch's version. They explain a verdict; they are not inputs."""
+
+    def schedule(v: str | None):  # "2 (forced)" and "2" ran the same pool
+        return threads.recorded_schedule(v) or v
+
+    rows = [_exact(f"{ENVIRONMENT}CPU kernels", lineage.cpu_kernels, tags.get(kernels.TAG)),
+            _exact(f"{ENVIRONMENT}torch threads", lineage.threads, tags.get(threads.TAG)),
+            _exact(f"{ENVIRONMENT}torch version", lineage.torch, tags.get(kernels.TORCH_TAG))]  # fmt: skip
+    if lineage.threads and schedule(lineage.threads) == schedule(tags.get(threads.TAG)):
+        rows[1].status = IDENTICAL
+    return rows
+
+
+def why_weights_differ(rows: list[Row]) -> str | None:
+    """One line on why a rerun's weights are not the original's, from the environment rows;
+    None when they are identical."""
+    weights = next((r for r in rows if r.what.startswith("fine-tuned weights")), None)
+    if weights is None or weights.status == IDENTICAL:
+        return None
+    inputs = [r.what for r in rows if r.status != IDENTICAL and not r.what.startswith(("test ", "fine-tuned weights", ENVIRONMENT))]
+    env = [f"{r.what.removeprefix(ENVIRONMENT)} {r.original} -> {r.reproduced}"
+           for r in rows if r.what.startswith(ENVIRONMENT) and r.status != IDENTICAL]  # fmt: skip
+    if inputs:
+        return "the weights differ: so do the inputs (" + ", ".join(inputs[:3]) + ")"
+    if env:
+        return "the weights differ because what ran the training did: " + "; ".join(env)
+    return ("the weights differ with the same inputs, CPU kernels, thread schedule and torch version: another CPU "
+            "model orders the sums too (docs: How reproducibility works)")
+
+
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
@@ -364,9 +405,9 @@ def _num(v: Any) -> float | None:
 def verdict(rows: list[Row]) -> str:
     """identical: every row; within tolerance: the inputs identical and every figure within
     tolerance (the weights may differ in the last bits); differs: anything else."""
-    if all(r.status == IDENTICAL for r in rows):
+    if all(r.status == IDENTICAL for r in rows if not r.what.startswith(ENVIRONMENT)):
         return IDENTICAL
-    inputs_ok = all(r.status == IDENTICAL for r in rows if not r.what.startswith(("test ", "fine-tuned weights")))
+    inputs_ok = all(r.status == IDENTICAL for r in rows if not r.what.startswith(("test ", "fine-tuned weights", ENVIRONMENT)))
     if inputs_ok and all(r.status != DIFFERS for r in rows if r.what.startswith("test ")):
         return WITHIN
     return DIFFERS

@@ -72,7 +72,8 @@ def stage_main(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def thread_sizer(label: str):
+def thread_sizer(label: str, resize: bool = True, training: bool = False) -> threads.ThreadSizer:
     """torch's thread pool for a stage (:func:`graft.base.threads.sizer`), with graft.yaml's
-    ``compute.threads``; every stage that runs torch calls this before any torch work."""
-    return threads.sizer(label, project.load().compute.threads)
+    ``compute.threads``; every stage that runs torch calls this before any torch work.
+    ``resize=False``: sized once (torchrun's ranks); ``training``: the stage trains."""
+    return threads.sizer(label, project.load().compute.threads, resize=resize, training=training)

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     if ft_run.relaunch_under_torchrun(params, "stages.fine_tune", sys.argv[1:] if argv is None else argv):
         return
     rk = distributed.current()
-    sizer = thread_sizer("fine_tune" + (f" rank {rk.rank}" if rk.distributed else ""))
+    # torchrun's ranks keep their first size: one record could not replay every rank's changes
+    sizer = thread_sizer("fine_tune" + (f" rank {rk.rank}" if rk.distributed else ""), resize=not rk.distributed,
+                         training=True)  # fmt: skip
     inputs = ft_run.load_inputs(params, args.prepared, args.pretrained, args.teacher, args.params)
     fit = dict(distill=inputs.distill, threads=sizer)
     if not rk.leader:  # rank 0 alone logs and writes; the others train with it

@@ -414,6 +414,8 @@ class Loop:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(), "torch_rng_ranks": rngs, **progress.state(),
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}), **(extra or {}),
+            # the pool's sizes so far: a resumed run's record goes on from them
+            **({"thread_schedule": self.threads.describe()} if self.threads is not None else {}),
         }  # fmt: skip
 
     def resume(self, ck: dict[str, Any]) -> Progress:
@@ -533,8 +535,8 @@ class Loop:
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.model)
-            if self.threads is not None:
-                self.threads.step()
+            if self.threads is not None:  # re-sized, or replayed, at this step count: recorded
+                self.threads.step(epoch * steps_per_epoch + b + 1)
             if weight:  # a zero-weight stand-in sample counts for nothing
                 total_loss += loss.item() * len(y)
                 hits = logits.argmax(1)
@@ -648,7 +650,8 @@ def train(
     it as is (the MLflow run id, say). ``on_epoch`` receives each epoch's record (for
     logging); if it raises, training stops after the checkpoint. ``distill``: train on a
     teacher's soft labels as well as the labels (:func:`distillation_loss`). ``threads``:
-    re-sizes torch's thread pool between batches to the CPUs other processes leave free.
+    re-sizes torch's thread pool between batches to the CPUs other processes leave free,
+    or replays a recorded schedule, noting the step of each change (the checkpoint keeps it).
     ``on_step(step, loss)``: each optimizer step's loss over the whole (global) batch, on
     rank 0.
 
@@ -675,6 +678,8 @@ def train(
     if ck and ck.get("run_key") == run_key:
         state = loop.resume(ck)
         start = resumed_from = ck["epoch"] + 1
+        if threads is not None:
+            threads.resume_at(start * steps_per_epoch, ck.get("thread_schedule"))
         if rk.leader:
             print(f"fine_tune: resuming after epoch {ck['epoch'] + 1} from {checkpoint}")
     if state.patience_spent(p):

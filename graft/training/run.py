@@ -155,8 +155,10 @@ def save_outputs(inputs: Inputs, params: FineTuneParams, result: TrainResult, ru
     mlflow.log_metrics({f"fit_{k}": float(v) for k, v in facts.items()})
     # What `graft reproduce` compares a rerun's weights with, byte for byte.
     mlflow.set_tag(tracking.WEIGHTS_TAG, fsio.sha256_file(out / modeling.WEIGHTS))
-    mlflow.set_tag(threads.TAG, threads_tag)  # why this run's samples/s were what they were
+    # The pool's sizes, step by step: part of what the weights are (graft reproduce replays them)
+    mlflow.set_tag(threads.TAG, threads_tag)
     mlflow.set_tag(kernels.TAG, kernels.current())  # what `graft reproduce` pins on another CPU
+    mlflow.set_tag(kernels.TORCH_TAG, kernels.torch_version())
     mlflow.log_artifact(str(history), "training")
     mlflow.log_artifact(str(plot), "training")
     return facts

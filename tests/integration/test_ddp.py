@@ -31,9 +31,12 @@ LOSS_RTOL = 0.05
 # single run: after 6 epochs, 0.7533 (one) against 0.7444 (two ranks) on the Xeon, 0.7511
 # against 0.7356 on the AMD EPYC (10 epochs: 0.7600 and 0.7778). So the accuracies are
 # compared over the last 3 epochs of the cosine schedule's tail, where 4 runs on the AMD
-# (6 and 10 epochs, two learning rates) were 0.8 to 1.6 points apart.
+# (6 and 10 epochs, two learning rates) were 0.8 to 1.6 points apart, and a later Intel
+# Xeon 2.4 points (0.7533 against 0.7770: 11 images of 450). One model's accuracy on 450
+# images has a binomial spread of 2 points by itself; the bound is about twice that, so it
+# catches a rank that does not learn (chance is 0.1) and not the noise of a 450-image score.
 ACCURACY_EPOCHS = 3
-ACCURACY_TOLERANCE = 0.02
+ACCURACY_TOLERANCE = 0.04
 EPOCHS = 6
 TRAIN_IMAGES = 1050  # of the slice: 150 a class, 30 % of them held out for validation
 

@@ -54,7 +54,9 @@ def test_a_stages_peak_memory_does_not_grow_with_the_data(two_sizes, stage):
     (small, at_n), (large, at_4n) = two_sizes["N"], two_sizes["4N"]
     data_growth = split_mb(large, DATA[stage]) - split_mb(small, DATA[stage])
     assert data_growth > 40  # the sizes really differ: 4x the images, tens of MB more to hold
-    assert at_4n[stage]["peak_anon_mb"] > 100  # the sampler saw the process (torch alone is more)
+    # The sampler saw the process: numpy, PIL and the stage's data at least (preprocess
+    # imports no torch since it reads timm's preprocessing from graft's cache: 79 MB here).
+    assert at_4n[stage]["peak_anon_mb"] > 40
     # Anonymous memory (benchmarks.memory.AnonSampler): the kernel's ru_maxrss also counts
     # shared library pages, which vary by tens of MB between identical runs.
     growth = at_4n[stage]["peak_anon_mb"] - at_n[stage]["peak_anon_mb"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from graft.base import threads
 from graft.base.arrays import NpyReader
 from graft.base.errors import GraftError
 from graft.config import params
@@ -266,3 +267,65 @@ def test_feature_extraction_runs_the_backbone_once_not_every_epoch(data):
     assert len(result.history) == 4
     once = math.ceil(len(train_split.y) / p.batch_size) + math.ceil(len(val_split.y) / p.batch_size)
     assert len(calls) == once
+
+
+class LoadedMachine(threads.ThreadSizer):
+    """A 2-CPU machine busy elsewhere while the training's step count is in ``busy``: the
+    sizer's input, scripted, so the pool is re-sized mid-training without loading anything."""
+
+    def __init__(self, busy: range, plan=None):
+        super().__init__(interval=0.0, plan=plan)
+        self.busy = busy
+        self._last = (0.0, 0.0, 0.0)  # measure at every step
+
+    def start(self, probe: float = 0.0) -> int:
+        self._set(self.plan[0][1] if self.plan else 2, 0.0)
+        return self.threads
+
+    def measure(self) -> threads.Measure:
+        others = 1.5 if self._done in self.busy else 0.0
+        return threads.Measure(2, others, threads._target(2.0, others))
+
+
+def test_a_pool_resized_mid_training_is_replayed_to_the_same_weights(tmp_path, data):
+    """The thread count changes the weights' last bits, so the pool's sizes are recorded at
+    the step of each change and a rerun given the record ends with the same weights; a run
+    killed mid-schedule and resumed records what it ran with, and that replays too."""
+    before = torch.get_num_threads()
+    train_split, val_split = data
+    p = replace(BASE, epochs=3, mode="full")  # 3 steps an epoch; the stem trains (its gradients follow the pool)
+
+    def run(sizer, **kw):
+        model, cfg = make_model()
+        sizer.start()
+        train(model, cfg, train_split, val_split, p, threads=sizer, **kw)
+        return model.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    try:
+        loaded = LoadedMachine(busy=range(4, 8))
+        disturbed = run(loaded)
+        assert loaded.describe() == "2; 1 after 4 steps; 2 after 9 steps"
+        replay = run(LoadedMachine(busy=range(0), plan=threads.recorded_schedule(loaded.describe())))
+        assert same(replay, disturbed)
+
+        # Killed after epoch 2, inside the busy stretch (at 1 thread); resumed on a machine
+        # now idle: the resumed run's record names its own pool, and replays to its weights.
+        ck = tmp_path / "ck.pt"
+
+        def crash_after_second(record):
+            if record["epoch"] == 2:
+                raise Crash
+
+        with pytest.raises(Crash):
+            run(LoadedMachine(busy=range(4, 8)), checkpoint=ck, run_key="k", on_epoch=crash_after_second)
+        resumed_sizer = LoadedMachine(busy=range(0))
+        resumed = run(resumed_sizer, checkpoint=ck, run_key="k")
+        assert resumed_sizer.describe() == "2; 1 after 4 steps; 2 after 6 steps"
+        again = run(threads.ThreadSizer(plan=threads.recorded_schedule(resumed_sizer.describe())))
+        assert same(again, resumed)
+        assert not same(resumed, disturbed)  # the premise: another schedule, other last bits
+    finally:
+        torch.set_num_threads(before)

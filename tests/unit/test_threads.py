@@ -106,7 +106,7 @@ def test_busy_cpus_shrink_the_pool_and_free_ones_grow_it(keep_threads, monkeypat
     grown_at = None
     for step in range(1, 10):
         machine.sleep(0.3)
-        if s.step() is not None:
+        if s.step(step) is not None:
             grown_at = step
             break
     assert s.threads == 2 and torch.get_num_threads() == 2, s.describe()
@@ -114,9 +114,44 @@ def test_busy_cpus_shrink_the_pool_and_free_ones_grow_it(keep_threads, monkeypat
     # Load again, while "training": the next measurement gives the cores back at once.
     machine.load = 1.8
     machine.sleep(0.3)
-    assert s.step() == 1 and torch.get_num_threads() == 1, s.describe()
-    assert "CPU busy elsewhere" in s.describe()
+    assert s.step(7) == 1 and torch.get_num_threads() == 1, s.describe()
+    # Each change at the optimizer step it took effect: what a rerun replays.
+    assert s.describe() == f"1; 2 after {threads.GROW_AFTER} steps; 1 after 7 steps"
     # Within the interval nothing is measured: a pool changes at most every interval.
     machine.load = 0.0
     machine.sleep(0.1)
-    assert s.step() is None
+    assert s.step(8) is None
+
+
+def test_a_recorded_schedule_is_replayed_step_for_step(keep_threads, monkeypatch):
+    recorded = "2; 1 after 3 steps; 2 after 5 steps"
+    monkeypatch.setenv(threads.SCHEDULE_ENV, recorded)
+    s = threads.sizer("test")  # the environment's schedule wins over any forced count
+    assert s.plan == [(0, 2), (3, 1), (5, 2)] and torch.get_num_threads() == 2
+    sizes = []
+    for done in range(1, 8):
+        s.step(done)
+        sizes.append(torch.get_num_threads())
+    assert sizes == [2, 2, 1, 1, 2, 2, 2]  # the size after each step: for the next one
+    assert s.describe() == recorded
+    # Resumed after 4 steps: the record up to there, the plan from there.
+    r = threads.ThreadSizer(plan=s.plan)
+    r.start()
+    r.resume_at(4, "2; 1 after 3 steps")
+    assert torch.get_num_threads() == 1 and r.describe() == "2; 1 after 3 steps"
+    r.step(5)
+    assert r.describe() == recorded
+    monkeypatch.setenv(threads.SCHEDULE_ENV, "2; 1 at 35 s")  # a record in seconds cannot be replayed
+    with pytest.raises(GraftError, match=threads.SCHEDULE_ENV):
+        threads.sizer("test")
+
+
+def test_a_resumed_training_records_where_its_pool_differs(keep_threads):
+    s = threads.ThreadSizer(forced=None)
+    s._set(2, 0.0)
+    s.resume_at(6, "2; 1 after 5 steps")  # killed while at 1 thread; resumed at 2
+    assert s.describe() == "2; 1 after 5 steps; 2 after 6 steps"
+    s.resume_at(6, "2; 1 after 6 steps")  # a change at the checkpoint's step was never trained with
+    assert s.describe() == "2"
+    s.resume_at(6, None)  # a checkpoint that kept no schedule: said, and not replayable
+    assert s.describe() == "unrecorded until step 6; 2" and threads.recorded_schedule(s.describe()) is None
