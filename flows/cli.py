@@ -84,7 +84,8 @@ def _use_servers(root: Path, quiet: bool = False) -> dict[str, str]:
 
 
 SERVER_KEYS = {"PREFECT_API_URL": "Prefect", "MLFLOW_TRACKING_URI": "MLflow"}
-DEFAULT_SERVERS = {"PREFECT_API_URL": "Prefect's temporary local server", "MLFLOW_TRACKING_URI": "the MLflow store in mlruns/"}
+DEFAULT_SERVERS = {"PREFECT_API_URL": "Prefect's temporary local server (its history in .graft/prefect, which "
+                                      "`graft server start` serves)", "MLFLOW_TRACKING_URI": "the MLflow store in mlruns/"}
 
 
 def servers_in_use(given: dict[str, str], running: dict[str, str]) -> str:
@@ -165,12 +166,14 @@ def run(
     except (ParamsError, GraftError) as e:
         _fail(str(e), BAD_INPUT_EXIT)
     _use_servers(root)
+    from prefect import tags  # Prefect: imported with the flow above
+
     from flows import interrupt, services
     from flows.pipeline import StageFailed
     from flows.training import training_pipeline
 
     try:
-        with interrupt.handled("graft run"):
+        with interrupt.handled("graft run"), tags("graft", services.project_tag(root)):
             state = training_pipeline(project_dir=str(root), overrides=overrides, concurrency=concurrency.value,
                                       return_state=True)  # fmt: skip
     except interrupt.Interrupted as e:
@@ -277,6 +280,9 @@ def status(project: Path = PROJECT) -> None:
             moves = [h for h in hist if h["alias"] == label and h["to_version"] == str(mv.version)]
             if moves:
                 typer.echo(f"             since {moves[-1]['time']}: {moves[-1]['reason']}")
+    outside = registry.moved_outside(client, name)
+    if outside:
+        typer.secho(f"  warning: {outside}", fg=typer.colors.YELLOW)
     if hist:
         typer.echo("  alias history (newest last):")
         for line in history_table(hist[-10:]):
@@ -480,6 +486,11 @@ def drift(
     except (GraftError, ParamsError) as e:
         _fail(str(e), 2)
     typer.echo(drift_stage.summary(report))
+    folders = report.get("class_folders") or {}
+    if renamed := [f"{f} -> {c}" for f, c in folders.items() if c is not None and c != f]:
+        typer.echo(f"  class folders matched by name: {', '.join(renamed)}")
+    if unknown := [f for f, c in folders.items() if c is None]:
+        typer.echo(f"  class folders the reference does not know (in the overall test, no test of their own): {', '.join(unknown)}")
     if not report.get("labelled"):
         typer.echo("  (no class sub-folders: the overall test only)")
     if out is not None:
@@ -571,7 +582,7 @@ def ui(
     root = project.resolve()
     running = services.status(root)["mlflow"]
     if running["running"]:
-        typer.echo(f"graft's MLflow server already serves the UI: open {running['url']} in a browser")
+        typer.echo(f"graft's MLflow server already serves the UI: open {_runs_page(root, running['url'])} in a browser")
         raise typer.Exit(0)
     with socket.socket() as probe:  # a taken port would only fail later, inside the server
         try:
@@ -579,7 +590,8 @@ def ui(
         except OSError:
             _fail(f"port {port} on 127.0.0.1 is in use by another program; choose another with `graft ui --port N`")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(root)
-    typer.echo(f"MLflow UI for {mask_url(uri)}\n  open http://127.0.0.1:{port} in a browser; Ctrl-C stops it")
+    page = _runs_page(root, f"http://127.0.0.1:{port}", uri)
+    typer.echo(f"MLflow UI for {mask_url(uri)}\n  open {page} in a browser; Ctrl-C stops it")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # The store through MLflow's variable: a command line is visible to every user (`ps`).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": uri}
@@ -589,6 +601,24 @@ def ui(
         raise typer.Exit(0) from None
     if code != 0:
         _fail(f"MLflow's UI server exited with code {code}", code)
+
+
+def _runs_page(root: Path, ui: str, store: str | None = None) -> str:
+    """The experiment's runs table on the UI at ``ui`` (the experiment made if it is not yet,
+    marked as model training); the UI's root where the store cannot be read."""
+    from graft.tracking import runs as tracking
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        os.environ["MLFLOW_TRACKING_URI"] = store or ui
+        return tracking.runs_page(ui, tracking.configure(root))
+    except Exception:  # a server that refuses us, say: the root page still serves
+        return ui
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 server_app = typer.Typer(help="Start, stop and inspect the project's Prefect and MLflow servers (127.0.0.1).",

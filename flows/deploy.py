@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from flows.services import project_tag
 from graft.base.errors import GraftError
 from graft.config import project
 from graft.config.project import ScheduleConfig, SensorConfig, VerifyConfig, WorkersConfig
@@ -59,7 +60,7 @@ def deployments(root: Path, sensor: bool = True, verify: bool = False):
             parameters={"project_dir": str(root), "overrides": list(sched.overrides), "concurrency": sched.concurrency},
             concurrency_limit=1,
             description=f"Retrain graft project {root} on a schedule",
-            tags=["graft"],
+            tags=["graft", project_tag(root)],
         )
     ]
     if sensor:
@@ -71,7 +72,7 @@ def deployments(root: Path, sensor: bool = True, verify: bool = False):
                 concurrency_limit=1,
                 description=f"Retrain graft project {root} when its data source changes"
                 + (" and drifts from the champion's" if sens.trigger == "drift" else ""),
-                tags=["graft"],
+                tags=["graft", project_tag(root)],
             )
         )
     if verify:
@@ -84,7 +85,7 @@ def deployments(root: Path, sensor: bool = True, verify: bool = False):
                 parameters={"project_dir": str(root)},
                 concurrency_limit=1,
                 description=f"Reproduce the champion of graft project {root}; notify when it no longer reproduces",
-                tags=["graft"],
+                tags=["graft", project_tag(root)],
             )
         )
     return out
@@ -196,7 +197,7 @@ def pool_deployment(root: Path, pool: str, checkout: Checkout, tracking_uri: str
         parameters={"project_dir": ".", "overrides": list(sched.overrides), "concurrency": sched.concurrency},
         concurrency_limit=1,
         description=f"Retrain graft project {root.name} from {checkout}, on workers of pool {pool!r}",
-        tags=["graft", "worker"],
+        tags=["graft", "worker", project_tag(root)],
         job_variables={"env": {
             "MLFLOW_TRACKING_URI": tracking_uri,
             "DVC_NO_ANALYTICS": "1",

@@ -130,7 +130,7 @@ def commands(root: Path, prefect: PrefectServer, mlflow_: MlflowServer, creds: d
             # The UI's own API address defaults to port 4200 whatever --port says: without
             # PREFECT_UI_API_URL the pages of a server on another port show nothing. One set
             # by the user wins (the public https URL of a TLS proxy in front).
-            "env": {"PREFECT_HOME": str(root / ".graft" / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "env": {"PREFECT_HOME": str(prefect_home(root)), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_API_URL": "", "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or f"{p_url}/api"},  # fmt: skip
             "url": f"{p_url}/api",
             "health": f"{p_url}/api/health",  # answered without credentials (Prefect's own exemption)
@@ -298,6 +298,20 @@ def stop(root: Path) -> list[str]:
 
 
 CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
+# One project, one Prefect history: Prefect's temporary server (a run with no servers up)
+# writes to the database `graft server start` serves, not to ~/.prefect shared by every
+# project on the machine. A database the user points Prefect at wins.
+DB_KEYS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
+def prefect_home(root: Path) -> Path:
+    """The project's Prefect home: the server's database (prefect.db) and its settings."""
+    return root.resolve() / ".graft" / "prefect"
+
+
+def project_tag(root: Path) -> str:
+    """The Prefect tag on every run of this project's flows: two projects' runs never mix."""
+    return f"project:{root.resolve().name}"
 
 
 def client_env(root: Path) -> dict[str, str]:
@@ -308,6 +322,9 @@ def client_env(root: Path) -> dict[str, str]:
     st = status(root)
     if st["prefect"]["running"]:
         env["PREFECT_API_URL"] = st["prefect"]["url"]
+    elif not any(os.environ.get(k) for k in ("PREFECT_API_URL", *DB_KEYS)):
+        prefect_home(root).mkdir(parents=True, exist_ok=True)
+        env[DB_KEYS[0]] = f"sqlite+aiosqlite:///{prefect_home(root) / 'prefect.db'}"
     if st["mlflow"]["running"]:
         env["MLFLOW_TRACKING_URI"] = st["mlflow"]["url"]
     creds = secrets.resolved(root)

@@ -143,7 +143,27 @@ def _stage_env(root: Path, parent_run_id: str | None, flow_run_id: str | None) -
     return env
 
 
-@flow(name="graft-training", log_prints=True)
+def flow_run_name() -> str:
+    """The Prefect flow run's name: the project and what the run changes (its ``--set``
+    overrides), so the runs list reads as the project's history, not as random words."""
+    from prefect.runtime import flow_run  # Prefect: ~1.4 s of import, paid by the commands that use it
+
+    return name_for(flow_run.parameters or {})
+
+
+def name_for(params: dict) -> str:
+    project = Path(str(params.get("project_dir") or ".")).resolve().name
+    overrides = params.get("overrides") or []
+    return f"{project}: " + (" ".join(f"--set {o}" for o in overrides) if overrides else "run")
+
+
+def mlflow_run_name(root: Path, planned: list[str], order: list[str]) -> str:
+    """The MLflow parent run's name: the project and the stages this run reruns."""
+    what = "every stage" if planned == order else f"from {planned[0]}" if len(planned) > 1 else planned[0]
+    return f"{root.name}: {what}"
+
+
+@flow(name="graft-training", log_prints=True, flow_run_name=flow_run_name)
 def training_pipeline(project_dir: str = ".", overrides: list[str] | None = None,
                       concurrency: Literal["wait", "skip"] = "wait", wait_timeout: float | None = None):  # fmt: skip
     """Run graft's DVC pipeline, one Prefect task per stage, and return a summary: which
@@ -212,7 +232,6 @@ def _write_overrides(root: Path, overrides: list[str], logger) -> None:
 
 
 def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]:
-    from prefect.runtime import flow_run  # Prefect: ~1.4 s of import, paid by the commands that use it
 
     graph, stale = plan(root)
     # Outputs missing here but recorded in dvc.lock (a fresh clone, a clean worker): the
@@ -234,7 +253,7 @@ def _run_pipeline(root: Path, flow_run_id: str | None, logger) -> dict[str, Any]
 
         experiment_id = tracking.configure(root)
         client = mlflow.MlflowClient()
-        tags = {**tracking.run_tags(root, data=False), "graft.kind": "flow", "mlflow.runName": f"flow-{flow_run.name or 'local'}",
+        tags = {**tracking.run_tags(root, data=False), "graft.kind": "flow", "mlflow.runName": mlflow_run_name(root, planned, graph.order),
                 **({"prefect_flow_run_id": flow_run_id} if flow_run_id else {})}  # fmt: skip
         for orphan in tracking.end_orphans(client, experiment_id, root):
             logger.warning("MLflow run %s of an interrupted earlier run was still RUNNING: marked FAILED", orphan)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.base import fsio
+from graft.config import paths
 from graft.config.params import DEFAULT_PARAMS, RegisterParams, load_section
 from graft.promotion.register import alias_of, format_decision, params_hash, register
 from graft.stage import stage_main, thread_sizer
@@ -55,8 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     tags = {k: v for k, v in run_tags.items() if k in ("git_dirty", "data_version", "prefect_flow_run_id")}
     tags.update({"git_commit": run_tags[tracking.GIT_COMMIT_TAG], "params_hash": params_hash(args.params),
                  "mlflow_run_id": run_id, "training_run_id": runs["training_run_id"]})  # fmt: skip
+    # evaluate's measurement of this model's serving cost: read, not a dependency (timings
+    # alone must not register a new version), and not measured a second time
+    cost_file = args.metrics.parent / paths.SERVING_FILE
+    cost = fsio.read_json(cost_file) if cost_file.is_file() else None
     decision, version = register(args.model, args.raw, args.prepared, params, run_id, tags, metrics,
-                                 args.reference, args.drift)  # fmt: skip
+                                 args.reference, args.drift, cost)  # fmt: skip
     import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
     mlflow.MlflowClient().set_tag(run_id, tracking.REGISTERED_TAG, f"{params.model_name}/{version}")

@@ -21,4 +21,5 @@ FINE_TUNED = Path("models/fine_tuned")  # fine_tune: the trained model
 VALIDATION_REPORT = Path("reports/validation.json")  # validate
 PREPROCESS_REPORT = Path("reports/preprocess.json")  # preprocess
 METRICS = Path("reports/evaluate/metrics.json")  # evaluate
+SERVING_FILE = "serving.json"  # evaluate, beside METRICS: the model's serving cost, measured once (register reads it)
 DECISION = Path("reports/register/decision.json")  # register

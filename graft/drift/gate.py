@@ -39,8 +39,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import shutil
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,12 +180,16 @@ def compare(ref: np.ndarray, ref_labels: np.ndarray, new: np.ndarray, new_labels
             entry.update(mmd_test(ref[ref_labels == i], new[new_labels == i], permutations, p.seed + 1 + i))
         else:
             r, n = entry["reference"], entry["new"]
-            entry["skipped"] = (f"fewer than {p.min_samples} samples" if r and n
+            entry["skipped"] = (f"fewer than {p.min_samples} samples on a side" if r and n
                                 else ("not in the reference" if not r else "not in the new data"))  # fmt: skip
-    short = [c for c, e in per_class.items() if "skipped" in e]
-    if short:  # one warning for all of them (it was repeated once per class, growing)
-        out["warnings"].append(f"per-class test skipped for {len(short)} class(es) ({', '.join(short[:5])}"
-                               f"{', ...' if len(short) > 5 else ''}): fewer than {p.min_samples} samples on a side")  # fmt: skip
+    # One warning per reason, naming its classes (not one per class, and each with its own reason).
+    reasons: dict[str, list[str]] = {}
+    for c, e in per_class.items():
+        if "skipped" in e:
+            reasons.setdefault(e["skipped"], []).append(c)
+    for why, names in reasons.items():
+        out["warnings"].append(f"per-class test skipped for {len(names)} class(es) ({', '.join(names[:5])}"
+                               f"{', ...' if len(names) > 5 else ''}): {why}")  # fmt: skip
     family = {"overall": overall["p_value"], **{c: e["p_value"] for c, e in per_class.items() if "p_value" in e}}
     adjusted = holm(family)
     overall["p_adjusted"] = adjusted["overall"]
@@ -407,6 +413,17 @@ def summary(report: dict[str, Any]) -> str:
     return head
 
 
+def headline(report: dict[str, Any], long: bool = False) -> str:
+    """The verdict in words, for the plot's title (``long``: with the reason, for its body)."""
+    v = report["verdict"]
+    short = {"drift": "DRIFT", "no_drift": "no drift", "no_reference": "not tested: no reference yet",
+             "skipped": "not tested"}.get(v, v)  # fmt: skip
+    why = report.get("reason") or "; ".join(report.get("warnings") or [])
+    if not long or not why:
+        return short
+    return f"{short}\n\n" + "\n".join(textwrap.wrap(why, 60))
+
+
 def plot(report: dict[str, Any], ref: np.ndarray, new: np.ndarray, path: Path) -> None:
     """Left: reference and new on the reference's first two principal components. Right:
     each class's shift (MMD^2), red where it moved."""
@@ -439,8 +456,10 @@ def plot(report: dict[str, Any], ref: np.ndarray, new: np.ndarray, path: Path) -
         ax2.set_axis_off()
     ax2.set_title("per-class shift")
     o = report.get("overall") or {}
-    verdict = {"drift": "DRIFT", "no_drift": "no drift"}.get(report["verdict"], report["verdict"])
-    fig.suptitle(f"{verdict}" + (f": p = {o['p_value']:.4f}, domain AUC {o['domain_auc']:.3f}" if o else ""))
+    fig.suptitle(headline(report) + (f": p = {o['p_value']:.4f}, domain AUC {o['domain_auc']:.3f}" if o else ""))
+    if not (len(ref) >= 2 and len(new)):  # nothing to draw: say why in the picture, not with empty axes
+        ax1.set_axis_off()
+        ax1.text(0.5, 0.5, headline(report, long=True), ha="center", va="center", wrap=True)
     with fsio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -538,9 +557,33 @@ def folder_items(kind, path: Path, classes: list[str], text_column: str | None =
         return [(None, load) for _, load in inputs]
     parts = [Path(name).relative_to(path).parts for name, _ in inputs]
     parts = [q[1:] if len(q) > 2 and q[0].lower() in ("train", "test") else q for q in parts]
-    if all(len(q) >= 2 for q in parts) and any(q[0] in classes for q in parts):
-        return [(q[0], load) for q, (_, load) in zip(parts, inputs, strict=True)]
+    named = [class_of_folder(q[0], classes) if len(q) >= 2 else None for q in parts]
+    if all(len(q) >= 2 for q in parts) and any(n is not None for n in named):
+        return [(n or q[0], load) for n, q, (_, load) in zip(named, parts, inputs, strict=True)]
     return [(None, load) for _, load in inputs]
+
+
+def class_of_folder(folder: str, classes: list[str]) -> str | None:
+    """The class a sub-folder holds: its name, or, for a class with a character no folder
+    name can hold, that name with ``_`` for it (``T-shirt_top`` for ``T-shirt/top``); None
+    for a name the reference does not know."""
+    if folder in classes:
+        return folder
+    return next((c for c in classes if re.sub(r"[\\/:]", "_", c) == folder), None)
+
+
+def folder_classes(items: list[tuple[str | None, Any]], path: Path, classes: list[str]) -> dict[str, str | None]:
+    """Each class sub-folder of ``path`` and the class it was matched to (None: unknown),
+    for the words ``graft drift`` says about them."""
+    folders = {p.name for p in path.iterdir() if p.is_dir()} if path.is_dir() else set()
+    for split in ("train", "test"):
+        sub = next((p for p in path.iterdir() if p.is_dir() and p.name.lower() == split), None) if path.is_dir() else None
+        if sub is not None:
+            folders.discard(sub.name)
+            folders |= {p.name for p in sub.iterdir() if p.is_dir()}
+    if not any(n is not None for n, _ in items):
+        return {}
+    return {f: class_of_folder(f, classes) for f in sorted(folders)}
 
 
 def source_items(root: Path, params_path: Path) -> list[tuple[str | None, Any]]:
@@ -591,6 +634,7 @@ def path_drift(path: Path, reference: str, model_name: str, p: DriftParams, pret
             raise GraftError(f"nothing to test against: {why}")
         items = folder_items(modalities.get(ref.identity.get("modality")), path, ref.classes, text_column)
         report, new = test_items(items, ref, p, pretrained)
+        report["class_folders"] = folder_classes(items, path, ref.classes)
         if out is not None:
             write_report(out, report, ref.embeddings, new)
     return report

@@ -18,6 +18,7 @@ import numpy as np
 
 from graft.base import fsio, plots
 from graft.base.errors import GraftError
+from graft.config import paths
 from graft.data.samples import RawSamples
 from graft.data.snapshot import read_manifest
 from graft.data.splits import load_split
@@ -130,7 +131,7 @@ def tta_note(cfg) -> str:
 # --- the stage's outputs ---------------------------------------------------------------------
 
 ARTIFACTS = ("metrics.json", "evaluation.json", "confusion_matrix.csv", "confusion_matrix.png", "reliability.png",
-             "predictions.csv", "serving.json")  # fmt: skip
+             "predictions.csv", paths.SERVING_FILE)  # fmt: skip
 
 
 def score_test_split(model_dir: Path, prepared: Path, batch_size: int):
@@ -184,7 +185,7 @@ def write_reports(out: Path, m: dict[str, Any], cfg, x, y, ids, probs, prepared:
     shutil.rmtree(mistakes, ignore_errors=True)  # DVC restores it as a whole; no stale file of another modality
     mistakes.mkdir()
     shown = cfg.kind.present_mistakes(x, y, probs, cfg.classes, prepared, mistakes, names=names)
-    fsio.write_json(out / "serving.json", cost)
+    fsio.write_json(out / paths.SERVING_FILE, cost)
     return headline, shown
 
 

@@ -38,8 +38,10 @@ def promote(client, name: str, version: str, root: Path, reason: str = "", force
 
         cand_model = serving.load_registered(f"models:/{name}/{version}")
         champ_model = serving.load_registered(f"models:/{name}/{champion.version}") if champion else None
+        costs = (registry.recorded_serving(client, client.get_model_version(name, str(version))),
+                 registry.recorded_serving(client, champion))  # as evaluate measured them
         comparison = gate.compare(cand_model, champ_model, samples, params.gate,
-                                  str(champion.version) if champion else None, measure_serving=False)  # fmt: skip
+                                  str(champion.version) if champion else None, costs)  # fmt: skip
         decision = comparison.decision(params.gate, candidate_version=version)
         say(f"  {decision.reason}")
         if not decision.promote:

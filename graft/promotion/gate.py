@@ -169,12 +169,14 @@ class Comparison:
 
 
 def compare(candidate, champion, samples: RawSamples, gate: GateParams, champion_version: str | None,
-            measure_serving: bool = True) -> Comparison:  # fmt: skip
+            serving: tuple[dict[str, float] | None, dict[str, float] | None] | None = None) -> Comparison:  # fmt: skip
     """Score ``candidate`` and ``champion`` (None: no champion yet) on ``samples``, the
-    class lists checked first; measure serving costs side by side when asked, and always
-    when the gate has a latency limit."""
+    class lists checked first. ``serving``: the two versions' serving costs as ``evaluate``
+    measured them (one figure per version, measured once); where the gate has a latency
+    limit and the candidate's was not recorded, both are measured here side by side."""
     pair = score_pair(candidate, champion, samples, f"champion v{champion_version}")
     compared = champion if pair.champion_correct is not None else None
-    costs = (serving_costs(candidate, compared, samples)
-             if measure_serving or gate.max_latency_ms is not None else (None, None))  # fmt: skip
+    costs = serving or (None, None)
+    if costs[0] is None and gate.max_latency_ms is not None:
+        costs = serving_costs(candidate, compared, samples)
     return Comparison(pair, champion_version, costs)

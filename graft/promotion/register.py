@@ -119,9 +119,10 @@ def log_drift(reference: Path | None, report_dir: Path | None) -> dict[str, str]
 
 def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: RegisterParams, run_id: str,
              tags: dict[str, str], metrics: dict[str, float], reference: Path | None = None,
-             drift_report: Path | None = None) -> tuple[gate.Decision, str]:  # fmt: skip
+             drift_report: Path | None = None, serving_cost: dict[str, float] | None = None) -> tuple[gate.Decision, str]:  # fmt: skip
     """Log, register, score, decide and set the alias; return the decision and the version.
-    ``reference`` and ``drift_report`` (the drift stage's) go along with the model."""
+    ``reference`` and ``drift_report`` (the drift stage's) go along with the model;
+    ``serving_cost``: the candidate's, as evaluate measured it."""
     import mlflow  # MLflow: ~1.8 s of import, paid where a run is logged or the registry read
 
     from graft.models import serving  # mlflow.pyfunc: 1.5 to 2 s of import, only when a model is loaded
@@ -145,8 +146,11 @@ def register(model_dir: Path, raw_dir: Path, prepared_dir: Path, params: Registe
     candidate_model = serving.load_registered(info.model_uri)
     champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
     champ_model = serving.load_registered(f"models:/{params.model_name}@{registry.CHAMPION}") if champion else None
+    # Serving costs as evaluate measured them: the candidate's (serving.json beside its
+    # metrics), the champion's on its run. One figure per version, not a second measurement.
     comparison = gate.compare(candidate_model, champ_model, samples, params.gate,
-                              str(champion.version) if champion else None)  # fmt: skip
+                              str(champion.version) if champion else None,
+                              (serving_cost, registry.recorded_serving(client, champion)))  # fmt: skip
 
     try:
         client.get_registered_model(params.model_name)

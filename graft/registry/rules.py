@@ -56,6 +56,22 @@ def version_of_model(client, name: str, identity: str):
     return None
 
 
+SERVING_METRICS = ("latency_ms_b1", "latency_ms_b1_p95", "throughput_b64")  # logged by evaluate as serving_<name>
+
+
+def recorded_serving(client, mv) -> dict[str, float] | None:
+    """A version's serving cost as ``evaluate`` measured it once, on the run the version was
+    registered from (metrics ``serving_*``); None where it was not recorded."""
+    if mv is None or not getattr(mv, "run_id", None):
+        return None
+    try:
+        metrics = client.get_run(mv.run_id).data.metrics
+    except Exception:  # a deleted run: nothing recorded
+        return None
+    found = {k: float(metrics[f"serving_{k}"]) for k in SERVING_METRICS if f"serving_{k}" in metrics}
+    return found if "latency_ms_b1" in found else None
+
+
 def link_run(client, name: str, version: str, run_id: str) -> None:
     """Record on ``version`` that ``run_id`` ended with the very model it serves."""
     mv = client.get_model_version(name, version)
@@ -191,7 +207,54 @@ def _apply(client, name: str, entry: dict[str, Any]) -> dict[str, Any]:
     fault_point("after_alias")
     entry = {**entry, "state": "done"}
     _set_entry(client, name, key, entry)
+    describe(client, name)
     return entry
+
+
+def moved_outside(client, name: str, alias: str = CHAMPION) -> str | None:
+    """A word when ``alias`` points where graft's history does not say it moved: set in
+    MLflow's UI or API, past graft's gate. None when the history accounts for it."""
+    moves = history(client, name)
+    if not moves:  # a model graft never moved an alias of (registered before its history): nothing to compare
+        return None
+    current = alias_version(client, name, alias)
+    done = [h for h in moves if h["alias"] == alias and h.get("state", "done") == "done"]
+    recorded = done[-1]["to_version"] if done else None
+    here = str(current.version) if current is not None else None
+    if here == recorded:
+        return None
+    was = f"v{recorded}" if recorded else "nowhere"
+    if here is None:
+        return (f"{alias} was removed outside graft (graft's history has it at {was}); "
+                f"`graft promote {recorded}` sets it again through the gate")
+    return (f"{alias} points at v{here}, but graft's history has it at {was}: it was moved outside graft (MLflow's "
+            f"UI or API), past the gate; `graft promote {here}` runs the gate, `graft rollback` goes back")
+
+
+def describe(client, name: str) -> None:
+    """The registered model's description, as MLflow's registry page shows it: what the
+    model does and where its aliases stand, in words (the JSON tags stay the record)."""
+    try:
+        champion = alias_version(client, name, CHAMPION)
+        challenger = alias_version(client, name, CHALLENGER)
+        moves = history(client, name, done_only=True)[-3:]
+        lines = [f"Registered by graft: each version is a fine-tuned classifier, promoted to `{CHAMPION}` only when "
+                 "it beats the champion on the same test samples (`graft status` shows the same; the alias history "
+                 f"is in the `{HISTORY_PREFIX}*` tags)."]
+        if champion is not None:
+            t = champion.tags
+            acc = f", test accuracy {float(t['test_accuracy']):.4f}" if "test_accuracy" in t else ""
+            lines.append(f"\n**Champion:** v{champion.version}{acc}, data {t.get('data_version', '?')[:12]}, "
+                         f"commit {t.get('git_commit', '?')[:10]}.")
+        if challenger is not None:
+            lines.append(f"**Challenger:** v{challenger.version}.")
+        if moves:
+            lines.append("\n**Last moves:**\n" + "\n".join(
+                f"- {h['time'][:16].replace('T', ' ')} {h['alias']} -> "
+                f"{'v' + h['to_version'] if h['to_version'] else '(removed)'}: {h['reason']}" for h in moves))
+        client.update_registered_model(name, description="\n".join(lines))
+    except Exception:  # a description is for people: never worth failing a move over
+        pass
 
 
 def move_alias(client, name: str, alias: str, version: str, reason: str, run_id: str | None = None,

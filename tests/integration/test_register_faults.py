@@ -128,6 +128,8 @@ def test_the_whole_pipeline_logs_one_mlflow_run(trained):
     assert run.data.params["ingest.source"] == "fashion-mnist"
     # Plain `dvc repro` (no Prefect) logs into the `graft` experiment too, not "Default".
     assert client.get_experiment(run.info.experiment_id).name == "graft" and run.info.experiment_id != "0"
+    # A model-training experiment: MLflow 3's UI opens it on the runs, not on GenAI traces.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     tags = run.data.tags
     # set_params edited params.yaml after the copy's commit: the run must say so.
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] == "true"
@@ -135,6 +137,10 @@ def test_the_whole_pipeline_logs_one_mlflow_run(trained):
     assert tags["data_version"].endswith(".dir")
     assert tags["graft.threads"] == RESIZED and tags["graft.torch"]  # the pool's sizes step by step, and torch's version
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    # One serving-cost figure per version, measured once (by evaluate): the gate's decision and the run agree.
+    decision = json.loads((project / "reports/register/decision.json").read_text())
+    cost = json.loads((project / "reports/evaluate/serving.json").read_text())
+    assert decision["candidate_serving"]["latency_ms_b1"] == cost["latency_ms_b1"] == run.data.metrics["serving_latency_ms_b1"]
     assert len(client.get_metric_history(run_id, "val_accuracy")) == 2  # one per epoch
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json"} <= artifacts

@@ -174,22 +174,29 @@ def test_scheduled_deployment_runs_on_real_servers(project, servers, tmp_path, m
     assert pipeline_run.info.status == "FINISHED"
     assert client.get_experiment(pipeline_run.info.experiment_id).name == "graft"
     assert client.search_runs(["0"]) == []
+    # Named for the project and what ran, in both UIs: not random words.
+    assert client.get_run(pipeline_run.data.tags["mlflow.parentRunId"]).info.run_name == f"{project.name}: every stage"
+    assert read_flow_run(st["prefect"]["url"], str(run.id)).name == f"{project.name}: run"
     assert str(client.get_model_version_by_alias("graft-classifier", "champion").version) == "1"
 
     # `graft ui` with the server up points at it instead of starting a second one.
     ui = subprocess.run([sys.executable, "-m", "flows.cli", "ui", "--project", str(project)], cwd=project, env=env,
                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert ui.returncode == 0 and f"already serves the UI: open {st['mlflow']['url']}" in ui.stdout
+    # It opens on the experiment's runs table (MLflow 3 would land on its GenAI overview).
+    landing = f"{st['mlflow']['url']}/#/experiments/{pipeline_run.info.experiment_id}?workflowType=machine_learning"
+    assert ui.returncode == 0 and f"already serves the UI: open {landing} in a browser" in ui.stdout, ui.stdout
 
     noop_run_is_recorded(project, env)
-    browse_the_uis(st, pipeline_run, str(run.id), tmp_path)
+    parent_name = client.get_run(pipeline_run.data.tags["mlflow.parentRunId"]).info.run_name
+    browse_the_uis(st, pipeline_run, str(run.id), tmp_path, landing, parent_name)
     noop_run_without_servers(project, env, tmp_path)
 
 
 def noop_run_without_servers(project, env, tmp_path):
     """With no graft servers, a no-op `graft run` goes through the flow on Prefect's
-    temporary server (its database under PREFECT_HOME), records every stage Cached, and
-    leaves no server running."""
+    temporary server, records every stage Cached in the project's own Prefect database (the
+    one `graft server start` serves: one history with the scheduled runs), tagged with the
+    project, and leaves no server running."""
     import sqlite3
 
     import psutil
@@ -205,14 +212,19 @@ def noop_run_without_servers(project, env, tmp_path):
                          env=clean, capture_output=True, text=True, timeout=300)  # fmt: skip
     said = res.stdout[-2000:] + res.stderr[-3000:]
     assert res.returncode == 0, said
-    assert "servers: Prefect's temporary local server (no graft servers running)" in res.stdout and "stages run:    none" in res.stdout, said
+    assert "servers: Prefect's temporary local server (its history in .graft/prefect" in res.stdout, said
+    assert "stages run:    none" in res.stdout, said
 
-    db = sqlite3.connect(home / "prefect.db")
+    assert not (home / "prefect.db").exists()  # not the machine-wide history
+    db = sqlite3.connect(project / ".graft" / "prefect" / "prefect.db")
     try:
-        (run_id,) = [r for (r,) in db.execute("SELECT id FROM flow_run WHERE state_type = 'COMPLETED'")]
+        runs = db.execute("SELECT id, tags FROM flow_run WHERE state_type = 'COMPLETED' ORDER BY end_time").fetchall()
+        run_id, run_tags = runs[-1]
         tasks = db.execute("SELECT name, state_type, state_name FROM task_run WHERE flow_run_id = ?", (run_id,)).fetchall()
     finally:
         db.close()
+    assert len(runs) >= 3, runs  # the scheduled run and the no-op run on the server, then this one: one history
+    assert f"project:{project.name}" in json.loads(run_tags)
     assert sorted(n.rsplit("-", 1)[0].removeprefix("dvc-") for n, _, _ in tasks) == sorted(pipeline(project).order)
     assert {(t, n) for _, t, n in tasks} == {("COMPLETED", "Cached")}
     left = []
@@ -274,7 +286,7 @@ def training_flow_runs(api_url):
         return asyncio.run(read())
 
 
-def browse_the_uis(st, pipeline_run, flow_run_id, shots):
+def browse_the_uis(st, pipeline_run, flow_run_id, shots, landing, parent_name):
     """A real headless Chromium on the servers' UIs: the run under `graft` with its
     metrics, the registered model with its champion alias, the Prefect flow run page."""
     import shutil
@@ -302,15 +314,18 @@ def browse_the_uis(st, pipeline_run, flow_run_id, shots):
         exp, run_id = pipeline_run.info.experiment_id, pipeline_run.info.run_id
         page_shows(f"{mlflow_ui}/#/experiments/{exp}/runs/{run_id}", "graft", pipeline_run.info.run_name,
                    "test_accuracy", shot="mlflow-run")  # fmt: skip
+        # The page `graft ui` sends a person to: the runs table, the pipeline's run named for what it was.
+        page_shows(landing, "Runs", parent_name, shot="mlflow-experiment")
+        assert "Detect Issues" not in driver.find_element("tag name", "body").text  # not MLflow 3's GenAI overview
         page_shows(f"{mlflow_ui}/#/models/graft-classifier", "graft-classifier", "champion", shot="mlflow-model")
-        flow_name = flow_run_name(st["prefect"]["url"], flow_run_id)
+        flow_name = read_flow_run(st["prefect"]["url"], flow_run_id).name
         page_shows(f"{services.ui_url(st['prefect'])}/runs/flow-run/{flow_run_id}", flow_name, "Completed",
                    shot="prefect-flow-run")  # fmt: skip
     finally:
         driver.quit()
 
 
-def flow_run_name(api_url, flow_run_id):
+def read_flow_run(api_url, flow_run_id):
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -318,7 +333,7 @@ def flow_run_name(api_url, flow_run_id):
 
     async def read():
         async with get_client() as client:
-            return (await client.read_flow_run(flow_run_id)).name
+            return await client.read_flow_run(flow_run_id)
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         return asyncio.run(read())

@@ -227,3 +227,36 @@ def test_skipped_classes_are_named_in_one_warning():
     report = compare(ref, ref_y, new[keep], new_y[keep], ["a", "b", "c", "d"], P)
     skipped = [w for w in report["warnings"] if "per-class test skipped" in w]
     assert skipped == [f"per-class test skipped for 2 class(es) (a, b): fewer than {P.min_samples} samples on a side"]
+
+    # A class the new data lacks is skipped for that reason, in a warning of its own.
+    gone = new_y != 3
+    report = compare(ref, ref_y, new[gone & keep], new_y[gone & keep], ["a", "b", "c", "d"], P)
+    skipped = [w for w in report["warnings"] if "per-class test skipped" in w]
+    assert skipped == [f"per-class test skipped for 2 class(es) (a, b): fewer than {P.min_samples} samples on a side",
+                       "per-class test skipped for 1 class(es) (d): not in the new data"]
+
+
+def test_a_class_whose_name_no_folder_can_hold_is_matched_and_said(tmp_path):
+    from graft.drift.gate import class_of_folder, folder_classes
+    from graft.modalities import image
+    from tests.conftest import write_image
+
+    classes = ["T-shirt/top", "Trouser"]
+    assert class_of_folder("T-shirt_top", classes) == "T-shirt/top" and class_of_folder("Trouser", classes) == "Trouser"
+    assert class_of_folder("Hat", classes) is None
+    for cls in ("T-shirt_top", "Trouser", "Hat"):
+        write_image(tmp_path / "in" / "test" / cls / "0.png")
+    items = folder_items(image, tmp_path / "in", classes)
+    assert sorted(c for c, _ in items) == ["Hat", "T-shirt/top", "Trouser"]
+    assert folder_classes(items, tmp_path / "in", classes) == {"Hat": None, "T-shirt_top": "T-shirt/top", "Trouser": "Trouser"}
+
+
+def test_a_first_run_without_reference_says_so_in_the_picture(tmp_path):
+    from graft.drift.gate import headline
+
+    report = {"verdict": "no_reference", "reason": "no champion yet: this run's embeddings become the reference",
+              "warnings": [], "classes": {}}
+    assert headline(report) == "not tested: no reference yet"
+    assert "no champion yet" in headline(report, long=True)
+    write_report(tmp_path / "drift", report, None, np.zeros((5, 4)))
+    assert (tmp_path / "drift" / "drift.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,7 +10,7 @@ from prefect.states import Failed
 from flows.fingerprint import fingerprint
 from flows.notify import notify
 from flows.pipeline import ProjectLock, StageFailed
-from flows.training import _retry_condition
+from flows.training import _retry_condition, mlflow_run_name, name_for
 from graft.config.params import ParamsError
 from graft.config.project import stage_options
 from tests.conftest import ROOT, make_image_folder
@@ -193,3 +193,31 @@ def test_dvcs_missing_files_warning_is_said_once_with_its_count():
     said = notes.summary("fine_tune")
     assert said is not None and said.startswith("fine_tune: dvc.lock names 2 file(s) that are in no DVC cache and on no remote")
     assert MissingOutputs().summary("x") is None
+
+
+def test_runs_are_named_for_the_project_and_what_they_change(tmp_path):
+    """Prefect's runs list and MLflow's runs table read as the project's history."""
+    order = ["ingest", "validate", "fine_tune", "evaluate", "register"]
+    project = tmp_path / "shoes"
+    assert mlflow_run_name(project, order, order) == "shoes: every stage"
+    assert mlflow_run_name(project, order[2:], order) == "shoes: from fine_tune"
+    assert mlflow_run_name(project, ["register"], order) == "shoes: register"
+    assert name_for({"project_dir": str(project), "overrides": ["fine_tune.lr=0.001"]}) == "shoes: --set fine_tune.lr=0.001"
+    assert name_for({"project_dir": str(project)}) == "shoes: run"
+
+
+def test_without_servers_prefect_keeps_the_projects_own_history(tmp_path, monkeypatch):
+    """No graft servers: Prefect's temporary server writes to the database `graft server
+    start` serves (the project's), not ~/.prefect; a server or a database the user set wins."""
+    from flows import services
+
+    for key in ("PREFECT_API_URL", *services.DB_KEYS):
+        monkeypatch.delenv(key, raising=False)
+    env = services.client_env(tmp_path)
+    assert env[services.DB_KEYS[0]] == f"sqlite+aiosqlite:///{tmp_path.resolve() / '.graft' / 'prefect' / 'prefect.db'}"
+    assert services.prefect_home(tmp_path).is_dir() and services.project_tag(tmp_path) == f"project:{tmp_path.name}"
+    monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.5:4200/api")
+    assert services.DB_KEYS[0] not in services.client_env(tmp_path)
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://u@db/prefect")
+    assert services.DB_KEYS[0] not in services.client_env(tmp_path)

@@ -92,3 +92,20 @@ def test_predict_names_what_the_registry_holds_when_the_model_is_not_there(proje
     res = graft(root, "predict", str(images), "--model", "9", "--out", str(root / "out.csv"))
     assert res.exit_code == 1 and "has no version 9; it has v1, v2, v3" in res.output, res.output
     assert not (root / "out.csv").exists()
+
+
+def test_a_champion_moved_outside_graft_is_flagged_and_the_description_reads(project):
+    """MLflow's own alias buttons bypass the gate: `graft status` says so. The registered
+    model's description is a readable summary that follows the moves."""
+    root, client = project
+    registry.move_alias(client, NAME, registry.CHAMPION, "1", "first champion")
+    assert registry.moved_outside(client, NAME) is None
+    description = client.get_registered_model(NAME).description
+    assert "**Champion:** v1" in description and "champion -> v1: first champion" in description
+    client.set_registered_model_alias(NAME, registry.CHAMPION, "3")  # as MLflow's UI does: no history entry
+    said = registry.moved_outside(client, NAME)
+    assert said is not None and "champion points at v3, but graft's history has it at v1" in said
+    res = graft(root, "status")
+    assert res.exit_code == 0 and "moved outside graft" in res.output, res.output
+    client.delete_registered_model_alias(NAME, registry.CHAMPION)
+    assert "removed outside graft" in (registry.moved_outside(client, NAME) or "")
