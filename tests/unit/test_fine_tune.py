@@ -326,6 +326,7 @@ def test_a_pool_resized_mid_training_is_replayed_to_the_same_weights(tmp_path, d
         assert resumed_sizer.describe() == "2; 1 after 4 steps; 2 after 6 steps"
         again = run(threads.ThreadSizer(plan=threads.recorded_schedule(resumed_sizer.describe())))
         assert same(again, resumed)
-        assert not same(resumed, disturbed)  # the premise: another schedule, other last bits
+        # (Whether another schedule changes these last bits depends on the CPU and on MKL's mode in
+        # this process, which an earlier test may have set: it is measured in test_kernels.py, not assumed here.)
     finally:
         torch.set_num_threads(before)
